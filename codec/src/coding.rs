@@ -1,0 +1,323 @@
+//! Byte-level conversions between wire encodings and the canonical form a [`crate::Message`]
+//! holds (ASCII digits and text, raw bytes).
+//!
+//! These are small loops written for the decoder's hot path; each returns the index of the first
+//! bad byte so that errors can point at it without echoing the value.
+
+use crate::ebcdic_tables::{ASCII_TO_CP037, ASCII_TO_CP500, CP037_TO_ASCII, CP500_TO_ASCII, UNMAPPED};
+use crate::spec::{Charset, Format};
+
+/// Index of the first byte that is not an ASCII digit.
+#[inline]
+pub(crate) fn first_non_digit(bytes: &[u8]) -> Option<usize> {
+    // Eight bytes at a time: a byte is a digit when it is >= b'0' and <= b'9'; adding 0x46 sets
+    // the top bit for bytes above b'9', subtracting 0x30 borrows into it for bytes below b'0'.
+    let mut chunks = bytes.chunks_exact(8);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let bad = (x.wrapping_add(0x4646_4646_4646_4646) | x.wrapping_sub(0x3030_3030_3030_3030))
+            & 0x8080_8080_8080_8080;
+        // Bytes >= 0x80 also set the top bit in `x`.
+        if bad | (x & 0x8080_8080_8080_8080) != 0 {
+            return chunk.iter().position(|b| !b.is_ascii_digit()).map(|p| base + p);
+        }
+        base += 8;
+    }
+    chunks.remainder().iter().position(|b| !b.is_ascii_digit()).map(|p| base + p)
+}
+
+/// Index of the first byte the format does not allow, for canonical (ASCII) text.
+#[inline]
+pub(crate) fn first_invalid(format: Format, bytes: &[u8]) -> Option<usize> {
+    match format {
+        Format::N => first_non_digit(bytes),
+        Format::A => bytes.iter().position(|&b| !(b.is_ascii_alphabetic() || b == b' ')),
+        Format::An => bytes.iter().position(|&b| !(b.is_ascii_alphanumeric() || b == b' ')),
+        Format::Ans => bytes.iter().position(|&b| !(b' '..=b'~').contains(&b)),
+        Format::Z => bytes.iter().position(|&b| !(b.is_ascii_digit() || b == b'=')),
+        Format::XN => match bytes.split_first() {
+            Some((b'C' | b'D', digits)) => first_non_digit(digits).map(|p| p + 1),
+            _ => Some(0),
+        },
+        Format::B => None,
+    }
+}
+
+/// Converts text from a charset to ASCII, appending to `out`; returns the index of the first byte
+/// with no ASCII equivalent.
+#[inline]
+pub(crate) fn text_to_ascii(charset: Charset, wire: &[u8], out: &mut Vec<u8>) -> Result<(), usize> {
+    let table = match charset {
+        Charset::Ascii => {
+            out.extend_from_slice(wire);
+            return Ok(());
+        }
+        Charset::Cp037 => &CP037_TO_ASCII,
+        Charset::Cp500 => &CP500_TO_ASCII,
+    };
+    for (i, &b) in wire.iter().enumerate() {
+        let a = table[usize::from(b)];
+        if a == UNMAPPED {
+            return Err(i);
+        }
+        out.push(a);
+    }
+    Ok(())
+}
+
+/// Converts ASCII text to a charset, appending to `out`; returns the index of the first non-ASCII
+/// byte.
+#[inline]
+pub(crate) fn ascii_to_text(charset: Charset, ascii: &[u8], out: &mut Vec<u8>) -> Result<(), usize> {
+    let table = match charset {
+        Charset::Ascii => {
+            out.extend_from_slice(ascii);
+            return Ok(());
+        }
+        Charset::Cp037 => &ASCII_TO_CP037,
+        Charset::Cp500 => &ASCII_TO_CP500,
+    };
+    for (i, &a) in ascii.iter().enumerate() {
+        match table.get(usize::from(a)) {
+            Some(&e) => out.push(e),
+            None => return Err(i),
+        }
+    }
+    Ok(())
+}
+
+/// One character (a digit or hex digit) in a charset.
+#[inline]
+pub(crate) fn char_to_ascii(charset: Charset, b: u8) -> u8 {
+    match charset {
+        Charset::Ascii => b,
+        Charset::Cp037 => CP037_TO_ASCII[usize::from(b)],
+        Charset::Cp500 => CP500_TO_ASCII[usize::from(b)],
+    }
+}
+
+/// Parses decimal digits written as characters of a charset.
+#[inline]
+pub(crate) fn parse_text_number(charset: Charset, wire: &[u8]) -> Option<usize> {
+    wire.iter().try_fold(0usize, |acc, &b| {
+        let d = char_to_ascii(charset, b).wrapping_sub(b'0');
+        (d < 10).then_some(acc * 10 + usize::from(d))
+    })
+}
+
+/// Parses packed BCD digits.
+#[inline]
+pub(crate) fn parse_bcd_number(wire: &[u8]) -> Option<usize> {
+    wire.iter().try_fold(0usize, |acc, &b| {
+        let (hi, lo) = (b >> 4, b & 0x0F);
+        (hi < 10 && lo < 10).then_some(acc * 100 + usize::from(hi) * 10 + usize::from(lo))
+    })
+}
+
+/// Writes `n` as `digits` decimal characters in a charset.
+pub(crate) fn write_text_number(charset: Charset, n: usize, digits: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    let mut rest = n;
+    out.resize(start + digits, b'0');
+    if let Some(slots) = out.get_mut(start..) {
+        for slot in slots.iter_mut().rev() {
+            let d = u8::try_from(rest % 10).unwrap_or(0);
+            *slot = b'0' + d;
+            rest /= 10;
+        }
+        if charset != Charset::Ascii {
+            for slot in slots.iter_mut() {
+                *slot = to_charset(charset, *slot);
+            }
+        }
+    }
+}
+
+/// Writes `n` as `bytes` bytes of packed BCD.
+pub(crate) fn write_bcd_number(n: usize, bytes: usize, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + bytes, 0);
+    let mut rest = n;
+    if let Some(slots) = out.get_mut(start..) {
+        for slot in slots.iter_mut().rev() {
+            let lo = u8::try_from(rest % 10).unwrap_or(0);
+            let hi = u8::try_from(rest / 10 % 10).unwrap_or(0);
+            *slot = hi << 4 | lo;
+            rest /= 100;
+        }
+    }
+}
+
+/// An ASCII character in a charset (for digits, hex digits and signs).
+#[inline]
+pub(crate) fn to_charset(charset: Charset, a: u8) -> u8 {
+    let table = match charset {
+        Charset::Ascii => return a,
+        Charset::Cp037 => &ASCII_TO_CP037,
+        Charset::Cp500 => &ASCII_TO_CP500,
+    };
+    table.get(usize::from(a)).copied().unwrap_or(0)
+}
+
+/// Unpacks BCD into ASCII digits (`=` for the `D` nibble when `track`), dropping the pad nibble.
+///
+/// `len` is the number of digits; the wire holds `len.div_ceil(2)` bytes. Returns the byte index of
+/// the first bad nibble (a pad that is not `0`/`F`, or a nibble above 9).
+pub(crate) fn unpack_bcd(
+    wire: &[u8],
+    len: usize,
+    pad_left: bool,
+    track: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), usize> {
+    let odd = len % 2 == 1;
+    let start = out.len();
+    out.reserve(len);
+    for (i, &b) in wire.iter().enumerate() {
+        for (k, nibble) in [b >> 4, b & 0x0F].into_iter().enumerate() {
+            let is_pad = odd && ((pad_left && i == 0 && k == 0) || (!pad_left && i + 1 == wire.len() && k == 1));
+            if is_pad {
+                let expected = if pad_left { 0 } else { 0x0F };
+                if nibble != expected {
+                    out.truncate(start);
+                    return Err(i);
+                }
+                continue;
+            }
+            match nibble {
+                0..=9 => out.push(b'0' + nibble),
+                0x0D if track => out.push(b'='),
+                _ => {
+                    out.truncate(start);
+                    return Err(i);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Packs ASCII digits (and `=` as the `D` nibble) into BCD with the pad nibble for odd lengths.
+pub(crate) fn pack_bcd(ascii: &[u8], pad_left: bool, out: &mut Vec<u8>) {
+    let nib = |c: u8| if c == b'=' { 0x0D } else { c.wrapping_sub(b'0') & 0x0F };
+    let odd = ascii.len() % 2 == 1;
+    let mut iter = ascii.iter().copied();
+    if odd && pad_left {
+        if let Some(first) = iter.next() {
+            out.push(nib(first));
+        }
+    }
+    loop {
+        match (iter.next(), iter.next()) {
+            (Some(h), Some(l)) => out.push(nib(h) << 4 | nib(l)),
+            (Some(h), None) => out.push(nib(h) << 4 | 0x0F),
+            _ => break,
+        }
+    }
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Decodes hex characters (either case, in a charset) into bytes; returns the index of the first
+/// bad character.
+#[inline]
+pub(crate) fn unhex(charset: Charset, wire: &[u8], out: &mut Vec<u8>) -> Result<(), usize> {
+    out.reserve(wire.len() / 2);
+    for (i, pair) in wire.chunks_exact(2).enumerate() {
+        let (h, l) = match pair {
+            [h, l] => (hex_val(char_to_ascii(charset, *h)), hex_val(char_to_ascii(charset, *l))),
+            _ => (None, None),
+        };
+        match (h, l) {
+            (Some(h), Some(l)) => out.push(h << 4 | l),
+            (None, _) => return Err(2 * i),
+            (_, None) => return Err(2 * i + 1),
+        }
+    }
+    Ok(())
+}
+
+#[inline]
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Encodes bytes as upper-case hex characters in a charset.
+pub(crate) fn hex(charset: Charset, bytes: &[u8], out: &mut Vec<u8>) {
+    out.reserve(bytes.len() * 2);
+    for &b in bytes {
+        out.push(to_charset(charset, HEX_UPPER[usize::from(b >> 4)]));
+        out.push(to_charset(charset, HEX_UPPER[usize::from(b & 0x0F)]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digit_check_finds_first_bad_byte_in_every_position() {
+        let base = b"0123456789012345678901".to_vec();
+        assert_eq!(first_non_digit(&base), None);
+        for i in 0..base.len() {
+            for bad in [b'/', b':', b'a', 0x80, 0xFF, 0x00, b' '] {
+                let mut v = base.clone();
+                v[i] = bad;
+                assert_eq!(first_non_digit(&v), Some(i), "byte {bad:#x} at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn bcd_round_trip_with_both_paddings() {
+        for digits in ["", "1", "12", "123", "4111111111111111111", "41111111=2512"] {
+            for pad_left in [true, false] {
+                let mut packed = Vec::new();
+                pack_bcd(digits.as_bytes(), pad_left, &mut packed);
+                assert_eq!(packed.len(), digits.len().div_ceil(2));
+                let mut back = Vec::new();
+                unpack_bcd(&packed, digits.len(), pad_left, true, &mut back).unwrap();
+                assert_eq!(back, digits.as_bytes());
+            }
+        }
+        // A left pad nibble must be zero.
+        let mut out = Vec::new();
+        assert_eq!(unpack_bcd(&[0x11, 0x23], 3, true, false, &mut out), Err(0));
+        // Nibbles above 9 are refused outside track data.
+        assert_eq!(unpack_bcd(&[0x1D], 2, true, false, &mut out), Err(0));
+    }
+
+    #[test]
+    fn ebcdic_round_trips_printable_ascii() {
+        let text: Vec<u8> = (b' '..=b'~').collect();
+        for cs in [Charset::Cp037, Charset::Cp500] {
+            let mut e = Vec::new();
+            ascii_to_text(cs, &text, &mut e).unwrap();
+            assert_ne!(e, text);
+            let mut back = Vec::new();
+            text_to_ascii(cs, &e, &mut back).unwrap();
+            assert_eq!(back, text);
+        }
+        // 0xF0..0xF9 are the EBCDIC digits.
+        assert_eq!(parse_text_number(Charset::Cp037, &[0xF1, 0xF9]), Some(19));
+    }
+
+    #[test]
+    fn hex_round_trip_and_errors() {
+        let mut out = Vec::new();
+        hex(Charset::Ascii, &[0x00, 0xAB, 0xFF], &mut out);
+        assert_eq!(out, b"00ABFF");
+        let mut back = Vec::new();
+        unhex(Charset::Ascii, b"00abFF", &mut back).unwrap();
+        assert_eq!(back, [0x00, 0xAB, 0xFF]);
+        assert_eq!(unhex(Charset::Ascii, b"0G", &mut back), Err(1));
+    }
+}

@@ -1,0 +1,85 @@
+//! Human-readable views of a message, with card data masked.
+//!
+//! Masking follows the ISO 8583:1987 meaning of the field numbers (DE2 and DE34 PANs, DE35, DE36
+//! and DE45 track data, DE52 PIN block, DE64 and DE128 MACs, DE96 key material, DE55 EMV data),
+//! plus whatever a dialect marks `sensitive`. A dialect can add masks, never remove them.
+
+use crate::message::Message;
+use crate::sensitive::{MaskedPan, TrackData};
+use crate::spec::{Dialect, Format, Sensitivity};
+use crate::tlv;
+
+/// The card data a field carries by its ISO 8583:1987 meaning.
+#[must_use]
+pub const fn default_sensitivity(field: u8) -> Option<Sensitivity> {
+    match field {
+        2 | 34 => Some(Sensitivity::Pan),
+        35 | 36 | 45 => Some(Sensitivity::Track),
+        52 => Some(Sensitivity::Pin),
+        64 | 128 => Some(Sensitivity::Mac),
+        96 => Some(Sensitivity::Key),
+        55 => Some(Sensitivity::Icc),
+        _ => None,
+    }
+}
+
+/// One field as shown to people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldView {
+    /// Field number.
+    pub number: u8,
+    /// Field name from the dialect (empty when described without one).
+    pub name: String,
+    /// Format from the dialect (empty when described without one).
+    pub format: &'static str,
+    /// Length of the canonical value.
+    pub length: usize,
+    /// The value: text as is, binary as hex, card data masked.
+    pub value: String,
+    /// Whether the value was masked.
+    pub masked: bool,
+}
+
+/// Describes every field of a message; binary values (by the dialect's format, or any value that
+/// is not printable text when no dialect is given) are shown in hex.
+pub(crate) fn describe_fields(msg: &Message, dialect: Option<&Dialect>) -> Vec<FieldView> {
+    msg.fields()
+        .map(|(number, value)| {
+            let spec = dialect.and_then(|d| d.field(number));
+            let sensitivity = default_sensitivity(number).or(spec.and_then(|s| s.sensitive));
+            let binary = spec.map_or_else(
+                || !value.iter().all(|b| (b' '..=b'~').contains(b)),
+                |s| s.format == Format::B,
+            );
+            let shown = match sensitivity {
+                Some(Sensitivity::Pan) => MaskedPan::of(value).to_string(),
+                Some(Sensitivity::Track) => TrackData::new(value).to_string(),
+                Some(Sensitivity::Pin) => format!("[PIN block, {} bytes]", value.len()),
+                Some(Sensitivity::Mac) => format!("[MAC, {} bytes]", value.len()),
+                Some(Sensitivity::Key) => format!("[key, {} bytes]", value.len()),
+                Some(Sensitivity::Icc) => match tlv::parse(value) {
+                    Ok(tlvs) => tlvs.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" "),
+                    Err(e) => format!("[unparsable ICC data, {} bytes: {e}]", value.len()),
+                },
+                None if binary => value.iter().map(|b| format!("{b:02X}")).collect(),
+                None => String::from_utf8_lossy(value).into_owned(),
+            };
+            FieldView {
+                number,
+                name: spec.map(|s| s.name.to_string()).unwrap_or_default(),
+                format: spec.map_or("", |s| s.format.as_str()),
+                length: value.len(),
+                value: shown,
+                masked: sensitivity.is_some(),
+            }
+        })
+        .collect()
+}
+
+impl Message {
+    /// Every field as shown to people, card data masked, names and formats from the dialect.
+    #[must_use]
+    pub fn describe(&self, dialect: &Dialect) -> Vec<FieldView> {
+        describe_fields(self, Some(dialect))
+    }
+}
