@@ -23,6 +23,7 @@ mod message;
 pub mod sensitive;
 pub mod spec;
 pub mod tlv;
+pub mod sample;
 mod types;
 
 pub use builtin::{BUILTIN_DIALECTS, DEFAULT_DIALECT};
