@@ -1,1 +1,28 @@
-fn main(){}
+//! The `cardswitch` command.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cardswitch::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = match cli.command {
+        Command::Decode(args) => cardswitch::tools::decode(&args, &mut std::io::stdin().lock(), &mut out),
+        Command::Encode(args) => cardswitch::tools::encode(&args, &mut std::io::stdin().lock(), &mut out),
+        Command::Dialects(args) => cardswitch::tools::dialects(&args, &mut out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = out.flush();
+            // One line: the chain of causes joined, never a value of the message.
+            let _ = writeln!(std::io::stderr(), "cardswitch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -59,7 +59,7 @@ pub(crate) fn text_to_ascii(charset: Charset, wire: &[u8], out: &mut Vec<u8>) ->
         Charset::Cp500 => &CP500_TO_ASCII,
     };
     for (i, &b) in wire.iter().enumerate() {
-        let a = table[usize::from(b)];
+        let a = table.get(usize::from(b)).copied().unwrap_or(UNMAPPED);
         if a == UNMAPPED {
             return Err(i);
         }
@@ -94,8 +94,8 @@ pub(crate) fn ascii_to_text(charset: Charset, ascii: &[u8], out: &mut Vec<u8>) -
 pub(crate) fn char_to_ascii(charset: Charset, b: u8) -> u8 {
     match charset {
         Charset::Ascii => b,
-        Charset::Cp037 => CP037_TO_ASCII[usize::from(b)],
-        Charset::Cp500 => CP500_TO_ASCII[usize::from(b)],
+        Charset::Cp037 => CP037_TO_ASCII.get(usize::from(b)).copied().unwrap_or(UNMAPPED),
+        Charset::Cp500 => CP500_TO_ASCII.get(usize::from(b)).copied().unwrap_or(UNMAPPED),
     }
 }
 
@@ -254,8 +254,9 @@ fn hex_val(c: u8) -> Option<u8> {
 pub(crate) fn hex(charset: Charset, bytes: &[u8], out: &mut Vec<u8>) {
     out.reserve(bytes.len() * 2);
     for &b in bytes {
-        out.push(to_charset(charset, HEX_UPPER[usize::from(b >> 4)]));
-        out.push(to_charset(charset, HEX_UPPER[usize::from(b & 0x0F)]));
+        let digit = |n: u8| HEX_UPPER.get(usize::from(n)).copied().unwrap_or(b'0');
+        out.push(to_charset(charset, digit(b >> 4)));
+        out.push(to_charset(charset, digit(b & 0x0F)));
     }
 }
 

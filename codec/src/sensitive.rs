@@ -254,8 +254,8 @@ impl TrackData {
     #[must_use]
     pub fn expiry(&self) -> Option<[u8; 4]> {
         let sep = self.0.iter().position(|&b| b == b'=' || b == b'D')?;
-        let yymm = self.0.get(sep + 1..sep + 5)?;
-        yymm.iter().all(u8::is_ascii_digit).then(|| [yymm[0], yymm[1], yymm[2], yymm[3]])
+        let yymm: [u8; 4] = self.0.get(sep + 1..sep + 5)?.try_into().ok()?;
+        yymm.iter().all(u8::is_ascii_digit).then_some(yymm)
     }
 
     fn masked(&self) -> String {

@@ -1,5 +1,7 @@
 //! Dialect files that do not validate are refused with a message naming the field and problem.
 
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
 use cardswitch_codec::Dialect;
 
 const ENCODING: &str = r#"

@@ -1,6 +1,8 @@
 //! Golden vectors from `specs/golden/messages.toml`: each public message decodes to exactly the
 //! listed fields and encodes back to the same bytes; each refused one gives the listed error.
 
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

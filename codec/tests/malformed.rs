@@ -1,6 +1,8 @@
 //! Malformed input: every truncation of a valid message and each rejection rule gives the
 //! expected typed error, on every shipped dialect.
 
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
 use cardswitch_codec::{sample, DecodeError, Dialect, Element, Message, BUILTIN_DIALECTS};
 
 fn dialects() -> Vec<Dialect> {

@@ -1,6 +1,8 @@
 //! Property tests: for generated messages, decode(encode(m)) == m on every dialect, the bytes are
 //! stable, and a message moves between dialects without change.
 
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
 use cardswitch_codec::spec::{Format, LengthKind};
 use cardswitch_codec::{Dialect, FieldSpec, Message, Mti, BUILTIN_DIALECTS};
 use proptest::prelude::*;
