@@ -10,38 +10,33 @@
 //! loop over the compiled table does all three. nom parses the BER-TLV inside DE55 (`tlv.rs`).
 
 use crate::coding::{
-    ascii_to_text, char_to_ascii, first_invalid, hex, pack_bcd, parse_bcd_number, parse_text_number,
-    text_to_ascii, to_charset, unhex, unpack_bcd, write_bcd_number, write_text_number,
+    all_in_class, ascii_to_text, digits_at, printable_at, char_to_ascii, first_invalid, hex, is_valid, pack_bcd, parse_bcd_number,
+    parse_text_number, text_to_ascii, to_charset, unhex, unpack_bcd, write_bcd_number,
+    write_text_number,
 };
 use crate::error::{DecodeError, Element, EncodeError};
 use crate::message::{bit_of, Message, Span};
 use crate::spec::{
-    BcdPadding, BitmapEncoding, Charset, Dialect, FieldSpec, Format, HexLength, LengthKind,
-    NumericEncoding, PrefixCoding, ValueCoding,
+    BcdPadding, BitmapEncoding, Charset, Check, Dialect, Format, HexLength, NumericEncoding,
+    PrefixCoding, Slot, ValueCoding,
 };
 use crate::types::Mti;
 
-/// A cursor over the input that produces typed errors.
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    #[inline]
-    fn take(&mut self, n: usize, element: Element) -> Result<&'a [u8], DecodeError> {
-        let available = self.bytes.len() - self.pos;
-        if n > available {
-            return Err(DecodeError::Truncated { element, offset: self.pos, needed: n, available });
-        }
-        let out = self.bytes.get(self.pos..self.pos + n).unwrap_or_default();
-        self.pos += n;
-        Ok(out)
-    }
-}
-
 const fn invalid(element: Element, offset: usize, format: &'static str) -> DecodeError {
     DecodeError::InvalidData { element, offset, format }
+}
+
+#[cold]
+#[inline(never)]
+fn truncated(element: Element, offset: usize, needed: usize, len: usize) -> DecodeError {
+    DecodeError::Truncated { element, offset, needed, available: len.saturating_sub(offset) }
+}
+
+/// The first bad byte of a value that failed the fast check, for the error.
+#[cold]
+#[inline(never)]
+fn invalid_value(element: Element, at: usize, format: Format, value: &[u8]) -> DecodeError {
+    invalid(element, at + first_invalid(format, value).unwrap_or(0), format.as_str())
 }
 
 impl Dialect {
@@ -53,8 +48,9 @@ impl Dialect {
     /// bytes.
     pub fn decode(&self, bytes: &[u8]) -> Result<Message, DecodeError> {
         let mut msg = Message::new(Mti::NETWORK_REQUEST);
-        msg.data.reserve(bytes.len());
-        self.decode_into(bytes, &mut msg)?;
+        let extra = if self.inner().identity { 0 } else { bytes.len() + 16 };
+        msg.data.reserve_exact(bytes.len() + extra);
+        self.decode_inner(bytes, &mut msg)?;
         Ok(msg)
     }
 
@@ -64,42 +60,44 @@ impl Dialect {
     /// # Errors
     /// As [`Dialect::decode`].
     pub fn decode_into(&self, bytes: &[u8], msg: &mut Message) -> Result<(), DecodeError> {
-        msg.data.zeroize_and_clear();
-        msg.spans.clear();
-        msg.bits = [0; 3];
-        msg.force_secondary = false;
-        msg.force_tertiary = false;
+        msg.clear();
         let result = self.decode_inner(bytes, msg);
         if result.is_err() {
-            msg.data.zeroize_and_clear();
-            msg.spans.clear();
-            msg.bits = [0; 3];
+            msg.clear();
         }
         result
     }
 
+    /// The decoder. The input is copied once into the message's buffer; fields carried as their
+    /// canonical bytes (ASCII text and numerics, raw binary) are then recorded as spans of that
+    /// copy, and only fields that need converting (BCD, EBCDIC, hex) are appended after it.
     fn decode_inner(&self, bytes: &[u8], msg: &mut Message) -> Result<(), DecodeError> {
         let d = self.inner();
-        let mut r = Reader { bytes, pos: 0 };
+        let len = bytes.len();
+        let base = msg.data.len();
+        msg.data.extend_from_slice(bytes);
+        let mut pos;
 
         // MTI
         let mti = match d.mti {
             NumericEncoding::Text => {
-                let raw = r.take(4, Element::Mti)?;
+                let raw = bytes.get(..4).ok_or_else(|| truncated(Element::Mti, 0, 4, len))?;
                 let mut a = [0u8; 4];
                 for (slot, &b) in a.iter_mut().zip(raw) {
                     *slot = char_to_ascii(d.charset, b);
                 }
+                pos = 4;
                 a
             }
             NumericEncoding::Bcd => {
-                let raw = r.take(2, Element::Mti)?;
+                let raw = bytes.get(..2).ok_or_else(|| truncated(Element::Mti, 0, 2, len))?;
                 let mut a = [0u8; 4];
                 for (i, slot) in a.iter_mut().enumerate() {
                     let b = raw.get(i / 2).copied().unwrap_or(0);
                     let nib = if i % 2 == 0 { b >> 4 } else { b & 0x0F };
                     *slot = if nib < 10 { b'0' + nib } else { 0xFF };
                 }
+                pos = 2;
                 a
             }
         };
@@ -107,12 +105,12 @@ impl Dialect {
 
         // Bitmaps: the primary, then the secondary when bit 1 is set. The tertiary one sits where
         // field 65 would, and is read when the walk reaches it.
-        let mut words = [self.read_bitmap(&mut r, 1)?, 0, 0];
+        let mut words = [self.read_bitmap(bytes, &mut pos, 1)?, 0, 0];
         if words[0] & (1 << 63) != 0 {
-            if r.pos == bytes.len() {
-                return Err(DecodeError::MissingField { element: Element::Bitmap(2), offset: r.pos });
+            if pos == len {
+                return Err(DecodeError::MissingField { element: Element::Bitmap(2), offset: pos });
             }
-            words[1] = self.read_bitmap(&mut r, 2)?;
+            words[1] = self.read_bitmap(bytes, &mut pos, 2)?;
             msg.force_secondary = words[1] == 0;
         }
         words[0] &= !(1 << 63);
@@ -121,31 +119,30 @@ impl Dialect {
         while w < 3 {
             let mut bits = words.get(w).copied().unwrap_or(0);
             while bits != 0 {
-                let lz = bits.leading_zeros();
+                let lz = bits.leading_zeros() as usize;
                 bits &= !(1u64 << (63 - lz));
                 // lz < 64 and w < 3, so the number is at most 192.
-                let number = u8::try_from(w * 64 + lz as usize + 1).unwrap_or(u8::MAX);
+                let number = u8::try_from(w * 64 + lz + 1).unwrap_or(u8::MAX);
+                let element = Element::Field(number);
                 if number == 65 && d.tertiary_bitmap {
-                    if r.pos == bytes.len() {
-                        return Err(DecodeError::MissingField { element: Element::Bitmap(3), offset: r.pos });
+                    if pos == len {
+                        return Err(DecodeError::MissingField { element: Element::Bitmap(3), offset: pos });
                     }
-                    words[2] = self.read_bitmap(&mut r, 3)?;
+                    words[2] = self.read_bitmap(bytes, &mut pos, 3)?;
                     msg.force_tertiary = words[2] == 0;
                     continue;
                 }
-                let element = Element::Field(number);
-                let Some(spec) = d.fields.get(usize::from(number)).and_then(Option::as_ref) else {
-                    return Err(DecodeError::UnknownField { element, dialect: d.name.clone() });
+                let slot = match d.slots.get(usize::from(number)) {
+                    Some(slot) if slot.defined => *slot,
+                    _ => return Err(DecodeError::UnknownField { element, dialect: d.name.clone() }),
                 };
-                if r.pos == bytes.len() {
-                    return Err(DecodeError::MissingField { element, offset: r.pos });
+                if pos == len {
+                    return Err(DecodeError::MissingField { element, offset: pos });
                 }
-                let start = msg.data.len();
-                decode_field(spec, &mut r, element, &mut msg.data)?;
-                let len = msg.data.len() - start;
+                let (start, value_len) = decode_field(&slot, bytes, &mut pos, element, base, &mut msg.data)?;
                 msg.spans.push(Span {
                     start: u32::try_from(start).unwrap_or(u32::MAX),
-                    len: u16::try_from(len).unwrap_or(u16::MAX),
+                    len: u16::try_from(value_len).unwrap_or(u16::MAX),
                     field: number,
                 });
             }
@@ -159,25 +156,27 @@ impl Dialect {
         }
         msg.bits = words;
 
-        if r.pos != bytes.len() {
-            return Err(DecodeError::TrailingBytes { offset: r.pos, count: bytes.len() - r.pos });
+        if pos != len {
+            return Err(DecodeError::TrailingBytes { offset: pos, count: len - pos });
         }
         Ok(())
     }
 
-    fn read_bitmap(&self, r: &mut Reader<'_>, which: u8) -> Result<u64, DecodeError> {
+    fn read_bitmap(&self, bytes: &[u8], pos: &mut usize, which: u8) -> Result<u64, DecodeError> {
         let element = Element::Bitmap(which);
         let d = self.inner();
+        let at = *pos;
         match d.bitmap {
             BitmapEncoding::Binary => {
-                let raw = r.take(8, element)?;
-                let mut b = [0u8; 8];
-                b.copy_from_slice(raw);
-                Ok(u64::from_be_bytes(b))
+                let raw: [u8; 8] = bytes
+                    .get(at..at + 8)
+                    .and_then(|r| r.try_into().ok())
+                    .ok_or_else(|| truncated(element, at, 8, bytes.len()))?;
+                *pos += 8;
+                Ok(u64::from_be_bytes(raw))
             }
             BitmapEncoding::Hex => {
-                let offset = r.pos;
-                let raw = r.take(16, element)?;
+                let raw = bytes.get(at..at + 16).ok_or_else(|| truncated(element, at, 16, bytes.len()))?;
                 let mut v = 0u64;
                 for (i, &c) in raw.iter().enumerate() {
                     let a = char_to_ascii(d.charset, c);
@@ -185,84 +184,139 @@ impl Dialect {
                         b'0'..=b'9' => a - b'0',
                         b'A'..=b'F' => a - b'A' + 10,
                         b'a'..=b'f' => a - b'a' + 10,
-                        _ => return Err(invalid(element, offset + i, "hex")),
+                        _ => return Err(invalid(element, at + i, "hex")),
                     };
                     v = v << 4 | u64::from(nib);
                 }
+                *pos += 16;
                 Ok(v)
             }
         }
     }
 }
 
-/// Decodes one field's value into `out` (canonical form).
-#[inline]
+/// Decodes one field at `*pos`. Returns where its canonical value sits in `out` and its length:
+/// inside the copy of the input (which starts at `base`) when the wire form is canonical,
+/// appended after it otherwise.
+///
+/// The common case (ASCII or fixed length, canonical wire form) stays in this function; prefixes
+/// in other encodings and conversions are out of line.
+#[inline(always)]
 fn decode_field(
-    spec: &FieldSpec,
-    r: &mut Reader<'_>,
+    slot: &Slot,
+    bytes: &[u8],
+    pos: &mut usize,
+    element: Element,
+    base: usize,
+    out: &mut Vec<u8>,
+) -> Result<(usize, usize), DecodeError> {
+    let value_len = if slot.prefix_len == 0 {
+        usize::from(slot.length)
+    } else {
+        let prefix_at = *pos;
+        let plen = usize::from(slot.prefix_len);
+        let raw = bytes.get(prefix_at..prefix_at + plen).ok_or_else(|| truncated(element, prefix_at, plen, bytes.len()))?;
+        let count = if slot.ascii_prefix {
+            let mut count = 0usize;
+            for &c in raw {
+                let d = c.wrapping_sub(b'0');
+                if d > 9 {
+                    return Err(DecodeError::BadLengthPrefix { element, offset: prefix_at });
+                }
+                count = count * 10 + usize::from(d);
+            }
+            count
+        } else {
+            parse_prefix(slot, raw).ok_or(DecodeError::BadLengthPrefix { element, offset: prefix_at })?
+        };
+        *pos += plen;
+        value_len_of(slot, count, element, prefix_at)?
+    };
+    let at = *pos;
+    let wire_len = if slot.canonical { value_len } else { slot.wire_len(value_len) };
+    let wire = bytes.get(at..at + wire_len).ok_or_else(|| truncated(element, at, wire_len, bytes.len()))?;
+    *pos += wire_len;
+    if slot.canonical {
+        let ok = match slot.check {
+            Check::None => true,
+            Check::Digits => digits_at(bytes, at, wire_len),
+            Check::Printable => printable_at(bytes, at, wire_len),
+            Check::Bytewise => all_in_class(slot.format, wire),
+        };
+        if !ok {
+            return Err(invalid_value(element, at, slot.format, wire));
+        }
+        return Ok((base + at, value_len));
+    }
+    convert_field(slot, wire, value_len, at, element, out)
+}
+
+/// A length prefix in BCD, binary or an EBCDIC charset.
+#[inline(never)]
+fn parse_prefix(slot: &Slot, raw: &[u8]) -> Option<usize> {
+    match slot.prefix {
+        PrefixCoding::Text(cs) => parse_text_number(cs, raw),
+        PrefixCoding::Bcd => parse_bcd_number(raw),
+        PrefixCoding::Binary => Some(raw.iter().fold(0usize, |acc, &b| acc << 8 | usize::from(b))),
+    }
+}
+
+/// Checks a prefix's count against the maximum and turns it into value units.
+#[inline(always)]
+fn value_len_of(slot: &Slot, count: usize, element: Element, offset: usize) -> Result<usize, DecodeError> {
+    let max = slot.prefix_count(usize::from(slot.length));
+    if count > max {
+        return Err(DecodeError::LengthTooLong { element, offset, length: count, max });
+    }
+    match slot.value {
+        ValueCoding::Hex(_, HexLength::Chars) if count % 2 == 1 => {
+            Err(DecodeError::BadLength { element, offset, length: count })
+        }
+        ValueCoding::Hex(_, HexLength::Chars) => Ok(count / 2),
+        _ => Ok(count),
+    }
+}
+
+/// Converts a value whose wire form is not canonical (BCD, EBCDIC, hex), appending it to `out`.
+#[inline(never)]
+fn convert_field(
+    slot: &Slot,
+    wire: &[u8],
+    value_len: usize,
+    at: usize,
     element: Element,
     out: &mut Vec<u8>,
-) -> Result<(), DecodeError> {
-    let prefix_at = r.pos;
-    let len = if spec.kind == LengthKind::Fixed {
-        usize::from(spec.length)
-    } else {
-        let raw = r.take(spec.prefix_len(), element)?;
-        let count = match spec.prefix {
-            PrefixCoding::Text(cs) => parse_text_number(cs, raw),
-            PrefixCoding::Bcd => parse_bcd_number(raw),
-            PrefixCoding::Binary => Some(raw.iter().fold(0usize, |acc, &b| acc << 8 | usize::from(b))),
-        }
-        .ok_or(DecodeError::BadLengthPrefix { element, offset: prefix_at })?;
-        let max = spec.prefix_count(usize::from(spec.length));
-        if count > max {
-            return Err(DecodeError::LengthTooLong { element, offset: prefix_at, length: count, max });
-        }
-        match spec.value {
-            ValueCoding::Hex(_, HexLength::Chars) if count % 2 == 1 => {
-                return Err(DecodeError::BadLength { element, offset: prefix_at, length: count });
-            }
-            ValueCoding::Hex(_, HexLength::Chars) => count / 2,
-            _ => count,
-        }
-    };
-    let at = r.pos;
-    let wire = r.take(spec.wire_len(len), element)?;
-    let format = spec.format.as_str();
-    match spec.value {
-        ValueCoding::Text(Charset::Ascii) => {
-            if let Some(i) = first_invalid(spec.format, wire) {
-                return Err(invalid(element, at + i, format));
-            }
-            out.extend_from_slice(wire);
-        }
+) -> Result<(usize, usize), DecodeError> {
+    let format = slot.format.as_str();
+    let start = out.len();
+    match slot.value {
         ValueCoding::Text(cs) => {
-            let start = out.len();
             text_to_ascii(cs, wire, out).map_err(|i| invalid(element, at + i, format))?;
-            if let Some(i) = first_invalid(spec.format, out.get(start..).unwrap_or_default()) {
-                return Err(invalid(element, at + i, format));
+            let value = out.get(start..).unwrap_or_default();
+            if !is_valid(slot.format, value) {
+                return Err(invalid_value(element, at, slot.format, value));
             }
         }
         ValueCoding::Bcd(padding, cs) => {
             let pad_left = padding == BcdPadding::Left;
-            if spec.format == Format::XN {
+            if slot.format == Format::XN {
                 let (sign, digits) = wire.split_first().ok_or(invalid(element, at, format))?;
                 let sign = char_to_ascii(cs, *sign);
                 if sign != b'C' && sign != b'D' {
                     return Err(invalid(element, at, format));
                 }
                 out.push(sign);
-                unpack_bcd(digits, len - 1, pad_left, false, out)
+                unpack_bcd(digits, value_len - 1, pad_left, false, out)
                     .map_err(|i| invalid(element, at + 1 + i, format))?;
             } else {
-                unpack_bcd(wire, len, pad_left, spec.format == Format::Z, out)
+                unpack_bcd(wire, value_len, pad_left, slot.format == Format::Z, out)
                     .map_err(|i| invalid(element, at + i, format))?;
             }
         }
-        ValueCoding::Raw => out.extend_from_slice(wire),
         ValueCoding::Hex(cs, _) => unhex(cs, wire, out).map_err(|i| invalid(element, at + i, "hex"))?,
+        ValueCoding::Raw => out.extend_from_slice(wire),
     }
-    Ok(())
+    Ok((start, out.len() - start))
 }
 
 impl Dialect {
@@ -322,10 +376,11 @@ impl Dialect {
                 tertiary_pending = false;
             }
             let element = Element::Field(number);
-            let spec = self
-                .field(number)
-                .ok_or_else(|| EncodeError::UnknownField { element, dialect: d.name.clone() })?;
-            encode_field(spec, value, element, out)?;
+            let slot = match d.slots.get(usize::from(number)) {
+                Some(slot) if slot.defined => slot,
+                _ => return Err(EncodeError::UnknownField { element, dialect: d.name.clone() }),
+            };
+            encode_field(slot, value, element, out)?;
         }
         if tertiary_pending {
             self.write_bitmap(words[2], out);
@@ -342,36 +397,56 @@ impl Dialect {
     }
 }
 
-fn encode_field(spec: &FieldSpec, value: &[u8], element: Element, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+#[cold]
+#[inline(never)]
+fn encode_length_error(slot: &Slot, element: Element, len: usize) -> EncodeError {
+    let max = usize::from(slot.length);
+    let expected = if slot.prefix_len == 0 { max.to_string() } else { format!("at most {max}") };
+    EncodeError::BadLength { element, length: len, expected }
+}
+
+#[cold]
+#[inline(never)]
+fn encode_data_error(slot: &Slot, element: Element, value: &[u8]) -> EncodeError {
+    let position = first_invalid(slot.format, value).unwrap_or(0);
+    EncodeError::InvalidData { element, position, format: slot.format.as_str() }
+}
+
+#[inline(always)]
+fn encode_field(slot: &Slot, value: &[u8], element: Element, out: &mut Vec<u8>) -> Result<(), EncodeError> {
     let len = value.len();
-    let max = usize::from(spec.length);
-    if spec.kind == LengthKind::Fixed && len != max {
-        return Err(EncodeError::BadLength { element, length: len, expected: max.to_string() });
+    let max = usize::from(slot.length);
+    if len > max || (slot.prefix_len == 0 && len != max) {
+        return Err(encode_length_error(slot, element, len));
     }
-    if len > max {
-        return Err(EncodeError::BadLength { element, length: len, expected: format!("at most {max}") });
+    if !is_valid(slot.format, value) {
+        return Err(encode_data_error(slot, element, value));
     }
-    if let Some(position) = first_invalid(spec.format, value) {
-        return Err(EncodeError::InvalidData { element, position, format: spec.format.as_str() });
-    }
-    if spec.kind != LengthKind::Fixed {
-        let count = spec.prefix_count(len);
-        let digits = usize::from(spec.kind.digits());
-        match spec.prefix {
-            PrefixCoding::Text(cs) => write_text_number(cs, count, digits, out),
-            PrefixCoding::Bcd => write_bcd_number(count, spec.prefix_len(), out),
-            PrefixCoding::Binary => {
+    if slot.prefix_len != 0 {
+        let count = slot.prefix_count(len);
+        match (slot.prefix, slot.digits) {
+            (PrefixCoding::Text(Charset::Ascii), 2) => {
+                // count <= 99, checked when the dialect was loaded
+                out.extend_from_slice(&[b'0' + digit(count / 10), b'0' + digit(count)]);
+            }
+            (PrefixCoding::Text(Charset::Ascii), 3) => {
+                out.extend_from_slice(&[b'0' + digit(count / 100), b'0' + digit(count / 10), b'0' + digit(count)]);
+            }
+            (PrefixCoding::Text(cs), digits) => write_text_number(cs, count, usize::from(digits), out),
+            (PrefixCoding::Bcd, _) => write_bcd_number(count, usize::from(slot.prefix_len), out),
+            (PrefixCoding::Binary, _) => {
                 let be = count.to_be_bytes();
-                out.extend_from_slice(be.get(be.len() - spec.prefix_len()..).unwrap_or_default());
+                out.extend_from_slice(be.get(be.len() - usize::from(slot.prefix_len)..).unwrap_or_default());
             }
         }
     }
-    match spec.value {
-        ValueCoding::Text(cs) => ascii_to_text(cs, value, out)
-            .map_err(|position| EncodeError::InvalidData { element, position, format: spec.format.as_str() })?,
+    match slot.value {
+        ValueCoding::Text(cs) => {
+            ascii_to_text(cs, value, out).map_err(|_| encode_data_error(slot, element, value))?;
+        }
         ValueCoding::Bcd(padding, cs) => {
             let pad_left = padding == BcdPadding::Left;
-            match (spec.format, value.split_first()) {
+            match (slot.format, value.split_first()) {
                 (Format::XN, Some((&sign, digits))) => {
                     out.push(to_charset(cs, sign));
                     pack_bcd(digits, pad_left, out);
@@ -385,15 +460,8 @@ fn encode_field(spec: &FieldSpec, value: &[u8], element: Element, out: &mut Vec<
     Ok(())
 }
 
-/// Zeroes a buffer's contents, then empties it (keeping its capacity for reuse).
-trait ZeroizeAndClear {
-    fn zeroize_and_clear(&mut self);
-}
-
-impl ZeroizeAndClear for Vec<u8> {
-    #[inline]
-    fn zeroize_and_clear(&mut self) {
-        zeroize::Zeroize::zeroize(self.as_mut_slice());
-        self.clear();
-    }
+/// The last decimal digit of `n`.
+#[inline(always)]
+fn digit(n: usize) -> u8 {
+    u8::try_from(n % 10).unwrap_or(0)
 }

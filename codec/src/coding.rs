@@ -29,6 +29,139 @@ pub(crate) fn first_non_digit(bytes: &[u8]) -> Option<usize> {
     chunks.remainder().iter().position(|b| !b.is_ascii_digit()).map(|p| base + p)
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+#[inline]
+fn word(chunk: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(chunk);
+    u64::from_le_bytes(w)
+}
+
+#[inline(always)]
+fn digits_bad(x: u64) -> u64 {
+    (x.wrapping_add(0x46 * ONES) | x.wrapping_sub(0x30 * ONES) | x) & HIGHS
+}
+
+#[inline(always)]
+fn printable_bad(x: u64) -> u64 {
+    // A byte below 0x20 borrows into its top bit; a byte above 0x7E carries into it (or already
+    // has it set).
+    ((x.wrapping_sub(0x20 * ONES) & !x) | x.wrapping_add(ONES) | x) & HIGHS
+}
+
+/// Checks `bytes[at..at + len]` eight bytes per step. A tail shorter than eight bytes is read as
+/// a whole word from the surrounding buffer when it extends that far, with the bytes past the
+/// field replaced by `fill` (a byte that passes), so that short fields need no byte loop.
+#[inline(always)]
+fn check_words(bytes: &[u8], at: usize, len: usize, fill: u8, bad: impl Fn(u64) -> u64) -> bool {
+    let mut acc = 0u64;
+    let mut i = 0;
+    while i + 8 <= len {
+        acc |= bad(word(bytes.get(at + i..at + i + 8).unwrap_or(&[0xFF; 8])));
+        i += 8;
+    }
+    let rest = len - i;
+    if rest > 0 {
+        let x = match bytes.get(at + i..at + i + 8) {
+            Some(w) => word(w),
+            // The field ends the buffer: copy its tail into a filled word.
+            None => {
+                let mut w = [fill; 8];
+                if let (Some(dst), Some(src)) = (w.get_mut(..rest), bytes.get(at + i..at + len)) {
+                    dst.copy_from_slice(src);
+                }
+                u64::from_le_bytes(w)
+            }
+        };
+        let keep = (1u64 << (8 * rest)) - 1;
+        acc |= bad((x & keep) | ((u64::from(fill) * ONES) & !keep));
+    }
+    acc == 0
+}
+
+/// Whether `bytes[at..at + len]` holds only ASCII digits.
+#[inline(always)]
+pub(crate) fn digits_at(bytes: &[u8], at: usize, len: usize) -> bool {
+    check_words(bytes, at, len, b'0', digits_bad)
+}
+
+/// Whether `bytes[at..at + len]` holds only printable ASCII.
+#[inline(always)]
+pub(crate) fn printable_at(bytes: &[u8], at: usize, len: usize) -> bool {
+    check_words(bytes, at, len, b' ', printable_bad)
+}
+
+/// Whether every byte is an ASCII digit (eight bytes per step).
+#[inline]
+pub(crate) fn all_digits(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut bad = 0u64;
+    for chunk in &mut chunks {
+        let x = word(chunk);
+        bad |= digits_bad(x);
+    }
+    bad == 0 && chunks.remainder().iter().all(u8::is_ascii_digit)
+}
+
+/// Whether every byte is printable ASCII, 0x20..=0x7E (eight bytes per step).
+#[inline]
+pub(crate) fn all_printable(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut bad = 0u64;
+    for chunk in &mut chunks {
+        let x = word(chunk);
+        bad |= printable_bad(x);
+    }
+    bad == 0 && chunks.remainder().iter().all(|b| (b' '..=b'~').contains(b))
+}
+
+/// Character classes by byte, one bit per format, for the formats without a word-at-a-time check.
+static CLASSES: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        // b < 256, so the cast is exact.
+        #[allow(clippy::cast_possible_truncation)]
+        let c = b as u8;
+        let alpha = c.is_ascii_alphabetic() || c == b' ';
+        let alnum = c.is_ascii_alphanumeric() || c == b' ';
+        let track = c.is_ascii_digit() || c == b'=';
+        // const context: `get_mut` is not available, and `b < 256` holds.
+        #[allow(clippy::indexing_slicing)]
+        {
+            t[b] = (alpha as u8) | (alnum as u8) << 1 | (track as u8) << 2;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// Whether every byte belongs to the class of `a`, `an` or `z` (one table load per byte, no
+/// branch).
+#[inline]
+pub(crate) fn all_in_class(format: Format, bytes: &[u8]) -> bool {
+    let bit = match format {
+        Format::A => 1,
+        Format::An => 2,
+        Format::Z => 4,
+        _ => return first_invalid(format, bytes).is_none(),
+    };
+    bytes.iter().fold(bit, |acc, &b| acc & CLASSES.get(usize::from(b)).copied().unwrap_or(0)) != 0
+}
+
+/// Whether canonical (ASCII) text suits the format; the fast check of the decoder's loop.
+#[inline]
+pub(crate) fn is_valid(format: Format, bytes: &[u8]) -> bool {
+    match format {
+        Format::N => all_digits(bytes),
+        Format::Ans => all_printable(bytes),
+        Format::B => true,
+        _ => all_in_class(format, bytes),
+    }
+}
+
 /// Index of the first byte the format does not allow, for canonical (ASCII) text.
 #[inline]
 pub(crate) fn first_invalid(format: Format, bytes: &[u8]) -> Option<usize> {
@@ -273,6 +406,36 @@ mod tests {
                 let mut v = base.clone();
                 v[i] = bad;
                 assert_eq!(first_non_digit(&v), Some(i), "byte {bad:#x} at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn word_checks_agree_with_byte_checks_on_every_byte_value() {
+        for len in [1usize, 7, 8, 9, 16, 23] {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut digits = vec![b'5'; len];
+                    digits[pos] = b;
+                    assert_eq!(all_digits(&digits), b.is_ascii_digit(), "digit {b:#x} at {pos}/{len}");
+                    let mut text = vec![b'a'; len];
+                    text[pos] = b;
+                    assert_eq!(all_printable(&text), (0x20..=0x7E).contains(&b), "text {b:#x} at {pos}/{len}");
+                    // The same field inside a larger buffer, and at its end.
+                    let mut framed = b"12345678".to_vec();
+                    framed.extend_from_slice(&digits);
+                    assert_eq!(digits_at(&framed, 8, len), b.is_ascii_digit());
+                    framed.extend_from_slice(b"xxxxxxxx");
+                    assert_eq!(digits_at(&framed, 8, len), b.is_ascii_digit());
+                    let mut framed = vec![0u8; 3];
+                    framed.extend_from_slice(&text);
+                    assert_eq!(printable_at(&framed, 3, len), (0x20..=0x7E).contains(&b));
+                    framed.push(0);
+                    assert_eq!(printable_at(&framed, 3, len), (0x20..=0x7E).contains(&b));
+                    for f in [Format::A, Format::An, Format::Z, Format::XN] {
+                        assert_eq!(is_valid(f, &text), first_invalid(f, &text).is_none(), "{f:?} {b:#x} at {pos}");
+                    }
+                }
             }
         }
     }

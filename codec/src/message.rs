@@ -48,8 +48,20 @@ pub struct Message {
 
 impl Drop for Message {
     fn drop(&mut self) {
-        self.data.zeroize();
+        wipe(&mut self.data);
     }
+}
+
+/// Zeroes a buffer that held card data and empties it.
+///
+/// `fill(0)` compiles to one `memset`; `black_box` keeps the compiler from dropping it as a dead
+/// store. (The `zeroize` crate writes byte by byte with volatile stores, which cost more than the
+/// whole decode for a message buffer; the card-data newtypes still use it.)
+#[inline]
+pub(crate) fn wipe(data: &mut Vec<u8>) {
+    data.fill(0);
+    std::hint::black_box(&mut *data);
+    data.clear();
 }
 
 #[inline]
@@ -86,6 +98,15 @@ impl Message {
     #[must_use]
     pub fn mti(&self) -> Mti {
         self.mti
+    }
+
+    /// Removes every field, zeroing the buffer; the capacity is kept for reuse.
+    pub fn clear(&mut self) {
+        wipe(&mut self.data);
+        self.spans.clear();
+        self.bits = [0; 3];
+        self.force_secondary = false;
+        self.force_tertiary = false;
     }
 
     /// Changes the message type.

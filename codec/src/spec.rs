@@ -262,6 +262,93 @@ pub(crate) struct DialectInner {
     pub(crate) tertiary_bitmap: bool,
     /// Indexed by field number; `None` for fields the dialect does not define.
     pub(crate) fields: Vec<Option<FieldSpec>>,
+    /// The same layouts packed for the decoder's loop: 193 small `Copy` entries (about 2 KB),
+    /// indexed by field number, so that a field costs one load from L1.
+    pub(crate) slots: Vec<Slot>,
+    /// Every defined field is carried as its canonical bytes (ASCII text, raw binary): a decoded
+    /// message can then point into one copy of the input instead of converting field by field.
+    pub(crate) identity: bool,
+}
+
+/// One field's layout as the decoder and encoder use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub(crate) defined: bool,
+    pub(crate) format: Format,
+    pub(crate) value: ValueCoding,
+    pub(crate) prefix: PrefixCoding,
+    /// Bytes of the length prefix (0 for fixed fields).
+    pub(crate) prefix_len: u8,
+    /// Digits of the length prefix (0 for fixed fields).
+    pub(crate) digits: u8,
+    /// Fixed length, or maximum, in value units.
+    pub(crate) length: u16,
+    /// The wire bytes are the canonical value (ASCII text, raw binary): no conversion.
+    pub(crate) canonical: bool,
+    /// The length prefix is ASCII digits.
+    pub(crate) ascii_prefix: bool,
+    /// The content check the value needs, flattened for the decoder's loop.
+    pub(crate) check: Check,
+}
+
+/// Content checks, by cost: none, the two word-at-a-time ones, and the byte loop for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    None,
+    Digits,
+    Printable,
+    Bytewise,
+}
+
+impl Check {
+    const fn of(format: Format) -> Self {
+        match format {
+            Format::B => Self::None,
+            Format::N => Self::Digits,
+            Format::Ans => Self::Printable,
+            _ => Self::Bytewise,
+        }
+    }
+}
+
+impl Slot {
+    const UNDEFINED: Self = Self {
+        defined: false,
+        format: Format::B,
+        value: ValueCoding::Raw,
+        prefix: PrefixCoding::Binary,
+        prefix_len: 0,
+        digits: 0,
+        length: 0,
+        canonical: true,
+        ascii_prefix: false,
+        check: Check::None,
+    };
+
+    /// Bytes on the wire for a value of `len` units (excluding the prefix).
+    #[inline]
+    pub(crate) fn wire_len(&self, len: usize) -> usize {
+        match self.value {
+            ValueCoding::Text(_) | ValueCoding::Raw => len,
+            ValueCoding::Hex(..) => len * 2,
+            ValueCoding::Bcd(..) => {
+                if self.format == Format::XN {
+                    1 + len.saturating_sub(1).div_ceil(2)
+                } else {
+                    len.div_ceil(2)
+                }
+            }
+        }
+    }
+
+    /// The number a length prefix carries for a value of `len` units.
+    #[inline]
+    pub(crate) fn prefix_count(&self, len: usize) -> usize {
+        match self.value {
+            ValueCoding::Hex(_, HexLength::Chars) => len * 2,
+            _ => len,
+        }
+    }
 }
 
 impl fmt::Debug for Dialect {
@@ -561,8 +648,32 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
             *slot = Some(spec);
         }
     }
+    let slots: Vec<Slot> = fields
+        .iter()
+        .map(|f| match f {
+            None => Slot::UNDEFINED,
+            Some(f) => Slot {
+                defined: true,
+                format: f.format,
+                value: f.value,
+                prefix: f.prefix,
+                prefix_len: u8::try_from(f.prefix_len()).unwrap_or(u8::MAX),
+                digits: f.kind.digits(),
+                length: f.length,
+                canonical: matches!(f.value, ValueCoding::Text(Charset::Ascii) | ValueCoding::Raw),
+                ascii_prefix: f.prefix == PrefixCoding::Text(Charset::Ascii),
+                check: Check::of(f.format),
+            },
+        })
+        .collect();
+    let identity = fields
+        .iter()
+        .flatten()
+        .all(|f| matches!(f.value, ValueCoding::Text(Charset::Ascii) | ValueCoding::Raw));
     Ok(Dialect {
         inner: Arc::new(DialectInner {
+            slots,
+            identity,
             name: file.name.into_boxed_str(),
             description: file.description.into_boxed_str(),
             charset: enc.charset,
@@ -575,21 +686,6 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
 }
 
 impl FieldSpec {
-    /// Bytes on the wire for a value of `len` units (excluding the prefix).
-    pub(crate) fn wire_len(&self, len: usize) -> usize {
-        match self.value {
-            ValueCoding::Text(_) | ValueCoding::Raw => len,
-            ValueCoding::Hex(..) => len * 2,
-            ValueCoding::Bcd(..) => {
-                if self.format == Format::XN {
-                    1 + len.saturating_sub(1).div_ceil(2)
-                } else {
-                    len.div_ceil(2)
-                }
-            }
-        }
-    }
-
     /// The number a length prefix carries for a value of `len` units.
     pub(crate) fn prefix_count(&self, len: usize) -> usize {
         match self.value {
