@@ -10,7 +10,7 @@
 //! loop over the compiled table does all three. nom parses the BER-TLV inside DE55 (`tlv.rs`).
 
 use crate::coding::{
-    all_in_class, ascii_to_text, digits_at, printable_at, char_to_ascii, first_invalid, hex, is_valid, pack_bcd, parse_bcd_number,
+    all_in_class, ascii_to_text, digits_at, printable_at, char_to_ascii, first_invalid, hex, hex_value, is_valid, pack_bcd, parse_bcd_number,
     parse_text_number, text_to_ascii, to_charset, unhex, unpack_bcd, write_bcd_number,
     write_text_number,
 };
@@ -179,13 +179,10 @@ impl Dialect {
                 let raw = bytes.get(at..at + 16).ok_or_else(|| truncated(element, at, 16, bytes.len()))?;
                 let mut v = 0u64;
                 for (i, &c) in raw.iter().enumerate() {
-                    let a = char_to_ascii(d.charset, c);
-                    let nib = match a {
-                        b'0'..=b'9' => a - b'0',
-                        b'A'..=b'F' => a - b'A' + 10,
-                        b'a'..=b'f' => a - b'a' + 10,
-                        _ => return Err(invalid(element, at + i, "hex")),
-                    };
+                    let nib = hex_value(d.charset, c);
+                    if nib > 0x0F {
+                        return Err(invalid(element, at + i, "hex"));
+                    }
                     v = v << 4 | u64::from(nib);
                 }
                 *pos += 16;

@@ -354,34 +354,55 @@ pub(crate) fn pack_bcd(ascii: &[u8], pad_left: bool, out: &mut Vec<u8>) {
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
+/// Value of each byte as an ASCII hex digit, or 0xFF.
+static HEX_VALUES: [u8; 256] = {
+    let mut t = [0xFFu8; 256];
+    let mut b = 0usize;
+    while b < 256 {
+        // b < 256, so the cast is exact.
+        #[allow(clippy::cast_possible_truncation)]
+        let c = b as u8;
+        let v = match c {
+            b'0'..=b'9' => c - b'0',
+            b'A'..=b'F' => c - b'A' + 10,
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => 0xFF,
+        };
+        // const context: `get_mut` is not available, and `b < 256` holds.
+        #[allow(clippy::indexing_slicing)]
+        {
+            t[b] = v;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The value of a hex digit in a charset, or a value above 0x0F.
+#[inline]
+pub(crate) fn hex_value(charset: Charset, c: u8) -> u8 {
+    HEX_VALUES.get(usize::from(char_to_ascii(charset, c))).copied().unwrap_or(0xFF)
+}
+
 /// Decodes hex characters (either case, in a charset) into bytes; returns the index of the first
 /// bad character.
 #[inline]
 pub(crate) fn unhex(charset: Charset, wire: &[u8], out: &mut Vec<u8>) -> Result<(), usize> {
     out.reserve(wire.len() / 2);
+    let value = |c: u8| hex_value(charset, c);
     for (i, pair) in wire.chunks_exact(2).enumerate() {
         let (h, l) = match pair {
-            [h, l] => (hex_val(char_to_ascii(charset, *h)), hex_val(char_to_ascii(charset, *l))),
-            _ => (None, None),
+            [h, l] => (value(*h), value(*l)),
+            _ => (0xFF, 0xFF),
         };
-        match (h, l) {
-            (Some(h), Some(l)) => out.push(h << 4 | l),
-            (None, _) => return Err(2 * i),
-            (_, None) => return Err(2 * i + 1),
+        if (h | l) > 0x0F {
+            return Err(if h > 0x0F { 2 * i } else { 2 * i + 1 });
         }
+        out.push(h << 4 | l);
     }
     Ok(())
 }
 
-#[inline]
-fn hex_val(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
-}
 
 /// Encodes bytes as upper-case hex characters in a charset.
 pub(crate) fn hex(charset: Charset, bytes: &[u8], out: &mut Vec<u8>) {
