@@ -9,7 +9,13 @@
 //! timing starts. Our codec does more on those bytes than they do: it turns the hex of DE52/DE55
 //! into bytes and checks the `z` track data, which both baselines leave unchecked.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing, clippy::print_stdout)] // a benchmark prints
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::print_stdout
+)] // a benchmark prints
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -26,7 +32,11 @@ fn dialect(name: &str) -> Dialect {
 fn wire_values(d: &Dialect, msg: &Message) -> Vec<(u8, Vec<u8>)> {
     msg.fields()
         .map(|(n, v)| {
-            let text = if d.field(n).unwrap().format == Format::B { hex::encode_upper(v).into_bytes() } else { v.to_vec() };
+            let text = if d.field(n).unwrap().format == Format::B {
+                hex::encode_upper(v).into_bytes()
+            } else {
+                v.to_vec()
+            };
             (n, text)
         })
         .collect()
@@ -53,7 +63,11 @@ fn iso_8583_rs_spec(d: &Dialect, msg: &Message) -> iso_8583_rs::CompiledSpec {
             Format::Ans => "ans",
             _ => "b", // not checked by iso_8583_rs
         };
-        let max = if f.format == Format::B { usize::from(f.length) * 2 } else { usize::from(f.length) };
+        let max = if f.format == Format::B {
+            usize::from(f.length) * 2
+        } else {
+            usize::from(f.length)
+        };
         fields.insert(
             i64::from(n),
             iso_8583_rs::specfile::FieldDescription {
@@ -94,7 +108,12 @@ fn codec_rs_spec(d: &Dialect, msg: &Message) -> iso8583_codec_rs::field_spec::Lo
 fn codec_rs_doc(values: &[(u8, Vec<u8>)]) -> Value {
     let fields: serde_json::Map<String, Value> = values
         .iter()
-        .map(|(n, v)| (format!("de{n:03}_f{n}"), Value::String(String::from_utf8(v.clone()).unwrap())))
+        .map(|(n, v)| {
+            (
+                format!("de{n:03}_f{n}"),
+                Value::String(String::from_utf8(v.clone()).unwrap()),
+            )
+        })
         .collect();
     json!({ "mti": "0100", "fields": fields })
 }
@@ -120,7 +139,11 @@ fn bench(c: &mut Criterion) {
     let rs_spec = iso_8583_rs_spec(&hexd, &msg);
     let parsed = iso_8583_rs::Message::parse(&rs_spec, &hex_wire).unwrap();
     for (n, v) in &values {
-        assert_eq!(parsed.get(usize::from(*n)), Some(&v[..]), "iso_8583_rs DE{n}");
+        assert_eq!(
+            parsed.get(usize::from(*n)),
+            Some(&v[..]),
+            "iso_8583_rs DE{n}"
+        );
     }
     let mut rs_out = Vec::new();
     {
@@ -135,15 +158,28 @@ fn bench(c: &mut Criterion) {
     let cr_doc = codec_rs_doc(&values);
     let cr_parsed = iso8583_codec_rs::iso8583::parse_bytes(&hex_wire, &cr_spec).unwrap();
     assert_eq!(cr_parsed, cr_doc, "iso8583-codec-rs reads the same fields");
-    assert_eq!(iso8583_codec_rs::iso8583::publish_bytes(&cr_doc, &cr_spec).unwrap(), hex_wire);
+    assert_eq!(
+        iso8583_codec_rs::iso8583::publish_bytes(&cr_doc, &cr_spec).unwrap(),
+        hex_wire
+    );
 
     let mut g = c.benchmark_group("decode_0100");
-    g.bench_function("cardswitch/iso87-ascii", |b| b.iter(|| ascii.decode(black_box(&ascii_wire)).unwrap()));
-    g.bench_function("cardswitch/iso87-bcd", |b| b.iter(|| bcd.decode(black_box(&bcd_wire)).unwrap()));
-    g.bench_function("cardswitch/iso87-ascii-hexbitmap", |b| b.iter(|| hexd.decode(black_box(&hex_wire)).unwrap()));
+    g.bench_function("cardswitch/iso87-ascii", |b| {
+        b.iter(|| ascii.decode(black_box(&ascii_wire)).unwrap())
+    });
+    g.bench_function("cardswitch/iso87-bcd", |b| {
+        b.iter(|| bcd.decode(black_box(&bcd_wire)).unwrap())
+    });
+    g.bench_function("cardswitch/iso87-ascii-hexbitmap", |b| {
+        b.iter(|| hexd.decode(black_box(&hex_wire)).unwrap())
+    });
     let mut reuse = Message::new(msg.mti());
     g.bench_function("cardswitch/iso87-ascii reused message", |b| {
-        b.iter(|| ascii.decode_into(black_box(&ascii_wire), &mut reuse).unwrap());
+        b.iter(|| {
+            ascii
+                .decode_into(black_box(&ascii_wire), &mut reuse)
+                .unwrap()
+        });
     });
     g.bench_function("cardswitch/iso87-bcd reused message", |b| {
         b.iter(|| bcd.decode_into(black_box(&bcd_wire), &mut reuse).unwrap());
@@ -152,7 +188,12 @@ fn bench(c: &mut Criterion) {
         b.iter(|| hexd.decode_into(black_box(&hex_wire), &mut reuse).unwrap());
     });
     g.bench_function("iso_8583_rs 0.2.2/hexbitmap (zero-copy)", |b| {
-        b.iter(|| iso_8583_rs::Message::parse(&rs_spec, black_box(&hex_wire)).unwrap().get(2).map(<[u8]>::len));
+        b.iter(|| {
+            iso_8583_rs::Message::parse(&rs_spec, black_box(&hex_wire))
+                .unwrap()
+                .get(2)
+                .map(<[u8]>::len)
+        });
     });
     g.bench_function("iso8583-codec-rs 0.1.0/hexbitmap", |b| {
         b.iter(|| iso8583_codec_rs::iso8583::parse_bytes(black_box(&hex_wire), &cr_spec).unwrap());
@@ -161,7 +202,11 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("encode_0100");
     let mut out = Vec::with_capacity(1024);
-    for (name, d) in [("iso87-ascii", &ascii), ("iso87-bcd", &bcd), ("iso87-ascii-hexbitmap", &hexd)] {
+    for (name, d) in [
+        ("iso87-ascii", &ascii),
+        ("iso87-bcd", &bcd),
+        ("iso87-ascii-hexbitmap", &hexd),
+    ] {
         g.bench_function(format!("cardswitch/{name}"), |b| {
             b.iter(|| {
                 out.clear();

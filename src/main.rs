@@ -12,8 +12,12 @@ fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match cli.command {
-        Command::Decode(args) => cardswitch::tools::decode(&args, &mut std::io::stdin().lock(), &mut out),
-        Command::Encode(args) => cardswitch::tools::encode(&args, &mut std::io::stdin().lock(), &mut out),
+        Command::Decode(args) => {
+            cardswitch::tools::decode(&args, &mut std::io::stdin().lock(), &mut out)
+        }
+        Command::Encode(args) => {
+            cardswitch::tools::encode(&args, &mut std::io::stdin().lock(), &mut out)
+        }
         Command::Dialects(args) => cardswitch::tools::dialects(&args, &mut out),
     };
     match result {

@@ -17,13 +17,18 @@ use cardswitch_codec::{default_sensitivity, tlv, Dialect, Format, Message, Mti, 
 use crate::cli::{DecodeArgs, DialectsArgs, EncodeArgs, WireArgs};
 
 fn framing(args: &WireArgs) -> Framing {
-    Framing { tpdu: args.tpdu, ..Framing::with_prefix(args.framing) }
+    Framing {
+        tpdu: args.tpdu,
+        ..Framing::with_prefix(args.framing)
+    }
 }
 
 fn read_input(arg: &str, text_input: bool, stdin: &mut dyn BufRead) -> Result<Vec<u8>> {
     let text = if arg == "-" {
         let mut s = String::new();
-        stdin.read_to_string(&mut s).context("reading standard input")?;
+        stdin
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
         s
     } else {
         arg.to_owned()
@@ -45,7 +50,9 @@ pub fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
     let (tpdu, body) = if args.wire.framed {
         let mut codec = FrameCodec::new(framing(&args.wire));
         let mut buf = BytesMut::from(&bytes[..]);
-        let frame = codec.decode(&mut buf)?.ok_or_else(|| anyhow!("incomplete frame ({} bytes)", bytes.len()))?;
+        let frame = codec
+            .decode(&mut buf)?
+            .ok_or_else(|| anyhow!("incomplete frame ({} bytes)", bytes.len()))?;
         if !buf.is_empty() {
             bail!("{} bytes after the frame", buf.len());
         }
@@ -69,7 +76,8 @@ pub fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
                 (v.number.to_string(), Value::String(value))
             })
             .collect();
-        let mut doc = json!({ "dialect": dialect.name(), "mti": msg.mti().as_str(), "fields": fields });
+        let mut doc =
+            json!({ "dialect": dialect.name(), "mti": msg.mti().as_str(), "fields": fields });
         if let (Some(t), Some(obj)) = (tpdu, doc.as_object_mut()) {
             obj.insert("tpdu".into(), Value::String(hex::encode_upper(t.0)));
         }
@@ -82,7 +90,11 @@ pub fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
         writeln!(out, "MTI      {}", msg.mti())?;
         for v in msg.describe(&dialect) {
             let de = format!("DE{}", v.number);
-            writeln!(out, "{de:<6} {:<4} {:>4}  {:<38} {}", v.format, v.length, v.name, v.value)?;
+            writeln!(
+                out,
+                "{de:<6} {:<4} {:>4}  {:<38} {}",
+                v.format, v.length, v.name, v.value
+            )?;
         }
     }
     Ok(())
@@ -96,7 +108,9 @@ pub fn encode(args: &EncodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
     let dialect = Dialect::load(&args.wire.dialect)?;
     let text = if args.input == "-" {
         let mut s = String::new();
-        stdin.read_to_string(&mut s).context("reading standard input")?;
+        stdin
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
         s
     } else {
         std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input))?
@@ -109,10 +123,17 @@ pub fn encode(args: &EncodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
         .parse()
         .map_err(|_| anyhow!("`mti` must be four digits"))?;
     let mut msg = Message::new(mti);
-    let fields = doc.get("fields").and_then(Value::as_object).ok_or_else(|| anyhow!("`fields` must be an object"))?;
+    let fields = doc
+        .get("fields")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow!("`fields` must be an object"))?;
     for (key, value) in fields {
-        let number: u8 = key.parse().map_err(|_| anyhow!("field key {key:?} is not a field number"))?;
-        let value = value.as_str().ok_or_else(|| anyhow!("DE{number}: value must be a string"))?;
+        let number: u8 = key
+            .parse()
+            .map_err(|_| anyhow!("field key {key:?} is not a field number"))?;
+        let value = value
+            .as_str()
+            .ok_or_else(|| anyhow!("DE{number}: value must be a string"))?;
         let spec = dialect
             .field(number)
             .ok_or_else(|| anyhow!("DE{number}: not defined in dialect {}", dialect.name()))?;
@@ -140,7 +161,13 @@ pub fn encode(args: &EncodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
             None => None,
         };
         let mut buf = BytesMut::new();
-        FrameCodec::new(framing(&args.wire)).encode(Frame { tpdu, body: body.into() }, &mut buf)?;
+        FrameCodec::new(framing(&args.wire)).encode(
+            Frame {
+                tpdu,
+                body: body.into(),
+            },
+            &mut buf,
+        )?;
         buf.to_vec()
     } else {
         body
@@ -163,7 +190,13 @@ pub fn dialects(args: &DialectsArgs, out: &mut dyn Write) -> Result<()> {
     }
     for path in &args.files {
         let d = Dialect::from_file(path)?;
-        writeln!(out, "{}: ok ({}, {} fields)", path.display(), d.name(), d.fields().count())?;
+        writeln!(
+            out,
+            "{}: ok ({}, {} fields)",
+            path.display(),
+            d.name(),
+            d.fields().count()
+        )?;
     }
     Ok(())
 }

@@ -15,7 +15,12 @@ fn cardswitch(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -25,7 +30,10 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn decode_prints_a_masked_table() {
-    let wire = Dialect::builtin("iso87-ascii").unwrap().encode_to_vec(&sample::auth_request()).unwrap();
+    let wire = Dialect::builtin("iso87-ascii")
+        .unwrap()
+        .encode_to_vec(&sample::auth_request())
+        .unwrap();
     let out = cardswitch(&["decode", &hex::encode(&wire)], "");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let table = text(&out.stdout);
@@ -43,7 +51,18 @@ fn framed_bcd_input_from_stdin() {
     let body = dialect.encode_to_vec(&sample::auth_request()).unwrap();
     let mut framed = format!("{:04}", body.len()).into_bytes();
     framed.extend_from_slice(&body);
-    let out = cardswitch(&["decode", "--dialect", "iso87-bcd", "--framed", "--framing", "ascii4", "-"], &hex::encode(&framed));
+    let out = cardswitch(
+        &[
+            "decode",
+            "--dialect",
+            "iso87-bcd",
+            "--framed",
+            "--framing",
+            "ascii4",
+            "-",
+        ],
+        &hex::encode(&framed),
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("DE55"));
 }
@@ -52,7 +71,10 @@ fn framed_bcd_input_from_stdin() {
 fn bad_input_exits_non_zero_with_one_line() {
     let cases = [
         (vec!["decode", "zz"], "input is not hex"),
-        (vec!["decode", "30313030"], "primary bitmap at offset 4: truncated"),
+        (
+            vec!["decode", "30313030"],
+            "primary bitmap at offset 4: truncated",
+        ),
         (vec!["decode", "--dialect", "nope", "00"], "no such dialect"),
         (vec!["decode", "--framed", "0005303130"], "incomplete frame"),
     ];
@@ -68,8 +90,12 @@ fn bad_input_exits_non_zero_with_one_line() {
 #[test]
 fn decode_json_encodes_back_to_the_same_bytes() {
     // No card data in this message, so the JSON holds every value in clear.
-    let msg_hex = hex::encode_upper(b"02003220000000808000000010000000001500120604120000000112340001840");
-    let out = cardswitch(&["decode", "--json", "-d", "iso87-ascii-hexbitmap", &msg_hex], "");
+    let msg_hex =
+        hex::encode_upper(b"02003220000000808000000010000000001500120604120000000112340001840");
+    let out = cardswitch(
+        &["decode", "--json", "-d", "iso87-ascii-hexbitmap", &msg_hex],
+        "",
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let json = text(&out.stdout);
     let back = cardswitch(&["encode", "-d", "iso87-ascii-hexbitmap"], &json);
@@ -82,10 +108,18 @@ fn encode_refuses_masked_card_data() {
     let json = r#"{"mti":"0100","fields":{"2":"476173******0010","3":"000000"}}"#;
     let out = cardswitch(&["encode"], json);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("DE2 holds a masked value"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("DE2 holds a masked value"),
+        "{}",
+        text(&out.stderr)
+    );
     let json = r#"{"mti":"0100","fields":{"2":"4761739001010010","3":"00000A"}}"#;
     let out = cardswitch(&["encode"], json);
-    assert!(text(&out.stderr).contains("DE3: invalid n data at position 5"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("DE3: invalid n data at position 5"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(!text(&out.stderr).contains("4761739001010010"));
 }
 
@@ -110,5 +144,9 @@ fn dialects_lists_and_validates() {
     std::fs::write(&bad, "name = \"bad\"\nextends = \"iso87-ascii\"\n[fields]\n2 = { name = \"PAN\", format = \"n\", length = 200, prefix = \"LL\" }\n").unwrap();
     let out = cardswitch(&["dialects", bad.to_str().unwrap()], "");
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("field 2: length 200 does not fit a LL prefix"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("field 2: length 200 does not fit a LL prefix"),
+        "{}",
+        text(&out.stderr)
+    );
 }

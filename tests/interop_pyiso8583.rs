@@ -43,10 +43,22 @@ fn python() -> PathBuf {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyiso8583-venv");
     let py = venv.join("bin/python");
     if !py.exists() {
-        let ok = Command::new("python3").args(["-m", "venv"]).arg(&venv).status().unwrap().success();
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "python3 -m venv failed");
         let ok = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "pyiso8583==4.0.1"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "pyiso8583==4.0.1",
+            ])
             .status()
             .unwrap()
             .success();
@@ -63,7 +75,12 @@ fn run(mode: &str, input: &Value) -> Value {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "pyiso8583 {mode} failed");
     serde_json::from_slice(&out.stdout).unwrap()
@@ -109,8 +126,13 @@ fn financial_with_secondary_bitmap() -> Message {
 fn pyiso8583_and_cardswitch_read_each_others_messages() {
     let dialect = Dialect::builtin("iso87-ascii").unwrap();
     let messages = [sample::auth_request(), financial_with_secondary_bitmap()];
-    let expected_0100: Vec<u8> = vec![2, 3, 4, 7, 11, 12, 13, 14, 18, 22, 25, 32, 35, 37, 41, 42, 43, 49, 52, 55];
-    assert_eq!(messages[0].field_numbers().collect::<Vec<_>>(), expected_0100);
+    let expected_0100: Vec<u8> = vec![
+        2, 3, 4, 7, 11, 12, 13, 14, 18, 22, 25, 32, 35, 37, 41, 42, 43, 49, 52, 55,
+    ];
+    assert_eq!(
+        messages[0].field_numbers().collect::<Vec<_>>(),
+        expected_0100
+    );
 
     // pyiso8583 encodes; we decode every field and encode the same bytes.
     let docs: Vec<Value> = messages.iter().map(|m| to_doc(m, &dialect)).collect();
@@ -119,16 +141,26 @@ fn pyiso8583_and_cardswitch_read_each_others_messages() {
         let wire = hex::decode(hex_text.as_str().unwrap()).unwrap();
         let decoded = dialect.decode(&wire).unwrap();
         assert_eq!(decoded.mti(), msg.mti());
-        assert_eq!(decoded.field_numbers().collect::<Vec<_>>(), msg.field_numbers().collect::<Vec<_>>());
+        assert_eq!(
+            decoded.field_numbers().collect::<Vec<_>>(),
+            msg.field_numbers().collect::<Vec<_>>()
+        );
         for (n, v) in msg.fields() {
             assert_eq!(decoded.get(n), Some(v), "DE{n}");
         }
-        assert_eq!(dialect.encode_to_vec(&decoded).unwrap(), wire, "{}", msg.mti());
+        assert_eq!(
+            dialect.encode_to_vec(&decoded).unwrap(),
+            wire,
+            "{}",
+            msg.mti()
+        );
     }
 
     // We encode; pyiso8583 decodes every field.
-    let ours: Vec<Value> =
-        messages.iter().map(|m| json!(hex::encode_upper(dialect.encode_to_vec(m).unwrap()))).collect();
+    let ours: Vec<Value> = messages
+        .iter()
+        .map(|m| json!(hex::encode_upper(dialect.encode_to_vec(m).unwrap())))
+        .collect();
     let decoded = run("decode", &Value::Array(ours));
     for (msg, doc) in messages.iter().zip(decoded.as_array().unwrap()) {
         assert_eq!(doc, &to_doc(msg, &dialect), "{}", msg.mti());

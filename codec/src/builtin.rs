@@ -9,10 +9,22 @@ pub const DEFAULT_DIALECT: &str = "iso87-ascii";
 
 /// Names and file texts of the shipped dialects.
 pub const BUILTIN_DIALECTS: &[(&str, &str)] = &[
-    ("iso87-ascii", include_str!("../../specs/dialects/iso87-ascii.toml")),
-    ("iso87-ascii-hexbitmap", include_str!("../../specs/dialects/iso87-ascii-hexbitmap.toml")),
-    ("iso87-bcd", include_str!("../../specs/dialects/iso87-bcd.toml")),
-    ("iso87-ebcdic", include_str!("../../specs/dialects/iso87-ebcdic.toml")),
+    (
+        "iso87-ascii",
+        include_str!("../../specs/dialects/iso87-ascii.toml"),
+    ),
+    (
+        "iso87-ascii-hexbitmap",
+        include_str!("../../specs/dialects/iso87-ascii-hexbitmap.toml"),
+    ),
+    (
+        "iso87-bcd",
+        include_str!("../../specs/dialects/iso87-bcd.toml"),
+    ),
+    (
+        "iso87-ebcdic",
+        include_str!("../../specs/dialects/iso87-ebcdic.toml"),
+    ),
 ];
 
 impl Dialect {
@@ -22,14 +34,21 @@ impl Dialect {
     /// [`SpecError`] when no shipped dialect has that name (or, which the tests rule out, when its
     /// file does not validate).
     pub fn builtin(name: &str) -> Result<Self, SpecError> {
-        let (_, text) = BUILTIN_DIALECTS.iter().find(|(n, _)| *n == name).ok_or_else(|| SpecError {
-            origin: name.into(),
-            field: None,
-            problem: format!(
-                "no such dialect; shipped: {}",
-                BUILTIN_DIALECTS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-            ),
-        })?;
+        let (_, text) = BUILTIN_DIALECTS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| SpecError {
+                origin: name.into(),
+                field: None,
+                problem: format!(
+                    "no such dialect; shipped: {}",
+                    BUILTIN_DIALECTS
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
         Self::from_toml(name, text)
     }
 

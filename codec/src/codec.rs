@@ -10,9 +10,9 @@
 //! loop over the compiled table does all three. nom parses the BER-TLV inside DE55 (`tlv.rs`).
 
 use crate::coding::{
-    all_in_class, ascii_to_text, digits_at, printable_at, char_to_ascii, first_invalid, hex, hex_value, is_valid, pack_bcd, parse_bcd_number,
-    parse_text_number, text_to_ascii, to_charset, unhex, unpack_bcd, write_bcd_number,
-    write_text_number,
+    all_in_class, ascii_to_text, char_to_ascii, digits_at, first_invalid, hex, hex_value, is_valid,
+    pack_bcd, parse_bcd_number, parse_text_number, printable_at, text_to_ascii, to_charset, unhex,
+    unpack_bcd, write_bcd_number, write_text_number,
 };
 use crate::error::{DecodeError, Element, EncodeError};
 use crate::message::{bit_of, Message, Span};
@@ -23,20 +23,33 @@ use crate::spec::{
 use crate::types::Mti;
 
 const fn invalid(element: Element, offset: usize, format: &'static str) -> DecodeError {
-    DecodeError::InvalidData { element, offset, format }
+    DecodeError::InvalidData {
+        element,
+        offset,
+        format,
+    }
 }
 
 #[cold]
 #[inline(never)]
 fn truncated(element: Element, offset: usize, needed: usize, len: usize) -> DecodeError {
-    DecodeError::Truncated { element, offset, needed, available: len.saturating_sub(offset) }
+    DecodeError::Truncated {
+        element,
+        offset,
+        needed,
+        available: len.saturating_sub(offset),
+    }
 }
 
 /// The first bad byte of a value that failed the fast check, for the error.
 #[cold]
 #[inline(never)]
 fn invalid_value(element: Element, at: usize, format: Format, value: &[u8]) -> DecodeError {
-    invalid(element, at + first_invalid(format, value).unwrap_or(0), format.as_str())
+    invalid(
+        element,
+        at + first_invalid(format, value).unwrap_or(0),
+        format.as_str(),
+    )
 }
 
 impl Dialect {
@@ -48,7 +61,11 @@ impl Dialect {
     /// bytes.
     pub fn decode(&self, bytes: &[u8]) -> Result<Message, DecodeError> {
         let mut msg = Message::new(Mti::NETWORK_REQUEST);
-        let extra = if self.inner().identity { 0 } else { bytes.len() + 16 };
+        let extra = if self.inner().identity {
+            0
+        } else {
+            bytes.len() + 16
+        };
         msg.data.reserve_exact(bytes.len() + extra);
         self.decode_inner(bytes, &mut msg)?;
         Ok(msg)
@@ -81,7 +98,9 @@ impl Dialect {
         // MTI
         let mti = match d.mti {
             NumericEncoding::Text => {
-                let raw = bytes.get(..4).ok_or_else(|| truncated(Element::Mti, 0, 4, len))?;
+                let raw = bytes
+                    .get(..4)
+                    .ok_or_else(|| truncated(Element::Mti, 0, 4, len))?;
                 let mut a = [0u8; 4];
                 for (slot, &b) in a.iter_mut().zip(raw) {
                     *slot = char_to_ascii(d.charset, b);
@@ -90,7 +109,9 @@ impl Dialect {
                 a
             }
             NumericEncoding::Bcd => {
-                let raw = bytes.get(..2).ok_or_else(|| truncated(Element::Mti, 0, 2, len))?;
+                let raw = bytes
+                    .get(..2)
+                    .ok_or_else(|| truncated(Element::Mti, 0, 2, len))?;
                 let mut a = [0u8; 4];
                 for (i, slot) in a.iter_mut().enumerate() {
                     let b = raw.get(i / 2).copied().unwrap_or(0);
@@ -108,7 +129,10 @@ impl Dialect {
         let mut words = [self.read_bitmap(bytes, &mut pos, 1)?, 0, 0];
         if words[0] & (1 << 63) != 0 {
             if pos == len {
-                return Err(DecodeError::MissingField { element: Element::Bitmap(2), offset: pos });
+                return Err(DecodeError::MissingField {
+                    element: Element::Bitmap(2),
+                    offset: pos,
+                });
             }
             words[1] = self.read_bitmap(bytes, &mut pos, 2)?;
             msg.force_secondary = words[1] == 0;
@@ -126,7 +150,10 @@ impl Dialect {
                 let element = Element::Field(number);
                 if number == 65 && d.tertiary_bitmap {
                     if pos == len {
-                        return Err(DecodeError::MissingField { element: Element::Bitmap(3), offset: pos });
+                        return Err(DecodeError::MissingField {
+                            element: Element::Bitmap(3),
+                            offset: pos,
+                        });
                     }
                     words[2] = self.read_bitmap(bytes, &mut pos, 3)?;
                     msg.force_tertiary = words[2] == 0;
@@ -134,12 +161,21 @@ impl Dialect {
                 }
                 let slot = match d.slots.get(usize::from(number)) {
                     Some(slot) if slot.defined => *slot,
-                    _ => return Err(DecodeError::UnknownField { element, dialect: d.name.clone() }),
+                    _ => {
+                        return Err(DecodeError::UnknownField {
+                            element,
+                            dialect: d.name.clone(),
+                        })
+                    }
                 };
                 if pos == len {
-                    return Err(DecodeError::MissingField { element, offset: pos });
+                    return Err(DecodeError::MissingField {
+                        element,
+                        offset: pos,
+                    });
                 }
-                let (start, value_len) = decode_field(&slot, bytes, &mut pos, element, base, &mut msg.data)?;
+                let (start, value_len) =
+                    decode_field(&slot, bytes, &mut pos, element, base, &mut msg.data)?;
                 msg.spans.push(Span {
                     start: u32::try_from(start).unwrap_or(u32::MAX),
                     len: u16::try_from(value_len).unwrap_or(u16::MAX),
@@ -157,7 +193,10 @@ impl Dialect {
         msg.bits = words;
 
         if pos != len {
-            return Err(DecodeError::TrailingBytes { offset: pos, count: len - pos });
+            return Err(DecodeError::TrailingBytes {
+                offset: pos,
+                count: len - pos,
+            });
         }
         Ok(())
     }
@@ -176,7 +215,9 @@ impl Dialect {
                 Ok(u64::from_be_bytes(raw))
             }
             BitmapEncoding::Hex => {
-                let raw = bytes.get(at..at + 16).ok_or_else(|| truncated(element, at, 16, bytes.len()))?;
+                let raw = bytes
+                    .get(at..at + 16)
+                    .ok_or_else(|| truncated(element, at, 16, bytes.len()))?;
                 let mut v = 0u64;
                 for (i, &c) in raw.iter().enumerate() {
                     let nib = hex_value(d.charset, c);
@@ -212,35 +253,43 @@ fn decode_field(
     } else {
         let prefix_at = *pos;
         let plen = usize::from(slot.prefix_len);
-        let raw = bytes.get(prefix_at..prefix_at + plen).ok_or_else(|| truncated(element, prefix_at, plen, bytes.len()))?;
+        let raw = bytes
+            .get(prefix_at..prefix_at + plen)
+            .ok_or_else(|| truncated(element, prefix_at, plen, bytes.len()))?;
         let count = if slot.ascii_prefix {
             let mut count = 0usize;
             for &c in raw {
                 let d = c.wrapping_sub(b'0');
                 if d > 9 {
-                    return Err(DecodeError::BadLengthPrefix { element, offset: prefix_at });
+                    return Err(DecodeError::BadLengthPrefix {
+                        element,
+                        offset: prefix_at,
+                    });
                 }
                 count = count * 10 + usize::from(d);
             }
             count
         } else {
-            parse_prefix(slot, raw).ok_or(DecodeError::BadLengthPrefix { element, offset: prefix_at })?
+            parse_prefix(slot, raw).ok_or(DecodeError::BadLengthPrefix {
+                element,
+                offset: prefix_at,
+            })?
         };
         *pos += plen;
         value_len_of(slot, count, element, prefix_at)?
     };
     let at = *pos;
-    let wire_len = if slot.canonical { value_len } else { slot.wire_len(value_len) };
-    let wire = bytes.get(at..at + wire_len).ok_or_else(|| truncated(element, at, wire_len, bytes.len()))?;
+    let wire_len = if slot.canonical {
+        value_len
+    } else {
+        slot.wire_len(value_len)
+    };
+    let wire = bytes
+        .get(at..at + wire_len)
+        .ok_or_else(|| truncated(element, at, wire_len, bytes.len()))?;
     *pos += wire_len;
     if slot.canonical {
-        let ok = match slot.check {
-            Check::None => true,
-            Check::Digits => digits_at(bytes, at, wire_len),
-            Check::Printable => printable_at(bytes, at, wire_len),
-            Check::Bytewise => all_in_class(slot.format, wire),
-        };
-        if !ok {
+        if !value_ok(slot, bytes, at, wire_len) {
             return Err(invalid_value(element, at, slot.format, wire));
         }
         return Ok((base + at, value_len));
@@ -260,17 +309,40 @@ fn parse_prefix(slot: &Slot, raw: &[u8]) -> Option<usize> {
 
 /// Checks a prefix's count against the maximum and turns it into value units.
 #[inline(always)]
-fn value_len_of(slot: &Slot, count: usize, element: Element, offset: usize) -> Result<usize, DecodeError> {
+fn value_len_of(
+    slot: &Slot,
+    count: usize,
+    element: Element,
+    offset: usize,
+) -> Result<usize, DecodeError> {
     let max = slot.prefix_count(usize::from(slot.length));
     if count > max {
-        return Err(DecodeError::LengthTooLong { element, offset, length: count, max });
+        return Err(DecodeError::LengthTooLong {
+            element,
+            offset,
+            length: count,
+            max,
+        });
     }
     match slot.value {
-        ValueCoding::Hex(_, HexLength::Chars) if count % 2 == 1 => {
-            Err(DecodeError::BadLength { element, offset, length: count })
-        }
+        ValueCoding::Hex(_, HexLength::Chars) if count % 2 == 1 => Err(DecodeError::BadLength {
+            element,
+            offset,
+            length: count,
+        }),
         ValueCoding::Hex(_, HexLength::Chars) => Ok(count / 2),
         _ => Ok(count),
+    }
+}
+
+/// The content check of a canonical value `data[at..at + len]`.
+#[inline(always)]
+fn value_ok(slot: &Slot, data: &[u8], at: usize, len: usize) -> bool {
+    match slot.check {
+        Check::None => true,
+        Check::Digits => digits_at(data, at, len),
+        Check::Printable => printable_at(data, at, len),
+        Check::Bytewise => all_in_class(slot.format, data.get(at..at + len).unwrap_or_default()),
     }
 }
 
@@ -310,7 +382,9 @@ fn convert_field(
                     .map_err(|i| invalid(element, at + i, format))?;
             }
         }
-        ValueCoding::Hex(cs, _) => unhex(cs, wire, out).map_err(|i| invalid(element, at + i, "hex"))?,
+        ValueCoding::Hex(cs, _) => {
+            unhex(cs, wire, out).map_err(|i| invalid(element, at + i, "hex"))?
+        }
         ValueCoding::Raw => out.extend_from_slice(wire),
     }
     Ok((start, out.len() - start))
@@ -344,15 +418,24 @@ impl Dialect {
     fn encode_inner(&self, msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let d = self.inner();
         match d.mti {
-            NumericEncoding::Text => ascii_to_text(d.charset, msg.mti.as_bytes(), out).map_err(|_| {
-                EncodeError::InvalidData { element: Element::Mti, position: 0, format: "n" }
-            })?,
+            NumericEncoding::Text => {
+                ascii_to_text(d.charset, msg.mti.as_bytes(), out).map_err(|_| {
+                    EncodeError::InvalidData {
+                        element: Element::Mti,
+                        position: 0,
+                        format: "n",
+                    }
+                })?
+            }
             NumericEncoding::Bcd => pack_bcd(msg.mti.as_bytes(), true, out),
         }
         let mut words = msg.bits;
         if !d.tertiary_bitmap && words[2] != 0 {
             let field = u8::try_from(128 + words[2].leading_zeros() + 1).unwrap_or(u8::MAX);
-            return Err(EncodeError::UnknownField { element: Element::Field(field), dialect: d.name.clone() });
+            return Err(EncodeError::UnknownField {
+                element: Element::Field(field),
+                dialect: d.name.clone(),
+            });
         }
         let tertiary = d.tertiary_bitmap && (words[2] != 0 || msg.force_tertiary);
         if tertiary {
@@ -367,7 +450,11 @@ impl Dialect {
             self.write_bitmap(words[1], out);
         }
         let mut tertiary_pending = tertiary;
-        for (number, value) in msg.fields() {
+        for span in &msg.spans {
+            let number = span.field;
+            let start = span.start as usize;
+            let len = usize::from(span.len);
+            let value = msg.data.get(start..start + len).unwrap_or_default();
             if tertiary_pending && number > 65 {
                 self.write_bitmap(words[2], out);
                 tertiary_pending = false;
@@ -375,8 +462,16 @@ impl Dialect {
             let element = Element::Field(number);
             let slot = match d.slots.get(usize::from(number)) {
                 Some(slot) if slot.defined => slot,
-                _ => return Err(EncodeError::UnknownField { element, dialect: d.name.clone() }),
+                _ => {
+                    return Err(EncodeError::UnknownField {
+                        element,
+                        dialect: d.name.clone(),
+                    })
+                }
             };
+            if !value_ok(slot, &msg.data, start, len) {
+                return Err(encode_data_error(slot, element, value));
+            }
             encode_field(slot, value, element, out)?;
         }
         if tertiary_pending {
@@ -398,26 +493,40 @@ impl Dialect {
 #[inline(never)]
 fn encode_length_error(slot: &Slot, element: Element, len: usize) -> EncodeError {
     let max = usize::from(slot.length);
-    let expected = if slot.prefix_len == 0 { max.to_string() } else { format!("at most {max}") };
-    EncodeError::BadLength { element, length: len, expected }
+    let expected = if slot.prefix_len == 0 {
+        max.to_string()
+    } else {
+        format!("at most {max}")
+    };
+    EncodeError::BadLength {
+        element,
+        length: len,
+        expected,
+    }
 }
 
 #[cold]
 #[inline(never)]
 fn encode_data_error(slot: &Slot, element: Element, value: &[u8]) -> EncodeError {
     let position = first_invalid(slot.format, value).unwrap_or(0);
-    EncodeError::InvalidData { element, position, format: slot.format.as_str() }
+    EncodeError::InvalidData {
+        element,
+        position,
+        format: slot.format.as_str(),
+    }
 }
 
 #[inline(always)]
-fn encode_field(slot: &Slot, value: &[u8], element: Element, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+fn encode_field(
+    slot: &Slot,
+    value: &[u8],
+    element: Element,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     let len = value.len();
     let max = usize::from(slot.length);
     if len > max || (slot.prefix_len == 0 && len != max) {
         return Err(encode_length_error(slot, element, len));
-    }
-    if !is_valid(slot.format, value) {
-        return Err(encode_data_error(slot, element, value));
     }
     if slot.prefix_len != 0 {
         let count = slot.prefix_count(len);
@@ -427,13 +536,22 @@ fn encode_field(slot: &Slot, value: &[u8], element: Element, out: &mut Vec<u8>) 
                 out.extend_from_slice(&[b'0' + digit(count / 10), b'0' + digit(count)]);
             }
             (PrefixCoding::Text(Charset::Ascii), 3) => {
-                out.extend_from_slice(&[b'0' + digit(count / 100), b'0' + digit(count / 10), b'0' + digit(count)]);
+                out.extend_from_slice(&[
+                    b'0' + digit(count / 100),
+                    b'0' + digit(count / 10),
+                    b'0' + digit(count),
+                ]);
             }
-            (PrefixCoding::Text(cs), digits) => write_text_number(cs, count, usize::from(digits), out),
+            (PrefixCoding::Text(cs), digits) => {
+                write_text_number(cs, count, usize::from(digits), out)
+            }
             (PrefixCoding::Bcd, _) => write_bcd_number(count, usize::from(slot.prefix_len), out),
             (PrefixCoding::Binary, _) => {
                 let be = count.to_be_bytes();
-                out.extend_from_slice(be.get(be.len() - usize::from(slot.prefix_len)..).unwrap_or_default());
+                out.extend_from_slice(
+                    be.get(be.len() - usize::from(slot.prefix_len)..)
+                        .unwrap_or_default(),
+                );
             }
         }
     }

@@ -4,7 +4,9 @@
 //! These are small loops written for the decoder's hot path; each returns the index of the first
 //! bad byte so that errors can point at it without echoing the value.
 
-use crate::ebcdic_tables::{ASCII_TO_CP037, ASCII_TO_CP500, CP037_TO_ASCII, CP500_TO_ASCII, UNMAPPED};
+use crate::ebcdic_tables::{
+    ASCII_TO_CP037, ASCII_TO_CP500, CP037_TO_ASCII, CP500_TO_ASCII, UNMAPPED,
+};
 use crate::spec::{Charset, Format};
 
 /// Index of the first byte that is not an ASCII digit.
@@ -22,11 +24,18 @@ pub(crate) fn first_non_digit(bytes: &[u8]) -> Option<usize> {
             & 0x8080_8080_8080_8080;
         // Bytes >= 0x80 also set the top bit in `x`.
         if bad | (x & 0x8080_8080_8080_8080) != 0 {
-            return chunk.iter().position(|b| !b.is_ascii_digit()).map(|p| base + p);
+            return chunk
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .map(|p| base + p);
         }
         base += 8;
     }
-    chunks.remainder().iter().position(|b| !b.is_ascii_digit()).map(|p| base + p)
+    chunks
+        .remainder()
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .map(|p| base + p)
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -148,7 +157,9 @@ pub(crate) fn all_in_class(format: Format, bytes: &[u8]) -> bool {
         Format::Z => 4,
         _ => return first_invalid(format, bytes).is_none(),
     };
-    bytes.iter().fold(bit, |acc, &b| acc & CLASSES.get(usize::from(b)).copied().unwrap_or(0)) != 0
+    bytes.iter().fold(bit, |acc, &b| {
+        acc & CLASSES.get(usize::from(b)).copied().unwrap_or(0)
+    }) != 0
 }
 
 /// Whether canonical (ASCII) text suits the format; the fast check of the decoder's loop.
@@ -167,10 +178,16 @@ pub(crate) fn is_valid(format: Format, bytes: &[u8]) -> bool {
 pub(crate) fn first_invalid(format: Format, bytes: &[u8]) -> Option<usize> {
     match format {
         Format::N => first_non_digit(bytes),
-        Format::A => bytes.iter().position(|&b| !(b.is_ascii_alphabetic() || b == b' ')),
-        Format::An => bytes.iter().position(|&b| !(b.is_ascii_alphanumeric() || b == b' ')),
+        Format::A => bytes
+            .iter()
+            .position(|&b| !(b.is_ascii_alphabetic() || b == b' ')),
+        Format::An => bytes
+            .iter()
+            .position(|&b| !(b.is_ascii_alphanumeric() || b == b' ')),
         Format::Ans => bytes.iter().position(|&b| !(b' '..=b'~').contains(&b)),
-        Format::Z => bytes.iter().position(|&b| !(b.is_ascii_digit() || b == b'=')),
+        Format::Z => bytes
+            .iter()
+            .position(|&b| !(b.is_ascii_digit() || b == b'=')),
         Format::XN => match bytes.split_first() {
             Some((b'C' | b'D', digits)) => first_non_digit(digits).map(|p| p + 1),
             _ => Some(0),
@@ -204,7 +221,11 @@ pub(crate) fn text_to_ascii(charset: Charset, wire: &[u8], out: &mut Vec<u8>) ->
 /// Converts ASCII text to a charset, appending to `out`; returns the index of the first non-ASCII
 /// byte.
 #[inline]
-pub(crate) fn ascii_to_text(charset: Charset, ascii: &[u8], out: &mut Vec<u8>) -> Result<(), usize> {
+pub(crate) fn ascii_to_text(
+    charset: Charset,
+    ascii: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), usize> {
     let table = match charset {
         Charset::Ascii => {
             out.extend_from_slice(ascii);
@@ -227,8 +248,14 @@ pub(crate) fn ascii_to_text(charset: Charset, ascii: &[u8], out: &mut Vec<u8>) -
 pub(crate) fn char_to_ascii(charset: Charset, b: u8) -> u8 {
     match charset {
         Charset::Ascii => b,
-        Charset::Cp037 => CP037_TO_ASCII.get(usize::from(b)).copied().unwrap_or(UNMAPPED),
-        Charset::Cp500 => CP500_TO_ASCII.get(usize::from(b)).copied().unwrap_or(UNMAPPED),
+        Charset::Cp037 => CP037_TO_ASCII
+            .get(usize::from(b))
+            .copied()
+            .unwrap_or(UNMAPPED),
+        Charset::Cp500 => CP500_TO_ASCII
+            .get(usize::from(b))
+            .copied()
+            .unwrap_or(UNMAPPED),
     }
 }
 
@@ -311,7 +338,8 @@ pub(crate) fn unpack_bcd(
     out.reserve(len);
     for (i, &b) in wire.iter().enumerate() {
         for (k, nibble) in [b >> 4, b & 0x0F].into_iter().enumerate() {
-            let is_pad = odd && ((pad_left && i == 0 && k == 0) || (!pad_left && i + 1 == wire.len() && k == 1));
+            let is_pad = odd
+                && ((pad_left && i == 0 && k == 0) || (!pad_left && i + 1 == wire.len() && k == 1));
             if is_pad {
                 let expected = if pad_left { 0 } else { 0x0F };
                 if nibble != expected {
@@ -335,7 +363,13 @@ pub(crate) fn unpack_bcd(
 
 /// Packs ASCII digits (and `=` as the `D` nibble) into BCD with the pad nibble for odd lengths.
 pub(crate) fn pack_bcd(ascii: &[u8], pad_left: bool, out: &mut Vec<u8>) {
-    let nib = |c: u8| if c == b'=' { 0x0D } else { c.wrapping_sub(b'0') & 0x0F };
+    let nib = |c: u8| {
+        if c == b'=' {
+            0x0D
+        } else {
+            c.wrapping_sub(b'0') & 0x0F
+        }
+    };
     let odd = ascii.len() % 2 == 1;
     let mut iter = ascii.iter().copied();
     if odd && pad_left {
@@ -381,7 +415,10 @@ static HEX_VALUES: [u8; 256] = {
 /// The value of a hex digit in a charset, or a value above 0x0F.
 #[inline]
 pub(crate) fn hex_value(charset: Charset, c: u8) -> u8 {
-    HEX_VALUES.get(usize::from(char_to_ascii(charset, c))).copied().unwrap_or(0xFF)
+    HEX_VALUES
+        .get(usize::from(char_to_ascii(charset, c)))
+        .copied()
+        .unwrap_or(0xFF)
 }
 
 /// Decodes hex characters (either case, in a charset) into bytes; returns the index of the first
@@ -402,7 +439,6 @@ pub(crate) fn unhex(charset: Charset, wire: &[u8], out: &mut Vec<u8>) -> Result<
     }
     Ok(())
 }
-
 
 /// Encodes bytes as upper-case hex characters in a charset.
 pub(crate) fn hex(charset: Charset, bytes: &[u8], out: &mut Vec<u8>) {
@@ -438,10 +474,18 @@ mod tests {
                 for b in 0..=255u8 {
                     let mut digits = vec![b'5'; len];
                     digits[pos] = b;
-                    assert_eq!(all_digits(&digits), b.is_ascii_digit(), "digit {b:#x} at {pos}/{len}");
+                    assert_eq!(
+                        all_digits(&digits),
+                        b.is_ascii_digit(),
+                        "digit {b:#x} at {pos}/{len}"
+                    );
                     let mut text = vec![b'a'; len];
                     text[pos] = b;
-                    assert_eq!(all_printable(&text), (0x20..=0x7E).contains(&b), "text {b:#x} at {pos}/{len}");
+                    assert_eq!(
+                        all_printable(&text),
+                        (0x20..=0x7E).contains(&b),
+                        "text {b:#x} at {pos}/{len}"
+                    );
                     // The same field inside a larger buffer, and at its end.
                     let mut framed = b"12345678".to_vec();
                     framed.extend_from_slice(&digits);
@@ -454,7 +498,11 @@ mod tests {
                     framed.push(0);
                     assert_eq!(printable_at(&framed, 3, len), (0x20..=0x7E).contains(&b));
                     for f in [Format::A, Format::An, Format::Z, Format::XN] {
-                        assert_eq!(is_valid(f, &text), first_invalid(f, &text).is_none(), "{f:?} {b:#x} at {pos}");
+                        assert_eq!(
+                            is_valid(f, &text),
+                            first_invalid(f, &text).is_none(),
+                            "{f:?} {b:#x} at {pos}"
+                        );
                     }
                 }
             }

@@ -58,7 +58,11 @@ pub(crate) fn describe_fields(msg: &Message, dialect: Option<&Dialect>) -> Vec<F
                 Some(Sensitivity::Mac) => format!("[MAC, {} bytes]", value.len()),
                 Some(Sensitivity::Key) => format!("[key, {} bytes]", value.len()),
                 Some(Sensitivity::Icc) => match tlv::parse(value) {
-                    Ok(tlvs) => tlvs.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" "),
+                    Ok(tlvs) => tlvs
+                        .iter()
+                        .map(|t| format!("{t:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     Err(e) => format!("[unparsable ICC data, {} bytes: {e}]", value.len()),
                 },
                 None if binary => value.iter().map(|b| format!("{b:02X}")).collect(),

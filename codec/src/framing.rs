@@ -69,7 +69,9 @@ impl LengthPrefix {
     fn parse(self, raw: &[u8]) -> Option<usize> {
         match (self, raw) {
             (Self::Bin2, [a, b]) => Some(usize::from(u16::from_be_bytes([*a, *b]))),
-            (Self::Bin4, [a, b, c, d]) => usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok(),
+            (Self::Bin4, [a, b, c, d]) => {
+                usize::try_from(u32::from_be_bytes([*a, *b, *c, *d])).ok()
+            }
             (Self::Ascii4, _) => raw.iter().try_fold(0usize, |acc, &c| {
                 c.is_ascii_digit().then(|| acc * 10 + usize::from(c - b'0'))
             }),
@@ -116,7 +118,9 @@ impl FromStr for LengthPrefix {
             "ascii4" => Ok(Self::Ascii4),
             "bcd2" => Ok(Self::Bcd2),
             "hex4" => Ok(Self::Hex4),
-            other => Err(format!("unknown length prefix {other:?} (bin2, bin4, ascii4, bcd2, hex4)")),
+            other => Err(format!(
+                "unknown length prefix {other:?} (bin2, bin4, ascii4, bcd2, hex4)"
+            )),
         }
     }
 }
@@ -163,7 +167,13 @@ pub struct Framing {
 
 impl Default for Framing {
     fn default() -> Self {
-        Self { prefix: LengthPrefix::Bin2, includes_prefix: false, tpdu: false, trailer: None, max_frame: DEFAULT_MAX_FRAME }
+        Self {
+            prefix: LengthPrefix::Bin2,
+            includes_prefix: false,
+            tpdu: false,
+            trailer: None,
+            max_frame: DEFAULT_MAX_FRAME,
+        }
     }
 }
 
@@ -171,7 +181,10 @@ impl Framing {
     /// Framing with the given prefix and the other settings at their defaults.
     #[must_use]
     pub fn with_prefix(prefix: LengthPrefix) -> Self {
-        Self { prefix, ..Self::default() }
+        Self {
+            prefix,
+            ..Self::default()
+        }
     }
 }
 
@@ -188,7 +201,10 @@ impl Frame {
     /// A frame with no TPDU.
     #[must_use]
     pub fn new(body: impl Into<Bytes>) -> Self {
-        Self { tpdu: None, body: body.into() }
+        Self {
+            tpdu: None,
+            body: body.into(),
+        }
     }
 
     /// Whether this is a zero-length keepalive frame.
@@ -258,15 +274,22 @@ impl Decoder for FrameCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         let f = &self.framing;
         let plen = f.prefix.len();
-        let Some(raw) = src.get(..plen) else { return Ok(None) };
+        let Some(raw) = src.get(..plen) else {
+            return Ok(None);
+        };
         let announced = f.prefix.parse(raw).ok_or(FrameError::BadPrefix(f.prefix))?;
         let length = if f.includes_prefix {
-            announced.checked_sub(plen).ok_or(FrameError::TooShort { length: announced })?
+            announced
+                .checked_sub(plen)
+                .ok_or(FrameError::TooShort { length: announced })?
         } else {
             announced
         };
         if length > f.max_frame {
-            return Err(FrameError::TooLarge { length, max: f.max_frame });
+            return Err(FrameError::TooLarge {
+                length,
+                max: f.max_frame,
+            });
         }
         if length != 0 && length < self.overhead() {
             return Err(FrameError::TooShort { length });
@@ -295,7 +318,10 @@ impl Decoder for FrameCodec {
             }
             body.truncate(body.len() - 1);
         }
-        Ok(Some(Frame { tpdu, body: body.freeze() }))
+        Ok(Some(Frame {
+            tpdu,
+            body: body.freeze(),
+        }))
     }
 }
 
@@ -305,10 +331,17 @@ impl Encoder<Frame> for FrameCodec {
     fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
         let f = &self.framing;
         let keepalive = frame.is_keepalive();
-        let length = if keepalive { 0 } else { frame.body.len() + self.overhead() };
+        let length = if keepalive {
+            0
+        } else {
+            frame.body.len() + self.overhead()
+        };
         let announced = length + if f.includes_prefix { f.prefix.len() } else { 0 };
         if length > f.max_frame || announced > f.prefix.max_value() {
-            return Err(FrameError::TooLarge { length, max: f.max_frame.min(f.prefix.max_value()) });
+            return Err(FrameError::TooLarge {
+                length,
+                max: f.max_frame.min(f.prefix.max_value()),
+            });
         }
         dst.reserve(f.prefix.len() + length);
         f.prefix.write(announced, dst);
@@ -333,7 +366,15 @@ mod tests {
     fn round_trip(framing: Framing, body: &[u8]) -> BytesMut {
         let mut codec = FrameCodec::new(framing);
         let mut buf = BytesMut::new();
-        codec.encode(Frame { tpdu: framing.tpdu.then_some(Tpdu([0x60, 0, 1, 0, 2])), body: Bytes::copy_from_slice(body) }, &mut buf).unwrap();
+        codec
+            .encode(
+                Frame {
+                    tpdu: framing.tpdu.then_some(Tpdu([0x60, 0, 1, 0, 2])),
+                    body: Bytes::copy_from_slice(body),
+                },
+                &mut buf,
+            )
+            .unwrap();
         let wire = buf.clone();
         // Byte by byte: "need more" until the last byte.
         let mut feed = BytesMut::new();
@@ -370,7 +411,12 @@ mod tests {
 
     #[test]
     fn inclusive_length_tpdu_and_trailer() {
-        let framing = Framing { includes_prefix: true, tpdu: true, trailer: Some(0x03), ..Framing::default() };
+        let framing = Framing {
+            includes_prefix: true,
+            tpdu: true,
+            trailer: Some(0x03),
+            ..Framing::default()
+        };
         let wire = round_trip(framing, b"0800");
         // 2 (prefix) + 5 (TPDU) + 4 (body) + 1 (ETX)
         assert_eq!(&wire[..2], &[0, 12]);
@@ -383,27 +429,58 @@ mod tests {
         let mut codec = FrameCodec::default();
         let mut src = BytesMut::from(&[0xFF, 0xFF][..]);
         let cap = src.capacity();
-        assert!(matches!(codec.decode(&mut src), Err(FrameError::TooLarge { length: 65535, max: 8192 })));
+        assert!(matches!(
+            codec.decode(&mut src),
+            Err(FrameError::TooLarge {
+                length: 65535,
+                max: 8192
+            })
+        ));
         assert_eq!(src.capacity(), cap);
         let mut bin4 = FrameCodec::new(Framing::with_prefix(LengthPrefix::Bin4));
         let mut src = BytesMut::from(&[0xFF, 0xFF, 0xFF, 0xFF][..]);
-        assert!(matches!(bin4.decode(&mut src), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            bin4.decode(&mut src),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn bad_prefixes_and_keepalives() {
-        for (prefix, raw) in [(LengthPrefix::Ascii4, &b"00x1"[..]), (LengthPrefix::Bcd2, &[0x0A, 0x00][..]), (LengthPrefix::Hex4, &b"00G0"[..])] {
+        for (prefix, raw) in [
+            (LengthPrefix::Ascii4, &b"00x1"[..]),
+            (LengthPrefix::Bcd2, &[0x0A, 0x00][..]),
+            (LengthPrefix::Hex4, &b"00G0"[..]),
+        ] {
             let mut codec = FrameCodec::new(Framing::with_prefix(prefix));
-            assert!(matches!(codec.decode(&mut BytesMut::from(raw)), Err(FrameError::BadPrefix(_))), "{prefix}");
+            assert!(
+                matches!(
+                    codec.decode(&mut BytesMut::from(raw)),
+                    Err(FrameError::BadPrefix(_))
+                ),
+                "{prefix}"
+            );
         }
-        let mut codec = FrameCodec::new(Framing { tpdu: true, ..Framing::default() });
+        let mut codec = FrameCodec::new(Framing {
+            tpdu: true,
+            ..Framing::default()
+        });
         let mut src = BytesMut::from(&[0, 0, 0, 3, 1, 2, 3][..]);
         assert!(codec.decode(&mut src).unwrap().unwrap().is_keepalive());
-        assert!(matches!(codec.decode(&mut src), Err(FrameError::TooShort { length: 3 })));
+        assert!(matches!(
+            codec.decode(&mut src),
+            Err(FrameError::TooShort { length: 3 })
+        ));
         let mut out = BytesMut::new();
         codec.encode(Frame::default(), &mut out).unwrap();
         assert_eq!(&out[..], &[0, 0]);
-        let mut incl = FrameCodec::new(Framing { includes_prefix: true, ..Framing::default() });
-        assert!(matches!(incl.decode(&mut BytesMut::from(&[0, 1][..])), Err(FrameError::TooShort { length: 1 })));
+        let mut incl = FrameCodec::new(Framing {
+            includes_prefix: true,
+            ..Framing::default()
+        });
+        assert!(matches!(
+            incl.decode(&mut BytesMut::from(&[0, 1][..])),
+            Err(FrameError::TooShort { length: 1 })
+        ));
     }
 }

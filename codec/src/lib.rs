@@ -20,10 +20,10 @@ pub mod error;
 #[cfg(feature = "framing")]
 pub mod framing;
 mod message;
+pub mod sample;
 pub mod sensitive;
 pub mod spec;
 pub mod tlv;
-pub mod sample;
 mod types;
 
 pub use builtin::{BUILTIN_DIALECTS, DEFAULT_DIALECT};

@@ -71,8 +71,9 @@ pub(crate) const fn bit_of(field: u8) -> (usize, u64) {
 }
 
 /// Fields a response echoes from its request when the request carries them.
-pub const RESPONSE_ECHO_FIELDS: &[u8] =
-    &[2, 3, 4, 5, 6, 7, 11, 12, 13, 15, 32, 33, 37, 41, 42, 49, 50, 51, 70, 90, 95, 100, 102, 103];
+pub const RESPONSE_ECHO_FIELDS: &[u8] = &[
+    2, 3, 4, 5, 6, 7, 11, 12, 13, 15, 32, 33, 37, 41, 42, 49, 50, 51, 70, 90, 95, 100, 102, 103,
+];
 
 impl Message {
     /// An empty message of the given type.
@@ -91,7 +92,9 @@ impl Message {
     /// Starts building a message of the given type.
     #[must_use]
     pub fn builder(mti: Mti) -> MessageBuilder {
-        MessageBuilder { msg: Self::new(mti) }
+        MessageBuilder {
+            msg: Self::new(mti),
+        }
     }
 
     /// The message type indicator.
@@ -159,7 +162,12 @@ impl Message {
     pub fn fields(&self) -> impl Iterator<Item = (u8, &[u8])> + '_ {
         self.spans.iter().map(|s| {
             let start = s.start as usize;
-            (s.field, self.data.get(start..start + usize::from(s.len)).unwrap_or_default())
+            (
+                s.field,
+                self.data
+                    .get(start..start + usize::from(s.len))
+                    .unwrap_or_default(),
+            )
         })
     }
 
@@ -183,7 +191,9 @@ impl Message {
         let (Ok(len), true) = (u16::try_from(value.len()), (2..=MAX_FIELD).contains(&field)) else {
             return;
         };
-        let Ok(start) = u32::try_from(self.data.len()) else { return };
+        let Ok(start) = u32::try_from(self.data.len()) else {
+            return;
+        };
         let span = Span { start, len, field };
         if let Some(i) = self.slot(field) {
             if let Some(old) = self.spans.get_mut(i) {
@@ -206,7 +216,9 @@ impl Message {
 
     /// Removes a field; returns whether it was present.
     pub fn remove(&mut self, field: u8) -> bool {
-        let Some(i) = self.slot(field) else { return false };
+        let Some(i) = self.slot(field) else {
+            return false;
+        };
         let span = self.spans.remove(i);
         let range = span.start as usize..span.start as usize + usize::from(span.len);
         if let Some(bytes) = self.data.get_mut(range) {
@@ -529,7 +541,10 @@ mod tests {
         assert_eq!(m.field_numbers().collect::<Vec<_>>(), [2, 3, 41, 128, 190]);
         assert_eq!(m.get(41), Some(&b"TERM0001"[..]));
         m.set(3, b"200000");
-        assert_eq!(m.processing_code().map(ProcessingCode::is_credit), Some(true));
+        assert_eq!(
+            m.processing_code().map(ProcessingCode::is_credit),
+            Some(true)
+        );
         assert!(m.remove(2));
         assert!(!m.remove(2));
         assert_eq!(m.get(2), None);
@@ -542,7 +557,10 @@ mod tests {
 
     #[test]
     fn typed_setters_format_numbers() {
-        let m = Message::builder(Mti::FINANCIAL_REQUEST).amount(1500).stan(42).build();
+        let m = Message::builder(Mti::FINANCIAL_REQUEST)
+            .amount(1500)
+            .stan(42)
+            .build();
         assert_eq!(m.get(4), Some(&b"000000001500"[..]));
         assert_eq!(m.get(11), Some(&b"000042"[..]));
         assert_eq!(m.amount(), Some(1500));
@@ -563,7 +581,10 @@ mod tests {
             .build();
         let rsp = req.response_with(ResponseCode::APPROVED).unwrap();
         assert_eq!(rsp.mti(), Mti::AUTH_RESPONSE);
-        assert_eq!(rsp.field_numbers().collect::<Vec<_>>(), [2, 3, 4, 11, 39, 41]);
+        assert_eq!(
+            rsp.field_numbers().collect::<Vec<_>>(),
+            [2, 3, 4, 11, 39, 41]
+        );
         assert_eq!(rsp.response_code(), Some(ResponseCode::APPROVED));
         assert!(rsp.response().is_none());
     }

@@ -49,7 +49,10 @@ impl Pan {
         if let Some(slot) = out.get_mut(..digits.len()) {
             slot.copy_from_slice(digits);
         }
-        Ok(Self { digits: out, len: u8::try_from(digits.len()).unwrap_or(0) })
+        Ok(Self {
+            digits: out,
+            len: u8::try_from(digits.len()).unwrap_or(0),
+        })
     }
 
     /// The clear digits. Every use of this is a place card data leaves its type.
@@ -91,7 +94,11 @@ impl Pan {
                 let d = u32::from(b - b'0');
                 if i % 2 == 1 {
                     let dd = d * 2;
-                    if dd > 9 { dd - 9 } else { dd }
+                    if dd > 9 {
+                        dd - 9
+                    } else {
+                        dd
+                    }
                 } else {
                     d
                 }
@@ -139,7 +146,13 @@ impl MaskedPan {
         let s = digits
             .iter()
             .enumerate()
-            .map(|(i, &b)| if i < head || i >= len - tail { char::from(b) } else { '*' })
+            .map(|(i, &b)| {
+                if i < head || i >= len - tail {
+                    char::from(b)
+                } else {
+                    '*'
+                }
+            })
             .collect();
         Self(s)
     }
@@ -287,7 +300,12 @@ mod tests {
         let pan = Pan::new(b"4111111111111111").unwrap();
         assert_eq!(format!("{pan}"), "411111******1111");
         assert_eq!(format!("{pan:?}"), "Pan(411111******1111)");
-        assert_eq!(format!("{:#?}", Some(&pan)).matches("4111111111111111").count(), 0);
+        assert_eq!(
+            format!("{:#?}", Some(&pan))
+                .matches("4111111111111111")
+                .count(),
+            0
+        );
         assert!(pan.luhn_valid());
         assert!(!Pan::new(b"4111111111111112").unwrap().luhn_valid());
         assert_eq!(pan.prefix(8), "41111111");
@@ -298,7 +316,10 @@ mod tests {
     fn short_pans_reveal_at_most_their_last_four() {
         assert_eq!(MaskedPan::of(b"123456789012").as_str(), "********9012");
         assert_eq!(MaskedPan::of(b"1234567").as_str(), "*******");
-        assert_eq!(MaskedPan::of(b"3782822463100051").as_str(), "378282******0051");
+        assert_eq!(
+            MaskedPan::of(b"3782822463100051").as_str(),
+            "378282******0051"
+        );
     }
 
     #[test]
@@ -316,6 +337,9 @@ mod tests {
         let track = TrackData::new(b"4111111111111111=25121010000012300000");
         assert_eq!(format!("{track}"), "411111******1111=***");
         assert_eq!(track.expiry(), Some(*b"2512"));
-        assert_eq!(format!("{:?}", KeyMaterial::new(b"0123456789ABCDEF")), "KeyMaterial([16 bytes masked])");
+        assert_eq!(
+            format!("{:?}", KeyMaterial::new(b"0123456789ABCDEF")),
+            "KeyMaterial([16 bytes masked])"
+        );
     }
 }

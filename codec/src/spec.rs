@@ -387,13 +387,23 @@ fn parse_file(origin: &str, text: &str, depth: usize) -> Result<DialectFile, Spe
         field: None,
         problem: e.message().to_owned() + &span_hint(text, e.span()),
     })?;
-    let Some(base_name) = file.extends.take() else { return Ok(file) };
-    let err = |problem: String| SpecError { origin: origin.into(), field: None, problem };
+    let Some(base_name) = file.extends.take() else {
+        return Ok(file);
+    };
+    let err = |problem: String| SpecError {
+        origin: origin.into(),
+        field: None,
+        problem,
+    };
     if depth >= MAX_EXTENDS_DEPTH {
-        return Err(err(format!("`extends` chains deeper than {MAX_EXTENDS_DEPTH}")));
+        return Err(err(format!(
+            "`extends` chains deeper than {MAX_EXTENDS_DEPTH}"
+        )));
     }
     let (base_origin, base_text) = if base_name.ends_with(".toml") {
-        let dir = std::path::Path::new(origin).parent().unwrap_or_else(|| std::path::Path::new("."));
+        let dir = std::path::Path::new(origin)
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new("."));
         let path = dir.join(&base_name);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| err(format!("cannot read base dialect {}: {e}", path.display())))?;
@@ -417,8 +427,7 @@ fn parse_file(origin: &str, text: &str, depth: usize) -> Result<DialectFile, Spe
     })
 }
 
-#[derive(Deserialize)]
-#[derive(Clone)]
+#[derive(Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 struct EncodingSection {
     charset: Charset,
@@ -525,7 +534,10 @@ impl Dialect {
     /// The layout of one field, if the dialect defines it.
     #[must_use]
     pub fn field(&self, number: u8) -> Option<&FieldSpec> {
-        self.inner.fields.get(usize::from(number)).and_then(Option::as_ref)
+        self.inner
+            .fields
+            .get(usize::from(number))
+            .and_then(Option::as_ref)
     }
 
     /// Every field the dialect defines, in number order.
@@ -552,7 +564,10 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
         problem,
     };
     let Some(enc) = &file.encoding else {
-        return Err(err(None, "missing `[encoding]` (and no `extends` to take it from)".into()));
+        return Err(err(
+            None,
+            "missing `[encoding]` (and no `extends` to take it from)".into(),
+        ));
     };
     if file.name.trim().is_empty() {
         return Err(err(None, "`name` must not be empty".into()));
@@ -566,10 +581,16 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
             .ok_or_else(|| err(Some(&key), format!("field number must be 2..={MAX_FIELD}")))?;
         let at = Some(key.as_str());
         if number == 65 && enc.tertiary_bitmap {
-            return Err(err(at, "field 65 carries the tertiary bitmap in this dialect".into()));
+            return Err(err(
+                at,
+                "field 65 carries the tertiary bitmap in this dialect".into(),
+            ));
         }
         if number > 128 && !enc.tertiary_bitmap {
-            return Err(err(at, "fields above 128 need `tertiary_bitmap = true`".into()));
+            return Err(err(
+                at,
+                "fields above 128 need `tertiary_bitmap = true`".into(),
+            ));
         }
         if entry.length == 0 {
             return Err(err(at, "length must be at least 1".into()));
@@ -587,9 +608,15 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
                 }
             }
             (Format::B, Some(other)) => {
-                return Err(err(at, format!("encoding {other:?} does not apply to a `b` field")))
+                return Err(err(
+                    at,
+                    format!("encoding {other:?} does not apply to a `b` field"),
+                ))
             }
-            (Format::N | Format::Z | Format::XN, None | Some(FieldEncoding::Text | FieldEncoding::Bcd)) => {
+            (
+                Format::N | Format::Z | Format::XN,
+                None | Some(FieldEncoding::Text | FieldEncoding::Bcd),
+            ) => {
                 let numeric = match entry.encoding {
                     Some(FieldEncoding::Bcd) => NumericEncoding::Bcd,
                     Some(_) => NumericEncoding::Text,
@@ -608,12 +635,18 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
             (format, Some(other)) => {
                 return Err(err(
                     at,
-                    format!("encoding {other:?} does not apply to a `{}` field", format.as_str()),
+                    format!(
+                        "encoding {other:?} does not apply to a `{}` field",
+                        format.as_str()
+                    ),
                 ))
             }
         };
         if entry.format == Format::XN && entry.length < 2 {
-            return Err(err(at, "an x+n field needs room for the sign and a digit".into()));
+            return Err(err(
+                at,
+                "an x+n field needs room for the sign and a digit".into(),
+            ));
         }
         let prefix = match entry.length_encoding.unwrap_or(enc.length) {
             PrefixEncoding::Text => PrefixCoding::Text(enc.charset),
@@ -634,14 +667,19 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
         let counted = spec.prefix_count(usize::from(spec.length));
         let limit = match (spec.kind, prefix) {
             (LengthKind::Fixed, _) => usize::MAX,
-            (kind, PrefixCoding::Text(_) | PrefixCoding::Bcd) => 10usize.pow(u32::from(kind.digits())) - 1,
+            (kind, PrefixCoding::Text(_) | PrefixCoding::Bcd) => {
+                10usize.pow(u32::from(kind.digits())) - 1
+            }
             (LengthKind::LL, PrefixCoding::Binary) => 0xFF,
             (_, PrefixCoding::Binary) => 0xFFFF,
         };
         if counted > limit {
             return Err(err(
                 at,
-                format!("length {} does not fit a {:?} prefix (at most {limit})", spec.length, spec.kind),
+                format!(
+                    "length {} does not fit a {:?} prefix (at most {limit})",
+                    spec.length, spec.kind
+                ),
             ));
         }
         if let Some(slot) = fields.get_mut(usize::from(number)) {
@@ -660,16 +698,21 @@ fn compile(origin: &str, file: DialectFile) -> Result<Dialect, SpecError> {
                 prefix_len: u8::try_from(f.prefix_len()).unwrap_or(u8::MAX),
                 digits: f.kind.digits(),
                 length: f.length,
-                canonical: matches!(f.value, ValueCoding::Text(Charset::Ascii) | ValueCoding::Raw),
+                canonical: matches!(
+                    f.value,
+                    ValueCoding::Text(Charset::Ascii) | ValueCoding::Raw
+                ),
                 ascii_prefix: f.prefix == PrefixCoding::Text(Charset::Ascii),
                 check: Check::of(f.format),
             },
         })
         .collect();
-    let identity = fields
-        .iter()
-        .flatten()
-        .all(|f| matches!(f.value, ValueCoding::Text(Charset::Ascii) | ValueCoding::Raw));
+    let identity = fields.iter().flatten().all(|f| {
+        matches!(
+            f.value,
+            ValueCoding::Text(Charset::Ascii) | ValueCoding::Raw
+        )
+    });
     Ok(Dialect {
         inner: Arc::new(DialectInner {
             slots,

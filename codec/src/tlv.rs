@@ -70,7 +70,12 @@ impl Tlv {
             0x100..=0xFFFF => LengthForm::Long(2),
             _ => LengthForm::Long(3),
         };
-        Self { tag, tag_len, form, value: value.to_vec() }
+        Self {
+            tag,
+            tag_len,
+            form,
+            value: value.to_vec(),
+        }
     }
 
     /// The tag (`0x9F26`).
@@ -82,7 +87,11 @@ impl Tlv {
     /// The tag in the usual hex spelling (`9F26`).
     #[must_use]
     pub fn tag_hex(&self) -> String {
-        format!("{:0width$X}", self.tag, width = usize::from(self.tag_len) * 2)
+        format!(
+            "{:0width$X}",
+            self.tag,
+            width = usize::from(self.tag_len) * 2
+        )
     }
 
     /// The value. For a tag in [`SENSITIVE_TAGS`] this is card data.
@@ -137,7 +146,10 @@ fn tag(input: &[u8]) -> IResult<&[u8], (u32, u8)> {
             rest = r;
             len += 1;
             if len > 4 {
-                return Err(nom::Err::Failure(nom::error::Error::new(input, nom::error::ErrorKind::TooLarge)));
+                return Err(nom::Err::Failure(nom::error::Error::new(
+                    input,
+                    nom::error::ErrorKind::TooLarge,
+                )));
             }
             tag = tag << 8 | u32::from(b);
             if b & 0x80 == 0 {
@@ -155,10 +167,15 @@ fn length(input: &[u8]) -> IResult<&[u8], (usize, LengthForm)> {
         0x81..=0x83 => {
             let n = first & 0x7F;
             let (rest, bytes) = take(n)(rest)?;
-            let len = bytes.iter().fold(0usize, |acc, &b| acc << 8 | usize::from(b));
+            let len = bytes
+                .iter()
+                .fold(0usize, |acc, &b| acc << 8 | usize::from(b));
             Ok((rest, (len, LengthForm::Long(n))))
         }
-        _ => Err(nom::Err::Failure(nom::error::Error::new(input, nom::error::ErrorKind::LengthValue))),
+        _ => Err(nom::Err::Failure(nom::error::Error::new(
+            input,
+            nom::error::ErrorKind::LengthValue,
+        ))),
     }
 }
 
@@ -180,8 +197,14 @@ pub fn parse(data: &[u8]) -> Result<Vec<Tlv>, TlvError> {
             nom::Err::Failure(_) => TlvError::BadLength(offset),
             _ => TlvError::Truncated(offset),
         })?;
-        let (r, value) = take::<_, _, nom::error::Error<&[u8]>>(len)(r).map_err(|_| TlvError::Truncated(offset))?;
-        out.push(Tlv { tag, tag_len, form, value: value.to_vec() });
+        let (r, value) = take::<_, _, nom::error::Error<&[u8]>>(len)(r)
+            .map_err(|_| TlvError::Truncated(offset))?;
+        out.push(Tlv {
+            tag,
+            tag_len,
+            form,
+            value: value.to_vec(),
+        });
         rest = r;
     }
     Ok(out)
@@ -191,7 +214,11 @@ pub fn parse(data: &[u8]) -> Result<Vec<Tlv>, TlvError> {
 pub fn encode(objects: &[Tlv], out: &mut Vec<u8>) {
     for t in objects {
         let tag_bytes = t.tag.to_be_bytes();
-        out.extend_from_slice(tag_bytes.get(4 - usize::from(t.tag_len)..).unwrap_or_default());
+        out.extend_from_slice(
+            tag_bytes
+                .get(4 - usize::from(t.tag_len)..)
+                .unwrap_or_default(),
+        );
         let len = t.value.len();
         match t.form {
             LengthForm::Short => out.push(u8::try_from(len).unwrap_or(0x7F)),
@@ -244,14 +271,25 @@ mod tests {
     fn rejects_malformed_data_with_offsets() {
         assert_eq!(parse(&[0x9F]), Err(TlvError::Truncated(0)));
         assert_eq!(parse(&[0x82, 0x02, 0x00]), Err(TlvError::Truncated(0)));
-        assert_eq!(parse(&[0x82, 0x01, 0x00, 0x95, 0x80]), Err(TlvError::BadLength(3)));
-        assert_eq!(parse(&[0x9F, 0x81, 0x81, 0x81, 0x01, 0x00]), Err(TlvError::TagTooLong(0)));
+        assert_eq!(
+            parse(&[0x82, 0x01, 0x00, 0x95, 0x80]),
+            Err(TlvError::BadLength(3))
+        );
+        assert_eq!(
+            parse(&[0x9F, 0x81, 0x81, 0x81, 0x01, 0x00]),
+            Err(TlvError::TagTooLong(0))
+        );
         assert_eq!(parse(&[0x57, 0x82, 0xFF]), Err(TlvError::Truncated(0)));
     }
 
     #[test]
     fn card_tags_are_masked() {
-        let t = Tlv::new(0x57, &[0x41, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0xD2, 0x51, 0x2F]);
+        let t = Tlv::new(
+            0x57,
+            &[
+                0x41, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0xD2, 0x51, 0x2F,
+            ],
+        );
         assert_eq!(format!("{t:?}"), "57=[masked, 11 bytes]");
         assert_eq!(format!("{:?}", Tlv::new(0x9F27, &[0x80])), "9F27=80");
         assert!(Tlv::new(0x70, &[]).is_constructed());

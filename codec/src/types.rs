@@ -35,7 +35,11 @@ impl Mti {
     /// # Errors
     /// [`MtiError`] when the bytes are not four digits.
     pub fn new(bytes: [u8; 4]) -> Result<Self, MtiError> {
-        if bytes.iter().all(u8::is_ascii_digit) { Ok(Self(bytes)) } else { Err(MtiError) }
+        if bytes.iter().all(u8::is_ascii_digit) {
+            Ok(Self(bytes))
+        } else {
+            Err(MtiError)
+        }
     }
 
     /// The four digits.
@@ -187,7 +191,9 @@ impl ResponseCode {
     /// Builds a response code from two printable ASCII characters.
     #[must_use]
     pub fn new(code: [u8; 2]) -> Option<Self> {
-        code.iter().all(u8::is_ascii_alphanumeric).then_some(Self(code))
+        code.iter()
+            .all(u8::is_ascii_alphanumeric)
+            .then_some(Self(code))
     }
 
     /// The two characters.
@@ -240,7 +246,11 @@ impl ProcessingCode {
         let two = |h: u8, l: u8| {
             (h.is_ascii_digit() && l.is_ascii_digit()).then(|| (h - b'0') * 10 + (l - b'0'))
         };
-        Some(Self { transaction_type: two(a, b)?, from_account: two(c, d)?, to_account: two(e, f)? })
+        Some(Self {
+            transaction_type: two(a, b)?,
+            from_account: two(c, d)?,
+            to_account: two(e, f)?,
+        })
     }
 
     /// The six digits.

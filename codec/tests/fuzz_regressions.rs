@@ -15,7 +15,9 @@ fn kept_inputs_decode_or_fail_cleanly_and_round_trip() {
     for (name, _) in BUILTIN_DIALECTS {
         let dialect = Dialect::builtin(name).unwrap();
         let dir = root.join(name);
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries {
             let path = entry.unwrap().path();
             let data = std::fs::read(&path).unwrap();
@@ -26,5 +28,8 @@ fn kept_inputs_decode_or_fail_cleanly_and_round_trip() {
             }
         }
     }
-    assert!(seen >= BUILTIN_DIALECTS.len(), "kept inputs missing: {seen}");
+    assert!(
+        seen >= BUILTIN_DIALECTS.len(),
+        "kept inputs missing: {seen}"
+    );
 }

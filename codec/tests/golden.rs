@@ -67,7 +67,12 @@ fn golden_messages_decode_field_by_field_and_encode_back() {
                     let n: u8 = n.parse().unwrap();
                     assert_eq!(msg.get(n), Some(&expected[..]), "{}: DE{n}", v.name);
                 }
-                assert_eq!(dialect.encode_to_vec(&msg).unwrap(), wire, "{}: re-encode", v.name);
+                assert_eq!(
+                    dialect.encode_to_vec(&msg).unwrap(),
+                    wire,
+                    "{}: re-encode",
+                    v.name
+                );
             }
         }
     }

@@ -23,25 +23,37 @@ fn value_strategy(spec: &FieldSpec) -> BoxedStrategy<Vec<u8>> {
         _ => b" !\"#09:@AZ[`az{|}~",
     };
     match spec.format {
-        Format::B => len.prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n)).boxed(),
+        Format::B => len
+            .prop_flat_map(|n| proptest::collection::vec(any::<u8>(), n))
+            .boxed(),
         Format::XN => len
             .prop_flat_map(|n| {
-                (prop::sample::select(&b"CD"[..]), proptest::collection::vec(prop::sample::select(&b"0123456789"[..]), n.max(2) - 1))
+                (
+                    prop::sample::select(&b"CD"[..]),
+                    proptest::collection::vec(
+                        prop::sample::select(&b"0123456789"[..]),
+                        n.max(2) - 1,
+                    ),
+                )
             })
             .prop_map(|(sign, digits)| std::iter::once(sign).chain(digits).collect())
             .boxed(),
         Format::Ans => len
             .prop_flat_map(|n| proptest::collection::vec(0x20u8..=0x7E, n))
             .boxed(),
-        _ => len.prop_flat_map(move |n| proptest::collection::vec(prop::sample::select(class), n)).boxed(),
+        _ => len
+            .prop_flat_map(move |n| proptest::collection::vec(prop::sample::select(class), n))
+            .boxed(),
     }
 }
 
 /// Messages drawn from the fields every shipped dialect defines (they share one field table).
 fn message_strategy() -> impl Strategy<Value = Message> {
     let dialect = Dialect::builtin("iso87-ascii").unwrap();
-    let fields: Vec<(u8, BoxedStrategy<Vec<u8>>)> =
-        dialect.fields().map(|s| (s.number, value_strategy(s))).collect();
+    let fields: Vec<(u8, BoxedStrategy<Vec<u8>>)> = dialect
+        .fields()
+        .map(|s| (s.number, value_strategy(s)))
+        .collect();
     let mti = prop::sample::select(vec!["0100", "0110", "0200", "0210", "0420", "0800", "0810"]);
     let chosen = proptest::collection::vec(prop::sample::select(fields), 0..24);
     (mti, chosen).prop_flat_map(|(mti, chosen)| {
