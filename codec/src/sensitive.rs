@@ -176,8 +176,9 @@ impl fmt::Debug for MaskedPan {
     }
 }
 
+/// A byte-string secret: the struct, its constructor and its explicit `expose`.
 macro_rules! secret_bytes {
-    ($(#[$doc:meta])* $name:ident, $label:literal) => {
+    ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
         pub struct $name(Vec<u8>);
@@ -207,7 +208,12 @@ macro_rules! secret_bytes {
                 self.0.is_empty()
             }
         }
+    };
+}
 
+/// `Debug` and `Display` that show only what the value is and its length.
+macro_rules! opaque_display {
+    ($name:ident, $label:literal) => {
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, concat!(stringify!($name), "([{} bytes masked])"), self.0.len())
@@ -224,38 +230,26 @@ macro_rules! secret_bytes {
 
 secret_bytes!(
     /// A PIN block (DE52): shows as `[PIN block, 8 bytes]`.
-    PinBlock,
-    "PIN block"
+    PinBlock
 );
+opaque_display!(PinBlock, "PIN block");
 secret_bytes!(
     /// A message authentication code (DE64, DE128).
-    Mac,
-    "MAC"
+    Mac
 );
+opaque_display!(Mac, "MAC");
 secret_bytes!(
     /// Key material, clear or under a key (DE96, key-exchange fields, HSM key fields).
-    KeyMaterial,
-    "key"
+    KeyMaterial
+);
+opaque_display!(KeyMaterial, "key");
+secret_bytes!(
+    /// Magnetic-stripe track data (DE35, DE36, DE45) as ASCII, `=` separating the PAN of track 2.
+    /// Shows as the masked PAN followed by `=***`.
+    TrackData
 );
 
-/// Magnetic-stripe track data (DE35, DE36, DE45) as ASCII, `=` separating the PAN of track 2.
-/// Shows as the masked PAN followed by `=***`.
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
-pub struct TrackData(Vec<u8>);
-
 impl TrackData {
-    /// Wraps the value.
-    #[must_use]
-    pub fn new(bytes: &[u8]) -> Self {
-        Self(bytes.to_vec())
-    }
-
-    /// The clear value. Every use of this is a place card data leaves its type.
-    #[must_use]
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-
     /// The PAN of track 2 data (the digits before `=` or `D`), if it holds one.
     #[must_use]
     pub fn pan(&self) -> Option<Pan> {
