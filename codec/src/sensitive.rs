@@ -216,7 +216,11 @@ macro_rules! opaque_display {
     ($name:ident, $label:literal) => {
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!(stringify!($name), "([{} bytes masked])"), self.0.len())
+                write!(
+                    f,
+                    concat!(stringify!($name), "([{} bytes masked])"),
+                    self.0.len()
+                )
             }
         }
 
