@@ -87,3 +87,38 @@ impl Message {
         describe_fields(self, Some(dialect))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{sample, Mti};
+
+    #[test]
+    fn description_masks_every_kind_of_card_data() {
+        let d = Dialect::builtin("iso87-ascii").unwrap();
+        // DE55 with the track 2 equivalent (57) and the PAN (5A) among ordinary tags.
+        let icc = [
+            &[0x9F, 0x27, 0x01, 0x80][..],
+            &[0x57, 0x08, 0x47, 0x61, 0x73, 0x90, 0x01, 0x01, 0x00, 0x10][..],
+            &[0x5A, 0x08, 0x47, 0x61, 0x73, 0x90, 0x01, 0x01, 0x00, 0x10][..],
+        ]
+        .concat();
+        let mut msg = sample::auth_request();
+        msg.set(55, &icc);
+        msg.set(45, b"B4761739001010010^TEST/CARD^28122011000000000000");
+        msg.set(64, &[0xAB; 8]);
+        let text = format!("{:?} {:?}", msg.describe(&d), msg);
+        for secret in ["4761739001010010", "47617390010100", "2812201114", "041277CD", "ABABABAB", "TEST/CARD"] {
+            assert!(!text.contains(secret), "{secret} shown in {text}");
+        }
+        let views = msg.describe(&d);
+        let by = |n: u8| views.iter().find(|v| v.number == n).unwrap();
+        assert_eq!(by(2).value, "476173******0010");
+        assert_eq!(by(35).value, "476173******0010=***");
+        assert_eq!(by(52).value, "[PIN block, 8 bytes]");
+        assert_eq!(by(55).value, "9F27=80 57=[masked, 8 bytes] 5A=[masked, 8 bytes]");
+        assert!(by(52).masked && !by(3).masked);
+        assert_eq!(by(3).value, "000000");
+        assert_eq!(Message::new(Mti::AUTH_REQUEST).describe(&d), vec![]);
+    }
+}
