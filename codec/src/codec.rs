@@ -32,6 +32,32 @@ const fn invalid(element: Element, offset: usize, format: &'static str) -> Decod
 
 #[cold]
 #[inline(never)]
+fn unknown_field(element: Element, dialect: &Dialect) -> DecodeError {
+    DecodeError::UnknownField {
+        element,
+        dialect: dialect.name().into(),
+    }
+}
+
+/// A read past the end: a field announced by the bitmap whose first byte is already past the
+/// end is missing; anything else is truncated.
+#[cold]
+#[inline(never)]
+fn short(
+    element: Element,
+    offset: usize,
+    needed: usize,
+    len: usize,
+    field_start: bool,
+) -> DecodeError {
+    if field_start && offset >= len {
+        return DecodeError::MissingField { element, offset };
+    }
+    truncated(element, offset, needed, len)
+}
+
+#[cold]
+#[inline(never)]
 fn truncated(element: Element, offset: usize, needed: usize, len: usize) -> DecodeError {
     DecodeError::Truncated {
         element,
@@ -139,50 +165,39 @@ impl Dialect {
         }
         words[0] &= !(1 << 63);
 
-        let mut w = 0;
-        while w < 3 {
+        let tertiary_bit = if d.tertiary_bitmap { bit_of(65).1 } else { 0 };
+        for w in 0..3 {
             let mut bits = words.get(w).copied().unwrap_or(0);
+            if w == 1 && bits & tertiary_bit != 0 {
+                // Fields 2..=64 are behind us: this is where DE65 carries the tertiary bitmap.
+                bits &= !tertiary_bit;
+                if pos == len {
+                    return Err(DecodeError::MissingField {
+                        element: Element::Bitmap(3),
+                        offset: pos,
+                    });
+                }
+                words[2] = self.read_bitmap(bytes, &mut pos, 3)?;
+                msg.force_tertiary = words[2] == 0;
+            }
+            let first = w * 64 + 1;
             while bits != 0 {
                 let lz = bits.leading_zeros() as usize;
                 bits &= !(1u64 << (63 - lz));
                 // lz < 64 and w < 3, so the number is at most 192.
-                let number = u8::try_from(w * 64 + lz + 1).unwrap_or(u8::MAX);
+                let number = u8::try_from(first + lz).unwrap_or(u8::MAX);
                 let element = Element::Field(number);
-                if number == 65 && d.tertiary_bitmap {
-                    if pos == len {
-                        return Err(DecodeError::MissingField {
-                            element: Element::Bitmap(3),
-                            offset: pos,
-                        });
-                    }
-                    words[2] = self.read_bitmap(bytes, &mut pos, 3)?;
-                    msg.force_tertiary = words[2] == 0;
-                    continue;
-                }
-                let slot = match d.slots.get(usize::from(number)) {
-                    Some(slot) if slot.defined => *slot,
-                    _ => {
-                        return Err(DecodeError::UnknownField {
-                            element,
-                            dialect: d.name.clone(),
-                        })
-                    }
+                let Some(slot) = d.slots.get(usize::from(number)).filter(|s| s.defined) else {
+                    return Err(unknown_field(element, self));
                 };
-                if pos == len {
-                    return Err(DecodeError::MissingField {
-                        element,
-                        offset: pos,
-                    });
-                }
                 let (start, value_len) =
-                    decode_field(&slot, bytes, &mut pos, element, base, &mut msg.data)?;
+                    decode_field(slot, bytes, &mut pos, element, base, &mut msg.data)?;
                 msg.spans.push(Span {
                     start: u32::try_from(start).unwrap_or(u32::MAX),
                     len: u16::try_from(value_len).unwrap_or(u16::MAX),
                     field: number,
                 });
             }
-            w += 1;
         }
         if d.tertiary_bitmap {
             let (wi, m) = bit_of(65);
@@ -255,7 +270,7 @@ fn decode_field(
         let plen = usize::from(slot.prefix_len);
         let raw = bytes
             .get(prefix_at..prefix_at + plen)
-            .ok_or_else(|| truncated(element, prefix_at, plen, bytes.len()))?;
+            .ok_or_else(|| short(element, prefix_at, plen, bytes.len(), true))?;
         let count = if slot.ascii_prefix {
             let mut count = 0usize;
             for &c in raw {
@@ -286,7 +301,7 @@ fn decode_field(
     };
     let wire = bytes
         .get(at..at + wire_len)
-        .ok_or_else(|| truncated(element, at, wire_len, bytes.len()))?;
+        .ok_or_else(|| short(element, at, wire_len, bytes.len(), slot.prefix_len == 0))?;
     *pos += wire_len;
     if slot.canonical {
         if !value_ok(slot, bytes, at, wire_len) {

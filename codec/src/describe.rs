@@ -108,7 +108,14 @@ mod tests {
         msg.set(45, b"B4761739001010010^TEST/CARD^28122011000000000000");
         msg.set(64, &[0xAB; 8]);
         let text = format!("{:?} {:?}", msg.describe(&d), msg);
-        for secret in ["4761739001010010", "47617390010100", "2812201114", "041277CD", "ABABABAB", "TEST/CARD"] {
+        for secret in [
+            "4761739001010010",
+            "47617390010100",
+            "2812201114",
+            "041277CD",
+            "ABABABAB",
+            "TEST/CARD",
+        ] {
             assert!(!text.contains(secret), "{secret} shown in {text}");
         }
         let views = msg.describe(&d);
@@ -116,7 +123,10 @@ mod tests {
         assert_eq!(by(2).value, "476173******0010");
         assert_eq!(by(35).value, "476173******0010=***");
         assert_eq!(by(52).value, "[PIN block, 8 bytes]");
-        assert_eq!(by(55).value, "9F27=80 57=[masked, 8 bytes] 5A=[masked, 8 bytes]");
+        assert_eq!(
+            by(55).value,
+            "9F27=80 57=[masked, 8 bytes] 5A=[masked, 8 bytes]"
+        );
         assert!(by(52).masked && !by(3).masked);
         assert_eq!(by(3).value, "000000");
         assert_eq!(Message::new(Mti::AUTH_REQUEST).describe(&d), vec![]);
