@@ -166,6 +166,18 @@ impl Dialect {
         words[0] &= !(1 << 63);
 
         let tertiary_bit = if d.tertiary_bitmap { bit_of(65).1 } else { 0 };
+        // One reservation for the fields the first two bitmaps announce, so that recording each
+        // field is a plain store.
+        let announced = usize::try_from(words[0].count_ones() + words[1].count_ones()).unwrap_or(0);
+        msg.spans.resize(
+            announced,
+            Span {
+                start: 0,
+                len: 0,
+                field: 0,
+            },
+        );
+        let mut count = 0usize;
         for w in 0..3 {
             let mut bits = words.get(w).copied().unwrap_or(0);
             if w == 1 && bits & tertiary_bit != 0 {
@@ -190,15 +202,34 @@ impl Dialect {
                 let Some(slot) = d.slots.get(usize::from(number)).filter(|s| s.defined) else {
                     return Err(unknown_field(element, self));
                 };
-                let (start, value_len) =
-                    decode_field(slot, bytes, &mut pos, element, base, &mut msg.data)?;
-                msg.spans.push(Span {
+                let field_start = pos;
+                let Some((start, value_len)) =
+                    decode_field_fast(slot, bytes, &mut pos, base, &mut msg.data)
+                else {
+                    let mut at = field_start;
+                    return Err(field_error(
+                        slot,
+                        bytes,
+                        &mut at,
+                        element,
+                        base,
+                        &mut msg.data,
+                    ));
+                };
+                let span = Span {
                     start: u32::try_from(start).unwrap_or(u32::MAX),
                     len: u16::try_from(value_len).unwrap_or(u16::MAX),
                     field: number,
-                });
+                };
+                match msg.spans.get_mut(count) {
+                    Some(slot) => *slot = span,
+                    None => msg.spans.push(span),
+                }
+                count += 1;
             }
         }
+        // The count above included the bitmap-indicator bits 1 and 65.
+        msg.spans.truncate(count);
         if d.tertiary_bitmap {
             let (wi, m) = bit_of(65);
             if let Some(word) = words.get_mut(wi) {
@@ -248,13 +279,78 @@ impl Dialect {
     }
 }
 
-/// Decodes one field at `*pos`. Returns where its canonical value sits in `out` and its length:
-/// inside the copy of the input (which starts at `base`) when the wire form is canonical,
-/// appended after it otherwise.
+/// Decodes one field at `*pos`: the decoder's hot path. Returns where the canonical value sits in
+/// `out` and its length: inside the copy of the input (which starts at `base`) when the wire form
+/// is canonical, appended after it otherwise.
 ///
-/// The common case (ASCII or fixed length, canonical wire form) stays in this function; prefixes
-/// in other encodings and conversions are out of line.
+/// It only says whether the field is good: keeping the detailed error out of the return value
+/// keeps the result in registers. On `None` the caller asks [`field_error`] why.
 #[inline(always)]
+fn decode_field_fast(
+    slot: &Slot,
+    bytes: &[u8],
+    pos: &mut usize,
+    base: usize,
+    out: &mut Vec<u8>,
+) -> Option<(usize, usize)> {
+    let value_len = if slot.prefix_len == 0 {
+        usize::from(slot.length)
+    } else {
+        let at = *pos;
+        let raw = bytes.get(at..at + usize::from(slot.prefix_len))?;
+        let count = if slot.ascii_prefix {
+            raw.iter().try_fold(0usize, |acc, &c| {
+                let d = c.wrapping_sub(b'0');
+                (d < 10).then_some(acc * 10 + usize::from(d))
+            })?
+        } else {
+            parse_prefix(slot, raw)?
+        };
+        if count > slot.prefix_count(usize::from(slot.length)) {
+            return None;
+        }
+        *pos += raw.len();
+        match slot.value {
+            ValueCoding::Hex(_, HexLength::Chars) if count % 2 == 1 => return None,
+            ValueCoding::Hex(_, HexLength::Chars) => count / 2,
+            _ => count,
+        }
+    };
+    let at = *pos;
+    let wire_len = if slot.canonical {
+        value_len
+    } else {
+        slot.wire_len(value_len)
+    };
+    let wire = bytes.get(at..at + wire_len)?;
+    *pos += wire_len;
+    if slot.canonical {
+        return value_ok(slot, bytes, at, wire_len).then_some((base + at, value_len));
+    }
+    convert_field(slot, wire, value_len, at, Element::Field(0), out).ok()
+}
+
+/// Why a field failed [`decode_field_fast`]: decodes it again from its start with every check
+/// named. Never on the hot path.
+#[cold]
+#[inline(never)]
+fn field_error(
+    slot: &Slot,
+    bytes: &[u8],
+    pos: &mut usize,
+    element: Element,
+    base: usize,
+    out: &mut Vec<u8>,
+) -> DecodeError {
+    match decode_field(slot, bytes, pos, element, base, out) {
+        Err(e) => e,
+        // Both paths apply the same rules; should they ever disagree, the field is refused all
+        // the same, as a format error at its start.
+        Ok(_) => invalid(element, *pos, slot.format.as_str()),
+    }
+}
+
+/// Decodes one field at `*pos`, with the detailed error when it fails.
 fn decode_field(
     slot: &Slot,
     bytes: &[u8],

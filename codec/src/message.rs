@@ -11,7 +11,6 @@
 
 use std::fmt;
 
-use smallvec::SmallVec;
 use zeroize::Zeroize;
 
 use crate::sensitive::{Mac, Pan, PinBlock, TrackData};
@@ -26,9 +25,6 @@ pub(crate) struct Span {
     pub(crate) field: u8,
 }
 
-/// Inline capacity of the field table; typical messages carry 10 to 30 fields.
-const INLINE_FIELDS: usize = 32;
-
 /// An ISO 8583 message.
 ///
 /// `Debug` prints every field with card data masked.
@@ -42,7 +38,7 @@ pub struct Message {
     /// decoded message encodes back to the same bytes).
     pub(crate) force_secondary: bool,
     pub(crate) force_tertiary: bool,
-    pub(crate) spans: SmallVec<[Span; INLINE_FIELDS]>,
+    pub(crate) spans: Vec<Span>,
     pub(crate) data: Vec<u8>,
 }
 
@@ -84,7 +80,7 @@ impl Message {
             bits: [0; 3],
             force_secondary: false,
             force_tertiary: false,
-            spans: SmallVec::new(),
+            spans: Vec::new(),
             data: Vec::new(),
         }
     }
