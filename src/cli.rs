@@ -22,6 +22,82 @@ pub enum Command {
     Encode(EncodeArgs),
     /// List the shipped dialects, or validate dialect files.
     Dialects(DialectsArgs),
+    /// Run a simulator: an acquirer host or a terminal load generator.
+    #[command(subcommand)]
+    Sim(SimCommand),
+}
+
+/// Simulators.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// An acquirer host: answers from a rules file, injects faults, keeps a ledger.
+    Acquirer(AcquirerArgs),
+    /// A terminal load generator: closed loop, open loop or one connection per transaction.
+    Terminal(TerminalArgs),
+}
+
+/// `cardswitch sim acquirer`.
+#[derive(Debug, Args)]
+pub struct AcquirerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9583")]
+    pub listen: std::net::SocketAddr,
+    /// Dialect: a shipped name or a .toml file.
+    #[arg(long, short, default_value = cardswitch_codec::DEFAULT_DIALECT)]
+    pub dialect: String,
+    /// Length prefix: bin2, bin4, ascii4, bcd2, hex4.
+    #[arg(long, default_value = "bin2")]
+    pub framing: LengthPrefix,
+    /// Rules file (TOML); default: approve, amounts ending 51 -> 51 and 05 -> 05.
+    #[arg(long)]
+    pub rules: Option<std::path::PathBuf>,
+    /// Print the ledger as JSON on exit (Ctrl-C).
+    #[arg(long)]
+    pub ledger: bool,
+}
+
+/// `cardswitch sim terminal`.
+#[derive(Debug, Args)]
+pub struct TerminalArgs {
+    /// The switch's terminal listener.
+    #[arg(long, default_value = "127.0.0.1:8583")]
+    pub target: std::net::SocketAddr,
+    /// Dialect: a shipped name or a .toml file.
+    #[arg(long, short, default_value = cardswitch_codec::DEFAULT_DIALECT)]
+    pub dialect: String,
+    /// Length prefix: bin2, bin4, ascii4, bcd2, hex4.
+    #[arg(long, default_value = "bin2")]
+    pub framing: LengthPrefix,
+    /// Open loop at this many requests per second (latency from the intended send time).
+    #[arg(long, conflicts_with = "depth")]
+    pub rate: Option<u64>,
+    /// Connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Closed loop: requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pub depth: usize,
+    /// Open a connection per transaction (with --connections workers).
+    #[arg(long, conflicts_with_all = ["rate", "depth"])]
+    pub per_transaction: bool,
+    /// Run for this long (e.g. 30s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    pub duration: Option<std::time::Duration>,
+    /// Send this many requests.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// A request with no reply within this is counted as timed out.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub timeout: std::time::Duration,
+    /// Account-range prefixes to draw PANs from, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "476173,541333")]
+    pub bins: Vec<String>,
+    /// Only authorization and financial requests (no echo tests, no reversals).
+    #[arg(long)]
+    pub card_only: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options shared by decode and encode.

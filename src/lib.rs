@@ -4,4 +4,5 @@
 //! switch itself (listeners, routing, acquirer links, journal) builds on the same pieces.
 
 pub mod cli;
+pub mod sim;
 pub mod tools;

@@ -7,6 +7,12 @@ use clap::Parser;
 
 use cardswitch::cli::{Cli, Command};
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
@@ -19,6 +25,9 @@ fn main() -> ExitCode {
             cardswitch::tools::encode(&args, &mut std::io::stdin().lock(), &mut out)
         }
         Command::Dialects(args) => cardswitch::tools::dialects(&args, &mut out),
+        Command::Sim(sim) => {
+            runtime().and_then(|rt| rt.block_on(cardswitch::sim::run(sim, &mut out)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,499 @@
+//! The acquirer host simulator: listens in any dialect and framing, answers from a rules file,
+//! injects faults on command, and keeps a ledger of what it approved.
+//!
+//! Requests are answered concurrently (each after its own latency), so replies on one connection
+//! may go out of order, as real hosts do. The rules can be replaced while running
+//! ([`Acquirer::set_rules`]), which is how tests switch a host from approving to dropping.
+//!
+//! The ledger is the host's truth: an approval is recorded when the host decides it, even if the
+//! reply is then sent late or twice; a request dropped by the "no reply" fault is never seen and
+//! never recorded. Reversals (04xx) mark the original (same terminal and RRN) reversed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{Dialect, Message, ResponseCode};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The default rules, also shipped as `specs/acquirer-rules.toml`.
+pub const DEFAULT_RULES: &str = include_str!("../../specs/acquirer-rules.toml");
+
+/// How the host answers. Percentages are 0 to 100.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Response code when no amount rule matches.
+    #[serde(default = "approve")]
+    pub default_code: String,
+    /// Response codes chosen by the last two digits of DE4.
+    #[serde(default)]
+    pub amount_rules: Vec<AmountRule>,
+    /// Time to answer, drawn uniformly between the bounds.
+    #[serde(default)]
+    pub latency: Latency,
+    /// Faults, each drawn independently per request.
+    #[serde(default)]
+    pub faults: Faults,
+}
+
+fn approve() -> String {
+    "00".into()
+}
+
+/// A response code for amounts ending in two given digits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmountRule {
+    /// The last two digits of DE4.
+    pub suffix: String,
+    /// The response code.
+    pub code: String,
+}
+
+/// Latency bounds in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    /// Shortest.
+    #[serde(default)]
+    pub min_ms: u64,
+    /// Longest.
+    #[serde(default)]
+    pub max_ms: u64,
+}
+
+/// Fault injection, in percent of requests.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// The request is dropped unseen: no reply, nothing recorded.
+    #[serde(default)]
+    pub no_reply: f64,
+    /// The reply is sent `late_ms` after its normal time.
+    #[serde(default)]
+    pub late: f64,
+    /// How late a late reply is.
+    #[serde(default)]
+    pub late_ms: u64,
+    /// The reply is sent twice.
+    #[serde(default)]
+    pub duplicate: f64,
+    /// The connection is closed instead of answering.
+    #[serde(default)]
+    pub disconnect: f64,
+    /// A frame of random bytes is sent instead of the reply.
+    #[serde(default)]
+    pub garbage: f64,
+}
+
+impl Rules {
+    /// Parses a rules file.
+    ///
+    /// # Errors
+    /// When the TOML does not parse, has unknown keys or a code that is not two characters.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let rules: Self = toml::from_str(text).context("acquirer rules")?;
+        for code in
+            std::iter::once(&rules.default_code).chain(rules.amount_rules.iter().map(|r| &r.code))
+        {
+            anyhow::ensure!(
+                code.len() == 2,
+                "acquirer rules: response code {code:?} is not two characters"
+            );
+        }
+        for r in &rules.amount_rules {
+            anyhow::ensure!(
+                r.suffix.len() == 2 && r.suffix.bytes().all(|b| b.is_ascii_digit()),
+                "acquirer rules: amount suffix {:?} is not two digits",
+                r.suffix
+            );
+        }
+        anyhow::ensure!(
+            rules.latency.min_ms <= rules.latency.max_ms,
+            "acquirer rules: latency min_ms > max_ms"
+        );
+        Ok(rules)
+    }
+
+    /// The shipped default: approve, except amounts ending in 51 (51) and 05 (05).
+    ///
+    /// # Panics
+    /// Never: the shipped file is checked by the tests.
+    #[must_use]
+    #[allow(clippy::expect_used)]
+    pub fn default_rules() -> Self {
+        Self::from_toml(DEFAULT_RULES).expect("shipped acquirer rules parse")
+    }
+
+    fn code_for(&self, msg: &Message) -> String {
+        let suffix = msg.get(4).and_then(|a| a.get(a.len().saturating_sub(2)..));
+        self.amount_rules
+            .iter()
+            .find(|r| Some(r.suffix.as_bytes()) == suffix)
+            .map_or_else(|| self.default_code.clone(), |r| r.code.clone())
+    }
+}
+
+/// One transaction the host decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    /// MTI of the request.
+    pub mti: String,
+    /// DE41.
+    pub terminal: String,
+    /// DE37.
+    pub rrn: String,
+    /// DE11 as the host received it.
+    pub stan: String,
+    /// DE4 in minor units.
+    pub amount: u64,
+    /// DE49.
+    pub currency: String,
+    /// The response code sent.
+    pub response_code: String,
+    /// DE38, when approved.
+    pub auth_code: Option<String>,
+    /// Whether a reversal for it arrived.
+    pub reversed: bool,
+}
+
+/// Counters of what the host did.
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    /// Requests received (including dropped ones).
+    pub requests: AtomicU64,
+    /// Replies sent.
+    pub replies: AtomicU64,
+    /// Requests dropped by the no-reply fault.
+    pub dropped: AtomicU64,
+    /// Replies sent late.
+    pub late: AtomicU64,
+    /// Replies sent twice.
+    pub duplicated: AtomicU64,
+    /// Connections closed by the disconnect fault.
+    pub disconnects: AtomicU64,
+    /// Garbage frames sent.
+    pub garbage: AtomicU64,
+    /// Frames received that did not decode.
+    pub undecodable: AtomicU64,
+}
+
+#[derive(Default)]
+struct Ledger {
+    entries: Vec<LedgerEntry>,
+    by_key: HashMap<(String, String), usize>,
+}
+
+struct State {
+    dialect: Dialect,
+    rules: RwLock<Arc<Rules>>,
+    ledger: Mutex<Ledger>,
+    stats: Stats,
+    auth_codes: AtomicU64,
+}
+
+/// Settings of one simulated host.
+#[derive(Debug, Clone)]
+pub struct AcquirerConfig {
+    /// Where to listen (port 0 picks one).
+    pub listen: SocketAddr,
+    /// The wire dialect.
+    pub dialect: Dialect,
+    /// The framing.
+    pub framing: Framing,
+    /// How to answer.
+    pub rules: Rules,
+}
+
+/// A running acquirer simulator.
+#[derive(Clone)]
+pub struct Acquirer {
+    addr: SocketAddr,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Acquirer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acquirer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acquirer {
+    /// Binds and starts serving.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn start(config: AcquirerConfig) -> Result<Self> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            dialect: config.dialect,
+            rules: RwLock::new(Arc::new(config.rules)),
+            ledger: Mutex::new(Ledger::default()),
+            stats: Stats::default(),
+            auth_codes: AtomicU64::new(1),
+        });
+        let acquirer = Self {
+            addr,
+            state,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        };
+        let this = acquirer.clone();
+        let framing = config.framing;
+        acquirer.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = this.shutdown.cancelled() => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let _ = stream.set_nodelay(true);
+                        let conn = this.clone();
+                        this.tracker.spawn(async move { conn.serve(stream, framing).await });
+                    }
+                }
+            }
+        });
+        Ok(acquirer)
+    }
+
+    /// The address it listens on.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Replaces the rules; requests from now on follow them.
+    pub fn set_rules(&self, rules: Rules) {
+        if let Ok(mut r) = self.state.rules.write() {
+            *r = Arc::new(rules);
+        }
+    }
+
+    /// The current rules.
+    #[must_use]
+    pub fn rules(&self) -> Rules {
+        self.state
+            .rules
+            .read()
+            .map(|r| (**r).clone())
+            .unwrap_or_else(|_| Rules::default_rules())
+    }
+
+    /// What the host decided, in order.
+    #[must_use]
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
+        self.state
+            .ledger
+            .lock()
+            .map(|l| l.entries.clone())
+            .unwrap_or_default()
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn stats(&self) -> &Stats {
+        &self.state.stats
+    }
+
+    /// Stops accepting, closes every connection and waits for the tasks.
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    async fn serve(&self, stream: TcpStream, framing: Framing) {
+        let (mut sink, mut frames) = Framed::new(stream, FrameCodec::new(framing)).split();
+        let (tx, mut rx) = mpsc::channel::<Frame>(4096);
+        let closed = CancellationToken::new();
+        let writer_closed = closed.clone();
+        let writer = self.tracker.spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if sink.send(frame).await.is_err() {
+                    break;
+                }
+            }
+            writer_closed.cancel();
+        });
+        loop {
+            let next = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = closed.cancelled() => break,
+                next = frames.next() => next,
+            };
+            let Some(Ok(frame)) = next else { break };
+            if frame.is_keepalive() {
+                let _ = tx.send(frame).await;
+                continue;
+            }
+            let stats = &self.state.stats;
+            let Ok(request) = self.state.dialect.decode(&frame.body) else {
+                stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            let rules = self.rules_now();
+            let faults = rules.faults;
+            if chance(faults.disconnect) {
+                stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            if chance(faults.garbage) {
+                stats.garbage.fetch_add(1, Ordering::Relaxed);
+                let junk: Vec<u8> = (0..fastrand::usize(1..64))
+                    .map(|_| fastrand::u8(..))
+                    .collect();
+                let _ = tx
+                    .send(Frame {
+                        tpdu: frame.tpdu,
+                        body: Bytes::from(junk),
+                    })
+                    .await;
+                continue;
+            }
+            if chance(faults.no_reply) {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let state = Arc::clone(&self.state);
+            let tx = tx.clone();
+            let tpdu = frame.tpdu.map(cardswitch_codec::framing::Tpdu::swapped);
+            self.tracker.spawn(async move {
+                let Latency { min_ms, max_ms } = rules.latency;
+                let mut delay = Duration::from_millis(fastrand::u64(min_ms..=max_ms));
+                if chance(faults.late) {
+                    state.stats.late.fetch_add(1, Ordering::Relaxed);
+                    delay += Duration::from_millis(faults.late_ms);
+                }
+                let reply = state.answer(&request, &rules);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let Some(reply) = reply else { return };
+                let Ok(body) = state.dialect.encode_to_vec(&reply) else {
+                    return;
+                };
+                let body = Bytes::from(body);
+                let copies = if chance(faults.duplicate) {
+                    state.stats.duplicated.fetch_add(1, Ordering::Relaxed);
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    if tx
+                        .send(Frame {
+                            tpdu,
+                            body: body.clone(),
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        state.stats.replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        drop(tx);
+        writer.abort();
+    }
+
+    fn rules_now(&self) -> Arc<Rules> {
+        self.state
+            .rules
+            .read()
+            .map(|r| Arc::clone(&r))
+            .unwrap_or_else(|_| Arc::new(Rules::default_rules()))
+    }
+}
+
+fn chance(percent: f64) -> bool {
+    percent > 0.0 && fastrand::f64() * 100.0 < percent
+}
+
+impl State {
+    /// The reply to a request, recording approvals and reversals in the ledger.
+    fn answer(&self, request: &Message, rules: &Rules) -> Option<Message> {
+        let mti = request.mti();
+        let mut reply = request.response()?;
+        // Fields a host adds or returns beyond the echo.
+        for f in [14, 18, 22, 25] {
+            reply.remove(f);
+        }
+        match mti.class() {
+            8 => reply.set_response_code(ResponseCode::APPROVED),
+            1 | 2 => {
+                let code = rules.code_for(request);
+                reply.set(39, code.as_bytes());
+                let approved = ResponseCode::new(code.as_bytes().try_into().unwrap_or(*b"96"))
+                    .is_some_and(|c| c.is_approved());
+                let auth_code = approved.then(|| {
+                    format!(
+                        "{:06}",
+                        self.auth_codes.fetch_add(1, Ordering::Relaxed) % 1_000_000
+                    )
+                });
+                if let Some(a) = &auth_code {
+                    reply.set(38, a.as_bytes());
+                }
+                self.record(request, &code, auth_code);
+            }
+            4 => {
+                reply.set_response_code(ResponseCode::APPROVED);
+                let key = (text(request, 41), text(request, 37));
+                if let Ok(mut ledger) = self.ledger.lock() {
+                    if let Some(&i) = ledger.by_key.get(&key) {
+                        if let Some(e) = ledger.entries.get_mut(i) {
+                            e.reversed = true;
+                        }
+                    }
+                }
+            }
+            _ => reply.set_response_code(ResponseCode::INVALID_TRANSACTION),
+        }
+        Some(reply)
+    }
+
+    fn record(&self, request: &Message, code: &str, auth_code: Option<String>) {
+        let entry = LedgerEntry {
+            mti: request.mti().to_string(),
+            terminal: text(request, 41),
+            rrn: text(request, 37),
+            stan: text(request, 11),
+            amount: request.amount().unwrap_or(0),
+            currency: text(request, 49),
+            response_code: code.to_owned(),
+            auth_code,
+            reversed: false,
+        };
+        if let Ok(mut ledger) = self.ledger.lock() {
+            let key = (entry.terminal.clone(), entry.rrn.clone());
+            let i = ledger.entries.len();
+            ledger.entries.push(entry);
+            ledger.by_key.insert(key, i);
+        }
+    }
+}
+
+fn text(msg: &Message, field: u8) -> String {
+    msg.get_str(field).unwrap_or_default().to_owned()
+}

@@ -1,0 +1,12 @@
+//! Test peers for cardswitch, usable from tests and from the command line
+//! (`cardswitch sim acquirer`, `cardswitch sim terminal`): an acquirer host that approves,
+//! declines, delays, drops, disconnects and sends garbage on command, and a terminal load
+//! generator that reports throughput and latency without coordinated omission.
+//!
+//! Depends on the codec only; nothing here knows the switch.
+
+pub mod acquirer;
+pub mod terminal;
+
+pub use acquirer::{Acquirer, AcquirerConfig, LedgerEntry, Rules};
+pub use terminal::{Load, Report, Stop, TerminalConfig};
