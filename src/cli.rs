@@ -16,6 +16,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the switch.
+    Run(RunArgs),
     /// Decode one message from hex and print its fields, card data masked.
     Decode(DecodeArgs),
     /// Encode a message from JSON (the shape `decode --json` prints) and print it as hex.
@@ -98,6 +100,20 @@ pub struct TerminalArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `cardswitch run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML); see specs/cardswitch.toml.
+    #[arg(long, short)]
+    pub config: std::path::PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub json_logs: bool,
 }
 
 /// Options shared by decode and encode.

@@ -1,8 +1,14 @@
 //! cardswitch: an ISO 8583 card switch.
 //!
-//! This crate holds the command line and the tools built on the codec (`cardswitch-codec`); the
-//! switch itself (listeners, routing, acquirer links, journal) builds on the same pieces.
+//! The switch: configuration, terminal listeners and sessions, the per-message pipeline and the
+//! acquirer links, plus the command line and tester tools. The codec, the routing decisions and
+//! the simulators are crates of their own.
 
 pub mod cli;
+pub mod config;
+pub mod pipeline;
+pub mod run;
+pub mod server;
 pub mod sim;
 pub mod tools;
+pub mod upstream;

@@ -18,6 +18,9 @@ fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match cli.command {
+        Command::Run(args) => {
+            runtime().and_then(|rt| rt.block_on(cardswitch::run::run(args, &mut out)))
+        }
         Command::Decode(args) => {
             cardswitch::tools::decode(&args, &mut std::io::stdin().lock(), &mut out)
         }

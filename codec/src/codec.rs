@@ -111,6 +111,31 @@ impl Dialect {
         result
     }
 
+    /// Reads what can be read of a message that does not decode: its MTI and the fields before
+    /// the first bad one (the whole message when it decodes). `None` when not even the MTI
+    /// reads. A switch uses this to answer a malformed request with a format error that still
+    /// carries the request's STAN.
+    #[must_use]
+    pub fn decode_partial(&self, bytes: &[u8]) -> Option<Message> {
+        let mut msg = Message::new(Mti::NETWORK_REQUEST);
+        match self.decode_inner(bytes, &mut msg) {
+            Ok(()) => Some(msg),
+            Err(e) if e.element() == Some(Element::Mti) => None,
+            Err(_) => {
+                // Spans past the failure were never written (field 0); the bitmap was not stored.
+                msg.spans.retain(|s| s.field != 0);
+                msg.bits = [0; 3];
+                for s in &msg.spans {
+                    let (w, m) = bit_of(s.field);
+                    if let Some(word) = msg.bits.get_mut(w) {
+                        *word |= m;
+                    }
+                }
+                Some(msg)
+            }
+        }
+    }
+
     /// The decoder. The input is copied once into the message's buffer; fields carried as their
     /// canonical bytes (ASCII text and numerics, raw binary) are then recorded as spans of that
     /// copy, and only fields that need converting (BCD, EBCDIC, hex) are appended after it.

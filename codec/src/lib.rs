@@ -12,6 +12,7 @@
 //! the element and offset and never holds a field's value.
 
 mod builtin;
+pub mod clock;
 mod codec;
 mod coding;
 mod describe;

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
@@ -249,33 +249,6 @@ pub fn with_luhn(digits: &str) -> String {
     format!("{digits}{}", (10 - sum % 10) % 10)
 }
 
-/// `MMDDhhmmss` and friends for the current UTC time.
-///
-/// Hand-written (days to civil date, H. Hinnant's algorithm) to avoid a date crate for one
-/// format in a test tool.
-#[must_use]
-pub fn utc_now_fields() -> (String, String, String) {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let rem = secs % 86_400;
-    let (h, m, s) = (rem / 3600, rem / 60 % 60, rem % 60);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        format!("{month:02}{day:02}{h:02}{m:02}{s:02}"),
-        format!("{h:02}{m:02}{s:02}"),
-        format!("{month:02}{day:02}"),
-    )
-}
-
 impl Generator {
     /// A generator for one simulated terminal.
     #[must_use]
@@ -317,7 +290,7 @@ impl Generator {
     /// The next request and its STAN.
     pub fn next_request(&mut self) -> (u32, Message) {
         let stan = self.next_stan();
-        let (de7, de12, de13) = utc_now_fields();
+        let (de7, de12, de13) = cardswitch_codec::clock::now_fields();
         let roll = fastrand::u8(0..100);
         if !self.card_only && roll < 5 {
             let msg = Message::builder(Mti::NETWORK_REQUEST)
@@ -776,7 +749,7 @@ mod tests {
             }
         }
         assert_eq!(with_luhn("411111111111111"), "4111111111111111");
-        let (de7, de12, de13) = utc_now_fields();
+        let (de7, de12, de13) = cardswitch_codec::clock::now_fields();
         assert_eq!((de7.len(), de12.len(), de13.len()), (10, 6, 4));
         assert!(de7.starts_with(&de13));
     }

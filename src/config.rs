@@ -1,0 +1,523 @@
+//! Configuration: defaults, then the TOML file, then `CARDSWITCH__SECTION__KEY` environment
+//! variables; validated as a whole at start-up, unknown keys refused.
+//!
+//! Environment keys are the TOML path in upper case joined by double underscores; arrays of
+//! tables take an index: `CARDSWITCH__LISTENERS__0__ADDRESS=0.0.0.0:8583`,
+//! `CARDSWITCH__JOURNAL__MODE=async`. A value is read as TOML when it parses as one (numbers,
+//! booleans, arrays) and as a string otherwise. The journal URL also comes from `DATABASE_URL`
+//! when the file does not set it.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cardswitch_codec::framing::{Framing, LengthPrefix, DEFAULT_MAX_FRAME};
+use cardswitch_codec::Dialect;
+use cardswitch_routing::{BinTable, Route, Strategy};
+use serde::Deserialize;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "CARDSWITCH__";
+/// Where the journal URL comes from when the file has none.
+pub const DATABASE_URL: &str = "DATABASE_URL";
+
+/// The whole configuration, as read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Switch-wide settings.
+    #[serde(default)]
+    pub switch: SwitchSection,
+    /// The transaction journal.
+    #[serde(default)]
+    pub journal: JournalSection,
+    /// Terminal listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Acquirer endpoints.
+    pub endpoints: Vec<EndpointConfig>,
+    /// Card ranges.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[switch]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwitchSection {
+    /// Name in logs and in the journal (several switch nodes can share one database).
+    pub node: String,
+    /// How long shutdown waits for in-flight transactions, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// Institution id put in DE32 when an endpoint does not set its own.
+    pub acquirer_id: Option<String>,
+}
+
+impl Default for SwitchSection {
+    fn default() -> Self {
+        Self {
+            node: "cardswitch".into(),
+            shutdown_grace_ms: 5_000,
+            acquirer_id: None,
+        }
+    }
+}
+
+/// `[journal]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSection {
+    /// `postgres://...` or `sqlite://...`; `DATABASE_URL` when empty.
+    pub url: String,
+    /// `durable`: reply after the commit; `async`: reply first, commit soon after.
+    pub mode: String,
+    /// Most rows in one commit.
+    pub batch_max: usize,
+    /// Longest a row waits for others before its batch is committed, in microseconds.
+    pub batch_delay_us: u64,
+    /// Key of the PAN HMAC, hex (at least 32 bytes).
+    pub pan_hmac_key: String,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            mode: "durable".into(),
+            batch_max: 512,
+            batch_delay_us: 0,
+            pan_hmac_key: String::new(),
+        }
+    }
+}
+
+/// How frames are delimited, as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FramingConfig {
+    /// `bin2`, `bin4`, `ascii4`, `bcd2` or `hex4`.
+    pub prefix: String,
+    /// The length counts its own bytes.
+    pub includes_prefix: bool,
+    /// A 5-byte TPDU follows the length.
+    pub tpdu: bool,
+    /// Largest frame accepted.
+    pub max_frame: usize,
+}
+
+impl Default for FramingConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "bin2".into(),
+            includes_prefix: false,
+            tpdu: false,
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl FramingConfig {
+    /// The framing.
+    ///
+    /// # Errors
+    /// An unknown prefix name.
+    pub fn framing(&self) -> Result<Framing> {
+        let prefix: LengthPrefix = self.prefix.parse().map_err(|e: String| anyhow!(e))?;
+        Ok(Framing {
+            prefix,
+            includes_prefix: self.includes_prefix,
+            tpdu: self.tpdu,
+            trailer: None,
+            max_frame: self.max_frame,
+        })
+    }
+}
+
+/// `[[listeners]]`: where terminals connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name in logs and metrics.
+    pub name: String,
+    /// Address to listen on.
+    pub address: SocketAddr,
+    /// Dialect of the terminals.
+    #[serde(default = "default_dialect")]
+    pub dialect: String,
+    /// Framing of the terminals.
+    #[serde(default)]
+    pub framing: FramingConfig,
+    /// Most concurrent connections; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A connection with no frame for this long is closed, in milliseconds.
+    #[serde(default = "default_idle_ms")]
+    pub idle_timeout_ms: u64,
+    /// Most requests one connection may have in flight.
+    #[serde(default = "default_pipeline")]
+    pub max_in_flight_per_connection: usize,
+}
+
+fn default_dialect() -> String {
+    cardswitch_codec::DEFAULT_DIALECT.into()
+}
+const fn default_max_connections() -> usize {
+    10_000
+}
+const fn default_idle_ms() -> u64 {
+    300_000
+}
+const fn default_pipeline() -> usize {
+    256
+}
+
+/// `[[endpoints]]`: an acquirer reached over a pool of links.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Name used by routes.
+    pub name: String,
+    /// The acquirer's dialect.
+    #[serde(default = "default_dialect")]
+    pub dialect: String,
+    /// The acquirer's framing.
+    #[serde(default)]
+    pub framing: FramingConfig,
+    /// `host:port` of each link.
+    pub links: Vec<String>,
+    /// `primary-secondary`, `round-robin` or `least-in-flight`.
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// DE32 sent to this acquirer.
+    #[serde(default)]
+    pub acquirer_id: Option<String>,
+    /// How long the acquirer has to answer, in milliseconds.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    /// Most requests in flight on one link.
+    #[serde(default = "default_link_in_flight")]
+    pub max_in_flight_per_link: u32,
+    /// Sign on (0800/001) before a link takes traffic.
+    #[serde(default = "yes")]
+    pub sign_on: bool,
+    /// Idle time before an echo test (0800/301), in milliseconds.
+    #[serde(default = "default_echo")]
+    pub echo_interval_ms: u64,
+    /// Echo tests missed in a row before the link is dropped and reconnected.
+    #[serde(default = "default_missed")]
+    pub max_missed_echoes: u32,
+    /// First reconnection delay, in milliseconds (doubles up to the maximum).
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnection delay, in milliseconds.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+}
+
+fn default_strategy() -> String {
+    "primary-secondary".into()
+}
+const fn default_request_timeout() -> u64 {
+    5_000
+}
+const fn default_link_in_flight() -> u32 {
+    512
+}
+const fn yes() -> bool {
+    true
+}
+const fn default_echo() -> u64 {
+    30_000
+}
+const fn default_missed() -> u32 {
+    3
+}
+const fn default_reconnect_min() -> u64 {
+    100
+}
+const fn default_reconnect_max() -> u64 {
+    10_000
+}
+
+/// `[[routes]]`: a card range and where it goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// 6 to 11 leading PAN digits.
+    pub prefix: String,
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Endpoint that takes requests when no link of the first is ready.
+    #[serde(default)]
+    pub fallback: Option<String>,
+}
+
+/// A validated configuration: dialects loaded, routes resolved.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// The configuration as read.
+    pub config: Config,
+    /// Listener dialects and framings, in listener order.
+    pub listeners: Vec<(Dialect, Framing)>,
+    /// Endpoint dialects, framings and strategies, in endpoint order.
+    pub endpoints: Vec<(Dialect, Framing, Strategy)>,
+    /// The routing table.
+    pub bins: BinTable,
+}
+
+impl EndpointConfig {
+    /// Request timeout.
+    #[must_use]
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+impl Config {
+    /// Reads a file, applies the environment, validates.
+    ///
+    /// # Errors
+    /// A message naming the file, the key and the problem.
+    pub fn load(path: &Path) -> Result<Validated> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_toml(&text, std::env::vars())
+            .with_context(|| format!("configuration {}", path.display()))
+    }
+
+    /// Parses TOML text with the given environment.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Validated> {
+        let mut value: toml::Value = toml::from_str(text)?;
+        let mut database_url = None;
+        for (key, raw) in env {
+            if key == DATABASE_URL {
+                database_url = Some(raw);
+                continue;
+            }
+            let Some(path) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            set_path(&mut value, &parts, parse_env_value(&raw))
+                .with_context(|| format!("environment {key}"))?;
+        }
+        let mut config: Self = value.try_into()?;
+        if config.journal.url.is_empty() {
+            config.journal.url = database_url.unwrap_or_default();
+        }
+        config.validate()
+    }
+
+    fn validate(self) -> Result<Validated> {
+        if self.listeners.is_empty() {
+            bail!("at least one [[listeners]] is needed");
+        }
+        if !matches!(self.journal.mode.as_str(), "durable" | "async") {
+            bail!(
+                "journal.mode: {:?} is not durable or async",
+                self.journal.mode
+            );
+        }
+        let mut names = HashSet::new();
+        let mut listeners = Vec::new();
+        for l in &self.listeners {
+            if !names.insert(format!("listener {}", l.name)) {
+                bail!("listener {}: name used twice", l.name);
+            }
+            let dialect =
+                Dialect::load(&l.dialect).with_context(|| format!("listener {}", l.name))?;
+            let framing = l
+                .framing
+                .framing()
+                .with_context(|| format!("listener {}", l.name))?;
+            if l.max_connections == 0 || l.max_in_flight_per_connection == 0 {
+                bail!("listener {}: max_connections and max_in_flight_per_connection must be positive", l.name);
+            }
+            listeners.push((dialect, framing));
+        }
+        let mut endpoints = Vec::new();
+        for e in &self.endpoints {
+            if !names.insert(format!("endpoint {}", e.name)) {
+                bail!("endpoint {}: name used twice", e.name);
+            }
+            let dialect =
+                Dialect::load(&e.dialect).with_context(|| format!("endpoint {}", e.name))?;
+            let framing = e
+                .framing
+                .framing()
+                .with_context(|| format!("endpoint {}", e.name))?;
+            let strategy: Strategy = e
+                .strategy
+                .parse()
+                .map_err(|m: String| anyhow!("endpoint {}: {m}", e.name))?;
+            if e.links.is_empty() || e.links.len() > 64 {
+                bail!("endpoint {}: 1 to 64 links", e.name);
+            }
+            if e.max_in_flight_per_link == 0 || e.request_timeout_ms == 0 {
+                bail!(
+                    "endpoint {}: max_in_flight_per_link and request_timeout_ms must be positive",
+                    e.name
+                );
+            }
+            if let Some(id) = &e.acquirer_id {
+                if id.is_empty() || id.len() > 11 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                    bail!("endpoint {}: acquirer_id must be 1 to 11 digits", e.name);
+                }
+            }
+            endpoints.push((dialect, framing, strategy));
+        }
+        let known: HashSet<&str> = self.endpoints.iter().map(|e| e.name.as_str()).collect();
+        for r in &self.routes {
+            for name in std::iter::once(&r.endpoint).chain(r.fallback.iter()) {
+                if !known.contains(name.as_str()) {
+                    bail!("route {}: no endpoint named {name}", r.prefix);
+                }
+            }
+        }
+        let bins = BinTable::new(
+            self.routes
+                .iter()
+                .map(|r| Route {
+                    prefix: r.prefix.clone(),
+                    endpoint: r.endpoint.clone(),
+                    fallback: r.fallback.clone(),
+                })
+                .collect(),
+        )?;
+        Ok(Validated {
+            config: self,
+            listeners,
+            endpoints,
+            bins,
+        })
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(value: &mut toml::Value, path: &[String], new: toml::Value) -> Result<()> {
+    let Some((first, rest)) = path.split_first() else {
+        *value = new;
+        return Ok(());
+    };
+    match value {
+        toml::Value::Table(t) => {
+            let entry = t
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            set_path(entry, rest, new)
+        }
+        toml::Value::Array(a) => {
+            let i: usize = first
+                .parse()
+                .map_err(|_| anyhow!("{first}: an array index is needed here"))?;
+            let len = a.len();
+            let entry = a
+                .get_mut(i)
+                .ok_or_else(|| anyhow!("index {i}: the array has {len} entries"))?;
+            set_path(entry, rest, new)
+        }
+        _ => bail!("{first}: not a table"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:8583"
+
+[[endpoints]]
+name = "acq"
+links = ["127.0.0.1:9583"]
+
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_shipped_example_validates() {
+        let text = include_str!("../specs/cardswitch.toml");
+        let v = Config::from_toml(text, env(&[])).unwrap();
+        assert_eq!(v.config.listeners[0].address.to_string(), "127.0.0.1:8583");
+        assert_eq!(v.config.endpoints[0].links, ["127.0.0.1:9583"]);
+    }
+
+    #[test]
+    fn environment_overrides_any_key() {
+        let v = Config::from_toml(
+            MINIMAL,
+            env(&[
+                ("CARDSWITCH__LISTENERS__0__ADDRESS", "0.0.0.0:9999"),
+                ("CARDSWITCH__JOURNAL__MODE", "async"),
+                ("CARDSWITCH__ENDPOINTS__0__REQUEST_TIMEOUT_MS", "250"),
+                ("DATABASE_URL", "postgres://localhost/test"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(v.config.listeners[0].address.to_string(), "0.0.0.0:9999");
+        assert_eq!(v.config.journal.mode, "async");
+        assert_eq!(v.config.endpoints[0].request_timeout_ms, 250);
+        assert_eq!(v.config.journal.url, "postgres://localhost/test");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (
+                format!("{MINIMAL}\n[switch]\nnodee = \"x\""),
+                "unknown field `nodee`",
+            ),
+            (
+                MINIMAL.replace("prefix = \"476173\"", "prefix = \"4761\""),
+                "account range \"4761\"",
+            ),
+            (
+                MINIMAL.replace("endpoint = \"acq\"", "endpoint = \"nope\""),
+                "no endpoint named nope",
+            ),
+            (
+                MINIMAL.replace("links = [\"127.0.0.1:9583\"]", "links = []"),
+                "1 to 64 links",
+            ),
+            (
+                format!("{MINIMAL}\n[journal]\nmode = \"sometimes\""),
+                "not durable or async",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = format!("{:#}", Config::from_toml(&text, env(&[])).unwrap_err());
+            assert!(err.contains(expected), "{err}\n  want: {expected}");
+        }
+        let err = format!(
+            "{:#}",
+            Config::from_toml(MINIMAL, env(&[("CARDSWITCH__ENDPOINTS__3__NAME", "x")]))
+                .unwrap_err()
+        );
+        assert!(err.contains("index 3"), "{err}");
+    }
+}

@@ -1,0 +1,63 @@
+//! `cardswitch run`: configuration -> telemetry -> the switch, until Ctrl-C or SIGTERM.
+
+use std::io::Write;
+
+use anyhow::Result;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::RunArgs;
+use crate::config::Config;
+use crate::server::Switch;
+
+/// Installs the log subscriber (`RUST_LOG` filters, default `info`).
+pub fn init_logs(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Runs the switch until asked to stop.
+///
+/// # Errors
+/// A configuration that does not validate, an address that cannot be bound.
+pub async fn run(args: RunArgs, out: &mut dyn Write) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    if args.check {
+        writeln!(
+            out,
+            "{}: ok ({} listeners, {} endpoints, {} routes)",
+            args.config.display(),
+            config.config.listeners.len(),
+            config.config.endpoints.len(),
+            config.config.routes.len()
+        )?;
+        return Ok(());
+    }
+    init_logs(args.json_logs);
+    let switch = Switch::start(config).await?;
+    wait_for_stop().await;
+    switch.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,270 @@
+//! The running switch: terminal listeners, their connections, the endpoints, and the order in
+//! which it all stops.
+//!
+//! Each listener caps its connections with a semaphore (a connection past the cap is closed at
+//! once). Each connection reads frames and hands each request to its own task, so several
+//! requests are in flight on one connection and replies go out as they are ready, in any order;
+//! a per-connection semaphore bounds that, and a full connection stops being read (back
+//! pressure) rather than queueing without bound.
+//!
+//! Shutdown: stop accepting, stop reading, let in-flight transactions finish (up to the grace
+//! period), then stop the links (which sign off).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::Dialect;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::config::{ListenerConfig, Validated};
+use crate::pipeline::Pipeline;
+use crate::upstream::Endpoint;
+
+/// A started switch.
+#[derive(Debug)]
+pub struct Switch {
+    pipeline: Arc<Pipeline>,
+    listeners: Vec<SocketAddr>,
+    /// Cancelled to stop accepting and reading.
+    stop_intake: CancellationToken,
+    /// Cancelled to stop the links, after the intake has drained.
+    stop_links: CancellationToken,
+    sessions: TaskTracker,
+    links: TaskTracker,
+    grace: Duration,
+}
+
+struct ListenerCtx {
+    name: String,
+    dialect: Dialect,
+    framing: Framing,
+    idle: Duration,
+    per_connection: usize,
+}
+
+impl Switch {
+    /// Binds every listener and starts every link.
+    ///
+    /// # Errors
+    /// When a listener address cannot be bound.
+    pub async fn start(config: Validated) -> Result<Self> {
+        let stop_intake = CancellationToken::new();
+        let stop_links = CancellationToken::new();
+        let links = TaskTracker::new();
+        let sessions = TaskTracker::new();
+        let cfg = &config.config;
+        let endpoints: Vec<Arc<Endpoint>> = cfg
+            .endpoints
+            .iter()
+            .zip(&config.endpoints)
+            .map(|(e, (dialect, framing, strategy))| {
+                Endpoint::start(
+                    e,
+                    dialect.clone(),
+                    *framing,
+                    *strategy,
+                    cfg.switch.acquirer_id.clone(),
+                    &stop_links,
+                    &links,
+                )
+            })
+            .collect();
+        let pipeline = Arc::new(Pipeline::new(config.bins.clone(), endpoints));
+        let mut bound = Vec::new();
+        for (l, (dialect, framing)) in cfg.listeners.iter().zip(&config.listeners) {
+            let listener = TcpListener::bind(l.address)
+                .await
+                .with_context(|| format!("listener {}: binding {}", l.name, l.address))?;
+            let addr = listener.local_addr()?;
+            info!(listener = %l.name, %addr, dialect = dialect.name(), "listening");
+            bound.push(addr);
+            let ctx = Arc::new(ctx(l, dialect.clone(), *framing));
+            let limit = Arc::new(Semaphore::new(l.max_connections));
+            sessions.spawn(accept_loop(
+                listener,
+                ctx,
+                limit,
+                Arc::clone(&pipeline),
+                stop_intake.clone(),
+                sessions.clone(),
+            ));
+        }
+        Ok(Self {
+            pipeline,
+            listeners: bound,
+            stop_intake,
+            stop_links,
+            sessions,
+            links,
+            grace: Duration::from_millis(cfg.switch.shutdown_grace_ms),
+        })
+    }
+
+    /// The bound address of each listener, in configured order.
+    #[must_use]
+    pub fn listener_addrs(&self) -> &[SocketAddr] {
+        &self.listeners
+    }
+
+    /// The pipeline (endpoints, counters).
+    #[must_use]
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
+    /// Waits until every endpoint has a ready link, or the time runs out; whether they all do.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if self.pipeline.endpoints().iter().all(|e| e.is_ready()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops accepting, drains in-flight transactions (up to the grace period), signs off.
+    pub async fn shutdown(self) {
+        self.stop_intake.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(self.grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!("shutdown grace period over with transactions still in flight");
+        }
+        self.stop_links.cancel();
+        self.links.close();
+        self.links.wait().await;
+        info!("stopped");
+    }
+}
+
+fn ctx(l: &ListenerConfig, dialect: Dialect, framing: Framing) -> ListenerCtx {
+    ListenerCtx {
+        name: l.name.clone(),
+        dialect,
+        framing,
+        idle: Duration::from_millis(l.idle_timeout_ms.max(1)),
+        per_connection: l.max_in_flight_per_connection,
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    limit: Arc<Semaphore>,
+    pipeline: Arc<Pipeline>,
+    stop: CancellationToken,
+    sessions: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, peer)) = accepted else {
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            warn!(listener = %ctx.name, %peer, "connection cap reached; closing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (ctx, pipeline, stop, tracker) = (
+            Arc::clone(&ctx),
+            Arc::clone(&pipeline),
+            stop.clone(),
+            sessions.clone(),
+        );
+        let span = info_span!("conn", listener = %ctx.name, %peer);
+        sessions.spawn(
+            async move {
+                session(stream, &ctx, pipeline, stop, tracker).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// One terminal connection: read frames, run each through the pipeline in its own task, write
+/// replies as they come.
+async fn session(
+    stream: TcpStream,
+    ctx: &ListenerCtx,
+    pipeline: Arc<Pipeline>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let (mut sink, mut frames) = Framed::new(stream, FrameCodec::new(ctx.framing)).split();
+    let (tx, mut rx) = mpsc::channel::<Frame>(ctx.per_connection);
+    let writer = tracker.spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+            while let Ok(more) = rx.try_recv() {
+                if sink.feed(more).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let in_flight = Arc::new(Semaphore::new(ctx.per_connection));
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => break,
+            n = tokio::time::timeout(ctx.idle, frames.next()) => n,
+        };
+        let frame = match next {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                warn!(error = %e, "framing error; closing connection");
+                break;
+            }
+            Ok(None) => break,
+            Err(_) => {
+                info!("idle timeout; closing connection");
+                break;
+            }
+        };
+        if frame.is_keepalive() {
+            let _ = tx.send(frame).await;
+            continue;
+        }
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            break;
+        };
+        let (pipeline, tx, dialect) = (Arc::clone(&pipeline), tx.clone(), ctx.dialect.clone());
+        tracker.spawn(
+            async move {
+                if let Some(body) = pipeline.handle(&dialect, &frame.body).await {
+                    let tpdu = frame.tpdu.map(cardswitch_codec::framing::Tpdu::swapped);
+                    let _ = tx.send(Frame { tpdu, body }).await;
+                }
+                drop(permit);
+            }
+            .in_current_span(),
+        );
+    }
+    // Replies still to come go out before the writer stops: it ends when the last sender (held
+    // by in-flight transactions) is dropped.
+    drop(tx);
+    let _ = writer.await;
+}

@@ -1,0 +1,548 @@
+//! Acquirer links and endpoints.
+//!
+//! A link is one TCP connection to an acquirer host, owned by one task that connects, signs on,
+//! sends echo tests when idle, writes requests and matches replies. Its life:
+//!
+//! ```text
+//!   Disconnected --connect--> Connected --0810/00 to 0800/001--> Ready
+//!        ^                        |                                 |
+//!        +---- backoff <----------+---- error, EOF, missed echoes --+
+//! ```
+//!
+//! Requests carry a per-link STAN (DE11); the reply is matched on that STAN and the request's
+//! message class, then handed back to the waiting transaction, which restores the terminal's
+//! STAN. A request is either *not sent* (the link was not ready, full, or its queue refused it),
+//! which lets the endpoint try another link, or *sent*: from then on it is never sent again, and
+//! a lost connection or a timeout makes its outcome unknown (answered 91; the reversal hook is
+//! [`Upstream::Lost`]/[`Upstream::TimedOut`]).
+//!
+//! An endpoint picks links with the routing crate's strategies; when nothing can take a request
+//! the caller learns it at once (no queue).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{Dialect, Message, Mti, ResponseCode};
+use cardswitch_routing::{LinkView, Strategy};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::EndpointConfig;
+
+/// Link states, stored in an atomic for the endpoint's choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LinkState {
+    /// No connection (connecting or waiting to retry).
+    Disconnected = 0,
+    /// Connected, not yet signed on.
+    Connected = 1,
+    /// Signed on: takes traffic.
+    Ready = 2,
+}
+
+impl LinkState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            2 => Self::Ready,
+            1 => Self::Connected,
+            _ => Self::Disconnected,
+        }
+    }
+}
+
+/// What became of a request handed to an endpoint.
+#[derive(Debug)]
+pub enum Upstream {
+    /// The acquirer's reply (DE11 restored to the terminal's).
+    Reply(Message),
+    /// No link could take it; it was never written anywhere.
+    NotSent,
+    /// Written, then the connection was lost before the reply: outcome unknown.
+    Lost,
+    /// Written, no reply within the endpoint's timeout: outcome unknown.
+    TimedOut,
+}
+
+struct Pending {
+    mti: Mti,
+    reply: oneshot::Sender<Message>,
+}
+
+/// One connection to an acquirer host.
+pub struct Link {
+    addr: String,
+    state: AtomicU8,
+    in_flight: AtomicU32,
+    cap: u32,
+    stan: AtomicU32,
+    queue: mpsc::Sender<Frame>,
+    pending: Mutex<HashMap<u32, Pending>>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("addr", &self.addr)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    /// The link's state.
+    #[must_use]
+    pub fn state(&self) -> LinkState {
+        LinkState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// The `host:port` it connects to.
+    #[must_use]
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn view(&self) -> LinkView {
+        LinkView {
+            ready: self.state() == LinkState::Ready,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            cap: self.cap,
+        }
+    }
+
+    fn next_stan(&self) -> u32 {
+        // 1..=999_999, wrapping
+        self.stan.fetch_add(1, Ordering::Relaxed) % 999_999 + 1
+    }
+
+    /// Registers a request under a fresh link STAN and queues it; `None` when not sent.
+    fn submit(
+        &self,
+        dialect: &Dialect,
+        mut msg: Message,
+    ) -> Option<(u32, oneshot::Receiver<Message>)> {
+        if self.state() != LinkState::Ready {
+            return None;
+        }
+        let stan = self.next_stan();
+        msg.set_stan(stan);
+        let body = dialect.encode_to_vec(&msg).ok()?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().ok()?;
+            pending.insert(
+                stan,
+                Pending {
+                    mti: msg.mti(),
+                    reply: tx,
+                },
+            );
+        }
+        if self.queue.try_send(Frame::new(Bytes::from(body))).is_err() {
+            self.forget(stan);
+            return None;
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some((stan, rx))
+    }
+
+    fn forget(&self, stan: u32) -> bool {
+        self.pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.remove(&stan))
+            .is_some()
+    }
+
+    /// Drops every pending request: their waiters see the loss.
+    fn fail_all(&self) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.clear();
+        }
+        self.in_flight.store(0, Ordering::Relaxed);
+    }
+
+    /// Hands a reply to the request waiting for it; false when nothing waits (unmatched).
+    fn deliver(&self, reply: Message) -> bool {
+        let Some(stan) = reply.stan() else {
+            return false;
+        };
+        let Ok(mut pending) = self.pending.lock() else {
+            return false;
+        };
+        match pending.get(&stan) {
+            Some(p) if p.mti.original() == reply.mti().request() => {}
+            _ => return false,
+        }
+        let Some(p) = pending.remove(&stan) else {
+            return false;
+        };
+        drop(pending);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        p.reply.send(reply).is_ok()
+    }
+}
+
+/// An acquirer: its dialect, its links and how requests are spread over them.
+pub struct Endpoint {
+    name: String,
+    dialect: Dialect,
+    links: Vec<Arc<Link>>,
+    strategy: Strategy,
+    turn: AtomicUsize,
+    timeout: Duration,
+    acquirer_id: Option<String>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("name", &self.name)
+            .field("links", &self.links)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fields copied from the acquirer's reply into the terminal's.
+const REPLY_FIELDS: &[u8] = &[38, 39, 44, 54, 55, 102, 103];
+
+impl Endpoint {
+    /// Starts the endpoint's link tasks.
+    #[must_use]
+    pub fn start(
+        config: &EndpointConfig,
+        dialect: Dialect,
+        framing: Framing,
+        strategy: Strategy,
+        default_acquirer_id: Option<String>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Arc<Self> {
+        let mut links = Vec::new();
+        for addr in &config.links {
+            let (tx, rx) =
+                mpsc::channel(usize::try_from(config.max_in_flight_per_link).unwrap_or(512));
+            let link = Arc::new(Link {
+                addr: addr.clone(),
+                state: AtomicU8::new(LinkState::Disconnected as u8),
+                in_flight: AtomicU32::new(0),
+                cap: config.max_in_flight_per_link,
+                stan: AtomicU32::new(fastrand::u32(0..999_999)),
+                queue: tx,
+                pending: Mutex::new(HashMap::new()),
+            });
+            let task = LinkTask {
+                link: Arc::clone(&link),
+                endpoint: config.name.clone(),
+                dialect: dialect.clone(),
+                framing,
+                sign_on: config.sign_on,
+                echo_interval: Duration::from_millis(config.echo_interval_ms.max(1)),
+                max_missed: config.max_missed_echoes,
+                reconnect: (
+                    Duration::from_millis(config.reconnect_min_ms.max(1)),
+                    Duration::from_millis(config.reconnect_max_ms.max(1)),
+                ),
+                timeout: config.request_timeout(),
+                shutdown: shutdown.clone(),
+            };
+            tracker.spawn(task.run(rx));
+            links.push(link);
+        }
+        Arc::new(Self {
+            name: config.name.clone(),
+            dialect,
+            links,
+            strategy,
+            turn: AtomicUsize::new(0),
+            timeout: config.request_timeout(),
+            acquirer_id: config.acquirer_id.clone().or(default_acquirer_id),
+        })
+    }
+
+    /// The endpoint's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The links, in configured order.
+    #[must_use]
+    pub fn links(&self) -> &[Arc<Link>] {
+        &self.links
+    }
+
+    /// Whether any link is ready.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.links.iter().any(|l| l.state() == LinkState::Ready)
+    }
+
+    /// Sends a terminal's request to the acquirer and waits for the answer.
+    pub async fn exchange(&self, request: &Message) -> Upstream {
+        let mut outgoing = request.clone();
+        if let Some(id) = &self.acquirer_id {
+            outgoing.set(32, id.as_bytes());
+        }
+        let mut excluded = 0u64;
+        let views: Vec<LinkView> = self.links.iter().map(|l| l.view()).collect();
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let Some(i) = self.strategy.choose(&views, turn, excluded) else {
+                return Upstream::NotSent;
+            };
+            excluded |= 1u64 << i;
+            let Some(link) = self.links.get(i) else {
+                return Upstream::NotSent;
+            };
+            let Some((stan, rx)) = link.submit(&self.dialect, outgoing.clone()) else {
+                continue;
+            };
+            return match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(mut reply)) => {
+                    if let Some(terminal_stan) = request.get(11) {
+                        reply.set(11, terminal_stan);
+                    }
+                    Upstream::Reply(reply)
+                }
+                Ok(Err(_)) => Upstream::Lost,
+                Err(_) => {
+                    if link.forget(stan) {
+                        link.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    Upstream::TimedOut
+                }
+            };
+        }
+    }
+
+    /// The terminal's response built from its request and the acquirer's reply.
+    #[must_use]
+    pub fn relay(request: &Message, reply: &Message) -> Option<Message> {
+        let mut out = request.response()?;
+        for &f in REPLY_FIELDS {
+            if let Some(v) = reply.get(f) {
+                out.set(f, v);
+            }
+        }
+        if !out.has(39) {
+            out.set_response_code(ResponseCode::SYSTEM_MALFUNCTION);
+        }
+        Some(out)
+    }
+}
+
+struct LinkTask {
+    link: Arc<Link>,
+    endpoint: String,
+    dialect: Dialect,
+    framing: Framing,
+    sign_on: bool,
+    echo_interval: Duration,
+    max_missed: u32,
+    reconnect: (Duration, Duration),
+    timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+/// Why a connection ended.
+enum Ended {
+    Shutdown,
+    Broken,
+}
+
+impl LinkTask {
+    async fn run(self, mut queue: mpsc::Receiver<Frame>) {
+        let mut backoff = self.reconnect.0;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let connected = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                c = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), TcpStream::connect(&self.link.addr)) => c,
+            };
+            match connected {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    backoff = self.reconnect.0;
+                    self.link
+                        .state
+                        .store(LinkState::Connected as u8, Ordering::Release);
+                    info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected");
+                    let ended = self
+                        .serve(
+                            Framed::new(stream, FrameCodec::new(self.framing)),
+                            &mut queue,
+                        )
+                        .await;
+                    self.link
+                        .state
+                        .store(LinkState::Disconnected as u8, Ordering::Release);
+                    self.link.fail_all();
+                    // Requests queued but not written: their waiters were just failed.
+                    while queue.try_recv().is_ok() {}
+                    if matches!(ended, Ended::Shutdown) {
+                        return;
+                    }
+                    warn!(endpoint = %self.endpoint, link = %self.link.addr, "link lost");
+                }
+                _ => debug!(endpoint = %self.endpoint, link = %self.link.addr, "connect failed"),
+            }
+            let jitter = Duration::from_millis(fastrand::u64(
+                0..=backoff.as_millis().try_into().unwrap_or(0) / 4 + 1,
+            ));
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff + jitter) => {}
+            }
+            backoff = (backoff * 2).min(self.reconnect.1);
+        }
+    }
+
+    fn network_message(&self, code: &str) -> (u32, Message) {
+        let stan = self.link.next_stan();
+        let (de7, _, _) = cardswitch_codec::clock::now_fields();
+        (
+            stan,
+            Message::builder(Mti::NETWORK_REQUEST)
+                .field(7, de7)
+                .stan(stan)
+                .field(70, code)
+                .build(),
+        )
+    }
+
+    async fn send_network(
+        &self,
+        framed: &mut Framed<TcpStream, FrameCodec>,
+        code: &str,
+    ) -> Option<u32> {
+        let (stan, msg) = self.network_message(code);
+        let body = self.dialect.encode_to_vec(&msg).ok()?;
+        framed.send(Frame::new(body)).await.ok()?;
+        Some(stan)
+    }
+
+    async fn serve(
+        &self,
+        mut framed: Framed<TcpStream, FrameCodec>,
+        queue: &mut mpsc::Receiver<Frame>,
+    ) -> Ended {
+        // Sign-on: 0800/001 answered 00 before any traffic.
+        if self.sign_on {
+            let Some(stan) = self.send_network(&mut framed, "001").await else {
+                return Ended::Broken;
+            };
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            loop {
+                let next = tokio::select! {
+                    () = self.shutdown.cancelled() => return Ended::Shutdown,
+                    n = tokio::time::timeout_at(deadline, framed.next()) => n,
+                };
+                let Ok(Some(Ok(frame))) = next else {
+                    warn!(endpoint = %self.endpoint, link = %self.link.addr, "sign-on not answered");
+                    return Ended::Broken;
+                };
+                let Ok(reply) = self.dialect.decode(&frame.body) else {
+                    continue;
+                };
+                if reply.mti() == Mti::NETWORK_RESPONSE && reply.stan() == Some(stan) {
+                    if reply.response_code() == Some(ResponseCode::APPROVED) {
+                        break;
+                    }
+                    warn!(endpoint = %self.endpoint, link = %self.link.addr, "sign-on refused");
+                    return Ended::Broken;
+                }
+            }
+        }
+        self.link
+            .state
+            .store(LinkState::Ready as u8, Ordering::Release);
+        info!(endpoint = %self.endpoint, link = %self.link.addr, "link ready");
+        let mut missed = 0u32;
+        let mut echo_stan: Option<u32> = None;
+        let mut idle = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.echo_interval,
+            self.echo_interval,
+        );
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    // Sign off; the reply is not awaited.
+                    let _ = self.send_network(&mut framed, "002").await;
+                    return Ended::Shutdown;
+                }
+                frame = queue.recv() => {
+                    let Some(frame) = frame else { return Ended::Shutdown };
+                    if framed.feed(frame).await.is_err() {
+                        return Ended::Broken;
+                    }
+                    // Write everything already queued in one flush.
+                    while let Ok(more) = queue.try_recv() {
+                        if framed.feed(more).await.is_err() {
+                            return Ended::Broken;
+                        }
+                    }
+                    if framed.flush().await.is_err() {
+                        return Ended::Broken;
+                    }
+                }
+                incoming = framed.next() => {
+                    let Some(Ok(frame)) = incoming else { return Ended::Broken };
+                    idle.reset();
+                    if frame.is_keepalive() {
+                        continue;
+                    }
+                    let Ok(reply) = self.dialect.decode(&frame.body) else {
+                        warn!(endpoint = %self.endpoint, link = %self.link.addr, "undecodable frame from acquirer");
+                        continue;
+                    };
+                    if reply.mti() == Mti::NETWORK_RESPONSE && reply.stan().is_some() && reply.stan() == echo_stan {
+                        missed = 0;
+                        echo_stan = None;
+                        continue;
+                    }
+                    if reply.mti() == Mti::NETWORK_REQUEST {
+                        // The acquirer's own echo or sign-on: answer it.
+                        if let Some(mut rsp) = reply.response_with(ResponseCode::APPROVED) {
+                            rsp.remove(39);
+                            rsp.set_response_code(ResponseCode::APPROVED);
+                            if let Ok(body) = self.dialect.encode_to_vec(&rsp) {
+                                let _ = framed.send(Frame::new(body)).await;
+                            }
+                        }
+                        continue;
+                    }
+                    if !self.link.deliver(reply) {
+                        // Late (already timed out) or never asked for. Reversal of an unmatched
+                        // approval comes with store-and-forward.
+                        warn!(endpoint = %self.endpoint, link = %self.link.addr, "unmatched reply from acquirer");
+                    }
+                }
+                _ = idle.tick() => {
+                    if echo_stan.is_some() {
+                        missed += 1;
+                        if missed >= self.max_missed {
+                            warn!(endpoint = %self.endpoint, link = %self.link.addr, missed, "echo tests missed; dropping link");
+                            return Ended::Broken;
+                        }
+                    }
+                    echo_stan = self.send_network(&mut framed, "301").await;
+                    if echo_stan.is_none() {
+                        return Ended::Broken;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The switch end to end over real sockets: terminal -> switch -> acquirer simulator and back.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cardswitch::config::Config;
+use cardswitch::server::Switch;
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{sample, Dialect, Message, Mti};
+use cardswitch_simulators::acquirer::{Faults, Latency};
+use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+async fn acquirer(rules: Rules) -> Acquirer {
+    Acquirer::start(AcquirerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        framing: Framing::default(),
+        rules,
+    })
+    .await
+    .unwrap()
+}
+
+/// A switch with one endpoint over `links`, routing 476173 there (541333 goes nowhere).
+async fn switch(links: &[String], timeout_ms: u64) -> Switch {
+    let links = links
+        .iter()
+        .map(|l| format!("\"{l}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+[switch]
+shutdown_grace_ms = 2000
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "acq"
+links = [{links}]
+acquirer_id = "123456"
+request_timeout_ms = {timeout_ms}
+reconnect_min_ms = 50
+reconnect_max_ms = 200
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#
+    );
+    let config = Config::from_toml(&text, Vec::new()).unwrap();
+    Switch::start(config).await.unwrap()
+}
+
+struct Terminal {
+    framed: Framed<TcpStream, FrameCodec>,
+    dialect: Dialect,
+}
+
+impl Terminal {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self {
+            framed: Framed::new(stream, FrameCodec::new(Framing::default())),
+            dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        }
+    }
+
+    async fn send(&mut self, msg: &Message) {
+        self.send_raw(self.dialect.encode_to_vec(msg).unwrap())
+            .await;
+    }
+
+    async fn send_raw(&mut self, body: Vec<u8>) {
+        self.framed.send(Frame::new(body)).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Message {
+        let frame = tokio::time::timeout(Duration::from_secs(5), self.framed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        self.dialect.decode(&frame.body).unwrap()
+    }
+
+    async fn exchange(&mut self, msg: &Message) -> Message {
+        self.send(msg).await;
+        self.recv().await
+    }
+}
+
+fn request(amount: u64, stan: u32) -> Message {
+    let mut m = sample::auth_request();
+    m.set_amount(amount);
+    m.set_stan(stan);
+    m
+}
+
+fn rc(msg: &Message) -> String {
+    msg.response_code().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn approve_decline_luhn_route_and_echo() {
+    let acq = acquirer(Rules::default_rules()).await;
+    let sw = switch(&[acq.local_addr().to_string()], 2000).await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+
+    let req = request(12_300, 101);
+    let reply = t.exchange(&req).await;
+    assert_eq!(reply.mti(), Mti::AUTH_RESPONSE);
+    assert_eq!(rc(&reply), "00");
+    assert_eq!(reply.auth_code().map(str::len), Some(6));
+    for f in [2, 3, 4, 7, 11, 37, 41, 49] {
+        assert_eq!(reply.get(f), req.get(f), "DE{f} echoed");
+    }
+    // The acquirer saw the switch's STAN, not the terminal's, and DE32 set by the endpoint.
+    let seen = acq.ledger();
+    assert_eq!(seen.len(), 1);
+    assert_ne!(seen[0].stan, "000101");
+
+    assert_eq!(
+        rc(&t.exchange(&request(12_351, 102)).await),
+        "51",
+        "decline passed through"
+    );
+
+    let mut bad_luhn = request(100, 103);
+    bad_luhn.set(2, b"4761739001010011");
+    assert_eq!(rc(&t.exchange(&bad_luhn).await), "14");
+
+    let mut no_route = request(100, 104);
+    no_route.set(2, b"5413330089020011");
+    no_route.set(35, b"5413330089020011=28122011143878089");
+    assert_eq!(rc(&t.exchange(&no_route).await), "15");
+
+    let echo = Message::builder(Mti::NETWORK_REQUEST)
+        .field(7, "1121093015")
+        .stan(105)
+        .field(70, "301")
+        .build();
+    let reply = t.exchange(&echo).await;
+    assert_eq!(
+        (reply.mti(), rc(&reply)),
+        (Mti::NETWORK_RESPONSE, "00".to_owned())
+    );
+    assert_eq!(
+        acq.ledger().len(),
+        2,
+        "checks that fail never reach the acquirer"
+    );
+
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn undecodable_request_gets_30_and_the_connection_survives() {
+    let acq = acquirer(Rules::default_rules()).await;
+    let sw = switch(&[acq.local_addr().to_string()], 2000).await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    let dialect = Dialect::builtin("iso87-ascii").unwrap();
+    // A letter in DE12, which comes after DE11: the MTI and the STAN still read.
+    let mut wire = dialect.encode_to_vec(&request(100, 201)).unwrap();
+    let at = wire.windows(10).position(|w| w == b"0930151121").unwrap();
+    wire[at] = b'X';
+    t.send_raw(wire).await;
+    let reply = t.recv().await;
+    assert_eq!(
+        (reply.mti(), rc(&reply), reply.stan()),
+        (Mti::AUTH_RESPONSE, "30".to_owned(), Some(201))
+    );
+    // Garbage with no readable MTI, and a message broken before its STAN (in DE7), are dropped;
+    // the connection carries on.
+    t.send_raw(b"\xFF\xFF".to_vec()).await;
+    let mut wire = dialect.encode_to_vec(&request(100, 202)).unwrap();
+    let at = wire.windows(10).position(|w| w == b"1121093015").unwrap();
+    wire[at] = b'X';
+    t.send_raw(wire).await;
+    assert_eq!(rc(&t.exchange(&request(100, 203)).await), "00");
+    assert_eq!(
+        sw.pipeline()
+            .counters
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn failover_to_the_next_link_and_91_when_none_is_ready() {
+    // A port nothing listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let acq = acquirer(Rules::default_rules()).await;
+    let sw = switch(&[dead.clone(), acq.local_addr().to_string()], 2000).await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    for stan in 1..=5 {
+        assert_eq!(rc(&t.exchange(&request(100, stan)).await), "00");
+    }
+    sw.shutdown().await;
+    acq.stop().await;
+
+    let sw = switch(&[dead], 2000).await;
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    let started = Instant::now();
+    assert_eq!(rc(&t.exchange(&request(100, 9)).await), "91");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "answered at once, not after the timeout"
+    );
+    sw.shutdown().await;
+}
+
+#[tokio::test]
+async fn acquirer_timeout_gets_91() {
+    let rules = Rules {
+        faults: Faults {
+            no_reply: 100.0,
+            ..Faults::default()
+        },
+        ..Rules::default_rules()
+    };
+    let acq = acquirer(rules).await;
+    // Sign-on must pass: the no-reply fault drops 0800s too, so sign on first, then turn it on.
+    acq.set_rules(Rules::default_rules());
+    let sw = switch(&[acq.local_addr().to_string()], 300).await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    acq.set_rules(Rules {
+        faults: Faults {
+            no_reply: 100.0,
+            ..Faults::default()
+        },
+        ..Rules::default_rules()
+    });
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    let started = Instant::now();
+    assert_eq!(rc(&t.exchange(&request(100, 1)).await), "91");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_answered_out_of_order_reach_the_right_request() {
+    let rules = Rules {
+        latency: Latency {
+            min_ms: 0,
+            max_ms: 30,
+        },
+        ..Rules::default_rules()
+    };
+    let acq = acquirer(rules).await;
+    let sw = switch(&[acq.local_addr().to_string()], 2000).await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    let mut sent = HashMap::new();
+    for stan in 1..=60u32 {
+        let amount = 1_000 + u64::from(stan) * 100;
+        sent.insert(stan, amount);
+        t.send(&request(amount, stan)).await;
+    }
+    let mut order = Vec::new();
+    for _ in 0..60 {
+        let reply = t.recv().await;
+        let stan = reply.stan().unwrap();
+        assert_eq!(reply.amount(), sent.remove(&stan), "STAN {stan}");
+        assert_eq!(rc(&reply), "00");
+        order.push(stan);
+    }
+    assert!(sent.is_empty());
+    assert!(
+        order.windows(2).any(|w| w[0] > w[1]),
+        "replies came back in order; the test needs them not to"
+    );
+    sw.shutdown().await;
+    acq.stop().await;
+}
