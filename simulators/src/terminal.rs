@@ -620,21 +620,27 @@ fn open_loop(
         senders.push(tx);
         tasks.push(tokio::spawn(open_connection(cfg.clone(), i, rx)));
     }
-    let scheduler = tokio::spawn(async move {
+    // The schedule runs on its own thread: `std::thread::sleep` wakes within tens of
+    // microseconds, where tokio's timer rounds to milliseconds and would send in bursts.
+    let scheduler = std::thread::spawn(move || {
         let start = Instant::now();
         let interval = Duration::from_nanos(1_000_000_000 / rate);
         let mut i: u32 = 0;
         while budget.take() {
             let intended = start + interval * i;
-            tokio::time::sleep_until(intended.into()).await;
-            let Some(tx) = senders.get(usize::try_from(i).unwrap_or(0) % senders.len()) else {
-                break;
-            };
-            if tx.send(intended).await.is_err() {
+            let now = Instant::now();
+            if intended > now {
+                std::thread::sleep(intended - now);
+            }
+            let Some(tx) = senders.get(usize::try_from(i).unwrap_or(0) % senders.len()) else { break };
+            if tx.blocking_send(intended).is_err() {
                 break;
             }
             i = i.wrapping_add(1);
         }
+    });
+    let scheduler = tokio::task::spawn_blocking(move || {
+        let _ = scheduler.join();
         Tally::new()
     });
     tasks.push(scheduler);
