@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod journal;
 pub mod pipeline;
 pub mod run;
 pub mod server;

@@ -7,12 +7,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cardswitch_codec::{Dialect, Message, ResponseCode};
 use cardswitch_routing::{check_mandatory, BinTable, Failure};
 use tracing::{debug, info_span, Instrument};
 
+use crate::journal::{DecidedBy, Journal};
 use crate::upstream::{Endpoint, Upstream};
 
 /// Counters of what the pipeline did.
@@ -31,17 +33,42 @@ pub struct Counters {
 pub struct Pipeline {
     bins: BinTable,
     endpoints: Vec<Arc<Endpoint>>,
+    journal: Journal,
     /// The pipeline's counters.
     pub counters: Counters,
 }
 
+/// How one request ended, before it is journaled.
+struct Outcome {
+    reply: Message,
+    decided_by: DecidedBy,
+    route: Option<String>,
+    endpoint: Option<String>,
+    link: Option<Arc<str>>,
+    upstream: Option<Duration>,
+}
+
+impl Outcome {
+    fn switch(reply: Message) -> Self {
+        Self {
+            reply,
+            decided_by: DecidedBy::Switch,
+            route: None,
+            endpoint: None,
+            link: None,
+            upstream: None,
+        }
+    }
+}
+
 impl Pipeline {
-    /// A pipeline over these routes and endpoints.
+    /// A pipeline over these routes and endpoints, journaling to `journal`.
     #[must_use]
-    pub fn new(bins: BinTable, endpoints: Vec<Arc<Endpoint>>) -> Self {
+    pub fn new(bins: BinTable, endpoints: Vec<Arc<Endpoint>>, journal: Journal) -> Self {
         Self {
             bins,
             endpoints,
+            journal,
             counters: Counters::default(),
         }
     }
@@ -52,58 +79,92 @@ impl Pipeline {
         &self.endpoints
     }
 
+    /// The journal.
+    #[must_use]
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
     fn endpoint(&self, name: &str) -> Option<&Arc<Endpoint>> {
         self.endpoints.iter().find(|e| e.name() == name)
     }
 
-    /// Handles one frame body from a terminal; the reply body, if any.
-    pub async fn handle(&self, dialect: &Dialect, body: &[u8]) -> Option<Bytes> {
+    /// Handles one frame body from a terminal of `listener`; the reply body, if any.
+    pub async fn handle(&self, listener: &str, dialect: &Dialect, body: &[u8]) -> Option<Bytes> {
+        let started = Instant::now();
+        let received_us = Journal::now_us();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let request = match dialect.decode(body) {
-            Ok(m) => m,
+        let (request, outcome) = match dialect.decode(body) {
+            Ok(request) => {
+                let span = info_span!("txn", mti = %request.mti(), stan = request.get_str(11).unwrap_or(""), rrn = request.rrn().unwrap_or(""), rc = tracing::field::Empty);
+                let outcome = self.process(&request).instrument(span.clone()).await;
+                if let Some(rc) = outcome.as_ref().and_then(|o| o.reply.response_code()) {
+                    span.record("rc", rc.as_str());
+                }
+                (request, outcome)
+            }
             Err(e) => {
                 debug!(error = %e, "undecodable request");
-                return self.format_error(dialect, body);
+                // A 30 when the MTI and STAN can be read; otherwise counted and dropped.
+                let Some(partial) = dialect.decode_partial(body).filter(|p| p.has(11)) else {
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                };
+                let outcome = partial
+                    .response_with(Failure::Format.response_code())
+                    .map(Outcome::switch);
+                (partial, outcome)
             }
         };
-        let span = info_span!("txn", mti = %request.mti(), stan = request.get_str(11).unwrap_or(""), rrn = request.rrn().unwrap_or(""), rc = tracing::field::Empty);
-        let reply = self.process(&request).instrument(span.clone()).await?;
-        if let Some(rc) = reply.response_code() {
-            span.record("rc", rc.as_str());
+        let mut outcome = outcome?;
+        if matches!(request.mti().class(), 1 | 2 | 4 | 5) {
+            let mut row = self.journal.row(
+                listener,
+                dialect,
+                &request,
+                &outcome.reply,
+                outcome.decided_by,
+                received_us,
+                started.elapsed(),
+            );
+            row.route = outcome.route.take();
+            row.endpoint = outcome.endpoint.take();
+            row.link = outcome.link.take().map(|l| l.to_string());
+            row.t_upstream_us = outcome
+                .upstream
+                .and_then(|d| i64::try_from(d.as_micros()).ok());
+            if !self.journal.record(row).await && self.journal.is_durable() {
+                // Never approve what is not recorded. (An acquirer approval here needs a reversal:
+                // that comes with store-and-forward.)
+                outcome
+                    .reply
+                    .set_response_code(Failure::JournalUnavailable.response_code());
+                outcome.reply.remove(38);
+            }
         }
-        let out = dialect.encode_to_vec(&reply).ok().map(Bytes::from);
+        let out = dialect.encode_to_vec(&outcome.reply).ok().map(Bytes::from);
         if out.is_some() {
             self.counters.replied.fetch_add(1, Ordering::Relaxed);
         }
         out
     }
 
-    /// A 30 reply for a frame that does not decode, when its MTI and STAN can be read.
-    fn format_error(&self, dialect: &Dialect, body: &[u8]) -> Option<Bytes> {
-        let reply = dialect
-            .decode_partial(body)
-            .filter(|partial| partial.has(11))
-            .and_then(|partial| partial.response_with(ResponseCode::FORMAT_ERROR));
-        let Some(reply) = reply else {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        };
-        self.counters.replied.fetch_add(1, Ordering::Relaxed);
-        dialect.encode_to_vec(&reply).ok().map(Bytes::from)
-    }
-
-    async fn process(&self, request: &Message) -> Option<Message> {
+    async fn process(&self, request: &Message) -> Option<Outcome> {
         let mti = request.mti();
         if !mti.is_request() {
             // A response from a terminal answers nothing the switch asked.
             return None;
         }
-        let fail = |f: Failure| request.response_with(f.response_code());
+        let fail = |f: Failure| {
+            request
+                .response_with(f.response_code())
+                .map(Outcome::switch)
+        };
         if check_mandatory(request).is_err() {
             return fail(Failure::Format);
         }
         match mti.class() {
-            8 => return self.network(request),
+            8 => return self.network(request).map(Outcome::switch),
             1 | 2 | 4 => {}
             _ => return fail(Failure::Unsupported),
         }
@@ -120,20 +181,46 @@ impl Pipeline {
             return fail(Failure::NoRoute);
         };
         let candidates = std::iter::once(&route.endpoint).chain(route.fallback.iter());
+        let mut last = None;
         for name in candidates {
             let Some(endpoint) = self.endpoint(name) else {
                 continue;
             };
-            match endpoint.exchange(request).await {
-                Upstream::Reply(reply) => return crate::upstream::Endpoint::relay(request, &reply),
+            last = Some(name.clone());
+            let asked = Instant::now();
+            let result = endpoint.exchange(request).await;
+            let waited = Some(asked.elapsed());
+            let (reply, decided_by, link) = match result {
+                Upstream::Reply(reply, link) => {
+                    (Endpoint::relay(request, &reply)?, DecidedBy::Acquirer, link)
+                }
                 // Never written: the fallback may take it.
                 Upstream::NotSent => continue,
                 // Outcome unknown: never sent again. (Automatic reversal hooks in here.)
-                Upstream::Lost => return fail(Failure::Unavailable),
-                Upstream::TimedOut => return fail(Failure::Timeout),
-            }
+                Upstream::Lost(link) => (
+                    request.response_with(Failure::Unavailable.response_code())?,
+                    DecidedBy::Switch,
+                    link,
+                ),
+                Upstream::TimedOut(link) => (
+                    request.response_with(Failure::Timeout.response_code())?,
+                    DecidedBy::Timeout,
+                    link,
+                ),
+            };
+            return Some(Outcome {
+                reply,
+                decided_by,
+                route: Some(route.prefix.clone()),
+                endpoint: Some(name.clone()),
+                link: Some(link),
+                upstream: waited,
+            });
         }
-        fail(Failure::Unavailable)
+        let mut out = fail(Failure::Unavailable)?;
+        out.route = Some(route.prefix.clone());
+        out.endpoint = last;
+        Some(out)
     }
 
     /// 0800 from a terminal: echo, sign-on and sign-off are answered by the switch.

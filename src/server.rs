@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::{ListenerConfig, Validated};
+use crate::journal::Journal;
 use crate::pipeline::Pipeline;
 use crate::upstream::Endpoint;
 
@@ -40,6 +41,8 @@ pub struct Switch {
     stop_links: CancellationToken,
     sessions: TaskTracker,
     links: TaskTracker,
+    writer: TaskTracker,
+    journal: Journal,
     grace: Duration,
 }
 
@@ -61,6 +64,7 @@ impl Switch {
         let stop_links = CancellationToken::new();
         let links = TaskTracker::new();
         let sessions = TaskTracker::new();
+        let writer = TaskTracker::new();
         let cfg = &config.config;
         let endpoints: Vec<Arc<Endpoint>> = cfg
             .endpoints
@@ -78,7 +82,12 @@ impl Switch {
                 )
             })
             .collect();
-        let pipeline = Arc::new(Pipeline::new(config.bins.clone(), endpoints));
+        let journal = Journal::start(&cfg.journal, &cfg.switch.node, &writer).await?;
+        let pipeline = Arc::new(Pipeline::new(
+            config.bins.clone(),
+            endpoints,
+            journal.clone(),
+        ));
         let mut bound = Vec::new();
         for (l, (dialect, framing)) in cfg.listeners.iter().zip(&config.listeners) {
             let listener = TcpListener::bind(l.address)
@@ -105,6 +114,8 @@ impl Switch {
             stop_links,
             sessions,
             links,
+            writer,
+            journal,
             grace: Duration::from_millis(cfg.switch.shutdown_grace_ms),
         })
     }
@@ -145,9 +156,15 @@ impl Switch {
         {
             warn!("shutdown grace period over with transactions still in flight");
         }
+        self.journal.flush().await;
         self.stop_links.cancel();
         self.links.close();
         self.links.wait().await;
+        // The pipeline holds the last journal handle: dropping both ends the writer.
+        drop(self.pipeline);
+        drop(self.journal);
+        self.writer.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.writer.wait()).await;
         info!("stopped");
     }
 }
@@ -251,10 +268,15 @@ async fn session(
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
             break;
         };
-        let (pipeline, tx, dialect) = (Arc::clone(&pipeline), tx.clone(), ctx.dialect.clone());
+        let (pipeline, tx, dialect, listener) = (
+            Arc::clone(&pipeline),
+            tx.clone(),
+            ctx.dialect.clone(),
+            ctx.name.clone(),
+        );
         tracker.spawn(
             async move {
-                if let Some(body) = pipeline.handle(&dialect, &frame.body).await {
+                if let Some(body) = pipeline.handle(&listener, &dialect, &frame.body).await {
                     let tpdu = frame.tpdu.map(cardswitch_codec::framing::Tpdu::swapped);
                     let _ = tx.send(Frame { tpdu, body }).await;
                 }

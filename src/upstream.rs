@@ -63,14 +63,14 @@ impl LinkState {
 /// What became of a request handed to an endpoint.
 #[derive(Debug)]
 pub enum Upstream {
-    /// The acquirer's reply (DE11 restored to the terminal's).
-    Reply(Message),
+    /// The acquirer's reply (DE11 restored to the terminal's), and the link it came over.
+    Reply(Message, Arc<str>),
     /// No link could take it; it was never written anywhere.
     NotSent,
-    /// Written, then the connection was lost before the reply: outcome unknown.
-    Lost,
-    /// Written, no reply within the endpoint's timeout: outcome unknown.
-    TimedOut,
+    /// Written on this link, then the connection was lost before the reply: outcome unknown.
+    Lost(Arc<str>),
+    /// Written on this link, no reply within the endpoint's timeout: outcome unknown.
+    TimedOut(Arc<str>),
 }
 
 struct Pending {
@@ -80,7 +80,7 @@ struct Pending {
 
 /// One connection to an acquirer host.
 pub struct Link {
-    addr: String,
+    addr: Arc<str>,
     state: AtomicU8,
     in_flight: AtomicU32,
     cap: u32,
@@ -232,7 +232,7 @@ impl Endpoint {
             let (tx, rx) =
                 mpsc::channel(usize::try_from(config.max_in_flight_per_link).unwrap_or(512));
             let link = Arc::new(Link {
-                addr: addr.clone(),
+                addr: Arc::from(addr.as_str()),
                 state: AtomicU8::new(LinkState::Disconnected as u8),
                 in_flight: AtomicU32::new(0),
                 cap: config.max_in_flight_per_link,
@@ -312,14 +312,14 @@ impl Endpoint {
                     if let Some(terminal_stan) = request.get(11) {
                         reply.set(11, terminal_stan);
                     }
-                    Upstream::Reply(reply)
+                    Upstream::Reply(reply, Arc::clone(&link.addr))
                 }
-                Ok(Err(_)) => Upstream::Lost,
+                Ok(Err(_)) => Upstream::Lost(Arc::clone(&link.addr)),
                 Err(_) => {
                     if link.forget(stan) {
                         link.in_flight.fetch_sub(1, Ordering::Relaxed);
                     }
-                    Upstream::TimedOut
+                    Upstream::TimedOut(Arc::clone(&link.addr))
                 }
             };
         }
@@ -369,7 +369,7 @@ impl LinkTask {
             }
             let connected = tokio::select! {
                 () = self.shutdown.cancelled() => return,
-                c = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), TcpStream::connect(&self.link.addr)) => c,
+                c = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), TcpStream::connect(&*self.link.addr)) => c,
             };
             match connected {
                 Ok(Ok(stream)) => {

@@ -38,6 +38,8 @@ async fn switch(links: &[String], timeout_ms: u64) -> Switch {
         r#"
 [switch]
 shutdown_grace_ms = 2000
+[journal]
+url = "sqlite::memory:"
 [[listeners]]
 name = "pos"
 address = "127.0.0.1:0"

@@ -632,7 +632,9 @@ fn open_loop(
             if intended > now {
                 std::thread::sleep(intended - now);
             }
-            let Some(tx) = senders.get(usize::try_from(i).unwrap_or(0) % senders.len()) else { break };
+            let Some(tx) = senders.get(usize::try_from(i).unwrap_or(0) % senders.len()) else {
+                break;
+            };
             if tx.blocking_send(intended).is_err() {
                 break;
             }

@@ -1,0 +1,351 @@
+//! The journal through the running switch, on a real PostgreSQL and on the embedded SQLite:
+//! one row per transaction with the right codes and who decided them, no card data in clear,
+//! rows kept across a restart, and (PostgreSQL) 96 while the journal cannot be written, then
+//! recovery by itself.
+//!
+//! PostgreSQL: `TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; each test
+//! works in a schema of its own.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use cardswitch::config::Config;
+use cardswitch::journal::Backend;
+use cardswitch::server::Switch;
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{sample, Dialect, Message};
+use cardswitch_simulators::acquirer::Faults;
+use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use futures_util::{SinkExt, StreamExt};
+use sqlx::Row as _;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+fn pg_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh PostgreSQL schema; the URL selects it through `search_path`.
+async fn pg_schema(name: &str) -> String {
+    let schema = format!("cs_{name}_{}_{}", std::process::id(), fastrand::u32(..));
+    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sep = if pg_url().contains('?') { '&' } else { '?' };
+    format!("{}{sep}options=-csearch_path%3D{schema}", pg_url())
+}
+
+fn sqlite_url(name: &str) -> (String, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!(
+        "cardswitch-{name}-{}-{}.db",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    (format!("sqlite://{}", path.display()), path)
+}
+
+async fn acquirer() -> Acquirer {
+    Acquirer::start(AcquirerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        framing: Framing::default(),
+        rules: Rules::default_rules(),
+    })
+    .await
+    .unwrap()
+}
+
+async fn switch(journal_url: &str, acquirer: &Acquirer, mode: &str) -> Switch {
+    let text = format!(
+        r#"
+[switch]
+node = "test-node"
+[journal]
+url = "{journal_url}"
+mode = "{mode}"
+pan_hmac_key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "acq"
+links = ["{}"]
+request_timeout_ms = 300
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#,
+        acquirer.local_addr()
+    );
+    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
+        .await
+        .unwrap();
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    sw
+}
+
+async fn exchange(sw: &Switch, msg: &Message) -> String {
+    let stream = TcpStream::connect(sw.listener_addrs()[0]).await.unwrap();
+    let mut framed = Framed::new(stream, FrameCodec::new(Framing::default()));
+    let dialect = Dialect::builtin("iso87-ascii").unwrap();
+    framed
+        .send(Frame::new(dialect.encode_to_vec(msg).unwrap()))
+        .await
+        .unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), framed.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    dialect
+        .decode(&frame.body)
+        .unwrap()
+        .response_code()
+        .unwrap()
+        .to_string()
+}
+
+fn request(amount: u64, stan: u32) -> Message {
+    let mut m = sample::auth_request();
+    m.set_amount(amount);
+    m.set_stan(stan);
+    m
+}
+
+/// Every column of every row, as text.
+async fn rows(backend: &Backend) -> Vec<Vec<(String, String)>> {
+    const TEXT: &[&str] = &[
+        "node",
+        "listener",
+        "mti",
+        "stan",
+        "rrn",
+        "transmission_time",
+        "terminal_id",
+        "merchant_id",
+        "pan_masked",
+        "pan_hmac",
+        "currency",
+        "route",
+        "endpoint",
+        "link",
+        "response_code",
+        "decided_by",
+        "auth_code",
+        "request_summary",
+        "reply_summary",
+    ];
+    const NUMBERS: &[&str] = &[
+        "id",
+        "received_us",
+        "amount_minor",
+        "t_upstream_us",
+        "t_total_us",
+    ];
+    let exprs: Vec<String> = TEXT
+        .iter()
+        .map(|c| format!("COALESCE({c}, '')"))
+        .chain(
+            NUMBERS
+                .iter()
+                .map(|c| format!("COALESCE(CAST({c} AS TEXT), '')")),
+        )
+        .collect();
+    let names: Vec<&str> = TEXT.iter().chain(NUMBERS).copied().collect();
+    let sql = format!("SELECT {} FROM transactions ORDER BY id", exprs.join(", "));
+    macro_rules! fetch {
+        ($pool:expr) => {
+            sqlx::query(&sql)
+                .fetch_all($pool)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| ((*n).to_owned(), r.get::<String, _>(i)))
+                        .collect()
+                })
+                .collect()
+        };
+    }
+    match backend {
+        Backend::Postgres(p) => fetch!(p),
+        Backend::Sqlite(p) => fetch!(p),
+    }
+}
+
+fn col<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
+    &row.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+async fn one_row_per_transaction_and_no_card_data(url: &str) {
+    let acq = acquirer().await;
+    let sw = switch(url, &acq, "durable").await;
+    assert_eq!(exchange(&sw, &request(10_000, 1)).await, "00");
+    assert_eq!(exchange(&sw, &request(10_051, 2)).await, "51");
+    let mut bad = request(100, 3);
+    bad.set(2, b"4761739001010011");
+    assert_eq!(exchange(&sw, &bad).await, "14");
+    let mut unrouted = request(100, 4);
+    unrouted.set(2, b"5413330089020011");
+    unrouted.remove(35);
+    assert_eq!(exchange(&sw, &unrouted).await, "15");
+    acq.set_rules(Rules {
+        faults: Faults {
+            no_reply: 100.0,
+            ..Faults::default()
+        },
+        ..Rules::default_rules()
+    });
+    assert_eq!(exchange(&sw, &request(100, 5)).await, "91");
+    acq.set_rules(Rules::default_rules());
+    let backend = sw.pipeline().journal().backend().clone();
+    let all = rows(&backend).await;
+    assert_eq!(all.len(), 5);
+    let expect = [
+        ("000001", "00", "acquirer", "acq"),
+        ("000002", "51", "acquirer", "acq"),
+        ("000003", "14", "switch", ""),
+        ("000004", "15", "switch", ""),
+        ("000005", "91", "timeout", "acq"),
+    ];
+    for (row, (stan, rc, by, endpoint)) in all.iter().zip(expect) {
+        assert_eq!(
+            (
+                col(row, "stan"),
+                col(row, "response_code"),
+                col(row, "decided_by"),
+                col(row, "endpoint")
+            ),
+            (stan, rc, by, endpoint)
+        );
+        assert_eq!(col(row, "node"), "test-node");
+        assert_eq!(col(row, "listener"), "pos");
+        assert_eq!(col(row, "pan_hmac").len(), 64);
+        assert!(col(row, "t_total_us").parse::<i64>().unwrap() > 0);
+    }
+    assert_eq!(col(&all[0], "pan_masked"), "476173******0010");
+    assert_eq!(col(&all[0], "amount_minor"), "10000");
+    assert_eq!(col(&all[0], "currency"), "826");
+    assert_eq!(col(&all[0], "auth_code").len(), 6);
+    assert_eq!(col(&all[0], "route"), "476173");
+    assert_eq!(col(&all[0], "link"), acq.local_addr().to_string());
+    // The same PAN hashes the same under the same key.
+    assert_eq!(col(&all[0], "pan_hmac"), col(&all[1], "pan_hmac"));
+    // No column of any row holds a full PAN, track data, the PIN block or DE55 tag data.
+    for row in &all {
+        for (name, value) in row {
+            for secret in [
+                "4761739001010010",
+                "4761739001010011",
+                "5413330089020011",
+                "=28122011143878089",
+                "041277CDDEEFF669",
+                "041277cddeeff669",
+            ] {
+                assert!(
+                    !value.contains(secret),
+                    "column {name} holds {secret}: {value}"
+                );
+            }
+        }
+    }
+    sw.shutdown().await;
+
+    // Restart on the same database: earlier rows stay, new ones follow with later ids.
+    let sw = switch(url, &acq, "durable").await;
+    assert_eq!(exchange(&sw, &request(200, 6)).await, "00");
+    let after = rows(sw.pipeline().journal().backend()).await;
+    assert_eq!(after.len(), 6);
+    assert_eq!(col(&after[5], "stan"), "000006");
+    assert!(
+        col(&after[5], "id").parse::<i64>().unwrap() > col(&after[4], "id").parse::<i64>().unwrap()
+    );
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_journal_rows() {
+    one_row_per_transaction_and_no_card_data(&pg_schema("rows").await).await;
+}
+
+#[tokio::test]
+async fn sqlite_journal_rows() {
+    let (url, path) = sqlite_url("rows");
+    one_row_per_transaction_and_no_card_data(&url).await;
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn durable_mode_answers_96_while_the_journal_is_down_and_recovers() {
+    let url = pg_schema("outage").await;
+    let acq = acquirer().await;
+    let sw = switch(&url, &acq, "durable").await;
+    assert_eq!(exchange(&sw, &request(100, 1)).await, "00");
+    let Backend::Postgres(pool) = sw.pipeline().journal().backend().clone() else {
+        panic!("postgres")
+    };
+    sqlx::query("ALTER TABLE transactions RENAME TO transactions_away")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        exchange(&sw, &request(100, 2)).await,
+        "96",
+        "an approval that cannot be recorded is not given"
+    );
+    assert_eq!(exchange(&sw, &request(100, 3)).await, "96");
+    sqlx::query("ALTER TABLE transactions_away RENAME TO transactions")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        exchange(&sw, &request(100, 4)).await,
+        "00",
+        "recovered by itself"
+    );
+    let all = rows(sw.pipeline().journal().backend()).await;
+    let got: Vec<(&str, &str, &str)> = all
+        .iter()
+        .map(|r| {
+            (
+                col(r, "stan"),
+                col(r, "response_code"),
+                col(r, "decided_by"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("000001", "00", "acquirer"),
+            ("000002", "96", "switch"),
+            ("000003", "96", "switch"),
+            ("000004", "00", "acquirer")
+        ],
+        "the rows written late say what the terminal was told"
+    );
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn async_mode_replies_first_and_writes_after() {
+    let url = pg_schema("async").await;
+    let acq = acquirer().await;
+    let sw = switch(&url, &acq, "async").await;
+    for stan in 1..=20 {
+        assert_eq!(exchange(&sw, &request(100, stan)).await, "00");
+    }
+    sw.pipeline().journal().flush().await;
+    assert_eq!(rows(sw.pipeline().journal().backend()).await.len(), 20);
+    sw.shutdown().await;
+    acq.stop().await;
+}
