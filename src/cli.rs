@@ -18,6 +18,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the switch.
     Run(RunArgs),
+    /// A working demo: the switch, two acquirer simulators and a terminal simulator, no services needed.
+    Demo,
     /// Decode one message from hex and print its fields, card data masked.
     Decode(DecodeArgs),
     /// Encode a message from JSON (the shape `decode --json` prints) and print it as hex.

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match cli.command {
+        Command::Demo => runtime().and_then(|rt| rt.block_on(cardswitch::demo::run(&mut out))),
         Command::Run(args) => {
             runtime().and_then(|rt| rt.block_on(cardswitch::run::run(args, &mut out)))
         }
