@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::Result;
 use cardswitch_codec::framing::{Framing, LengthPrefix};
 use cardswitch_codec::Dialect;
-use cardswitch_simulators::{terminal, Acquirer, AcquirerConfig, Load, Rules, Stop, TerminalConfig};
+use cardswitch_simulators::{
+    terminal, Acquirer, AcquirerConfig, Load, Rules, Stop, TerminalConfig,
+};
 
 use crate::config::Config;
 use crate::server::Switch;
@@ -72,7 +74,11 @@ endpoint = "acquirer-b"
     );
     let switch = Switch::start(Config::from_toml(&text, Vec::new())?).await?;
     switch.wait_ready(Duration::from_secs(5)).await;
-    let target = switch.listener_addrs().first().copied().ok_or_else(|| anyhow::anyhow!("no listener"))?;
+    let target = switch
+        .listener_addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("no listener"))?;
     writeln!(out, "cardswitch demo: terminals -> {target} -> acquirer A {} (iso87-ascii) and B {} (iso87-bcd)", acquirer_a.local_addr(), acquirer_b.local_addr())?;
     writeln!(out, "journal: {} | Ctrl-C to stop", journal.display())?;
     out.flush()?;
@@ -83,7 +89,10 @@ endpoint = "acquirer-b"
             target,
             dialect: Dialect::builtin("iso87-ascii")?,
             framing: Framing::default(),
-            load: Load::Open { rate: RATE, connections: 4 },
+            load: Load::Open {
+                rate: RATE,
+                connections: 4,
+            },
             stop: Stop::After(Duration::from_secs(1)),
             timeout: Duration::from_secs(5),
             bins: vec!["476173".into(), "541333".into()],

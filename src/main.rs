@@ -7,6 +7,11 @@ use clap::Parser;
 
 use cardswitch::cli::{Cli, Command};
 
+// Every transaction allocates a little (messages, rows, summaries); glibc's allocator showed up as
+// a quarter of the switch's CPU under load, mimalloc does the same work in a fraction of it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()

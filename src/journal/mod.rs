@@ -141,12 +141,15 @@ impl Backend {
                     copy_line(&mut buf, node, r);
                 }
                 let mut conn = p.acquire().await?;
-                let mut copy = conn.copy_in_raw(&format!("COPY transactions ({COLUMNS}) FROM STDIN")).await?;
+                let mut copy = conn
+                    .copy_in_raw(&format!("COPY transactions ({COLUMNS}) FROM STDIN"))
+                    .await?;
                 copy.send(buf.into_bytes()).await?;
                 copy.finish().await.map(|_| ())
             }
             Self::Sqlite(p) => {
-                let mut q: QueryBuilder<sqlx::Sqlite> = QueryBuilder::new(format!("INSERT INTO transactions ({COLUMNS}) "));
+                let mut q: QueryBuilder<sqlx::Sqlite> =
+                    QueryBuilder::new(format!("INSERT INTO transactions ({COLUMNS}) "));
                 q.push_values(rows, |mut b, r| {
                     b.push_bind(r.id)
                         .push_bind(node)
@@ -194,6 +197,13 @@ fn copy_line(buf: &mut String, node: &str, r: &Row) {
     fn text(buf: &mut String, v: Option<&str>) {
         match v {
             None => buf.push_str("\\N"),
+            Some(v)
+                if !v
+                    .bytes()
+                    .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+            {
+                buf.push_str(v)
+            }
             Some(v) => {
                 for c in v.chars() {
                     match c {
@@ -462,20 +472,9 @@ impl Journal {
     }
 }
 
-/// The masked field list of a message, as JSON (`{"2": "476173******0010", "3": "000000", ...}`).
+/// The masked field list of a message, as JSON (`{"mti":"0100","2":"476173******0010",...}`).
 fn summary(dialect: &Dialect, msg: &Message) -> String {
-    let mut map = serde_json::Map::new();
-    map.insert(
-        "mti".into(),
-        serde_json::Value::String(msg.mti().to_string()),
-    );
-    for view in msg.describe(dialect) {
-        map.insert(
-            view.number.to_string(),
-            serde_json::Value::String(view.value),
-        );
-    }
-    serde_json::Value::Object(map).to_string()
+    msg.summary_json(dialect)
 }
 
 struct Writer {
