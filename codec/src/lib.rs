@@ -31,6 +31,6 @@ pub use builtin::{BUILTIN_DIALECTS, DEFAULT_DIALECT};
 pub use describe::{default_sensitivity, FieldView};
 pub use error::{DecodeError, Element, EncodeError, SpecError};
 pub use message::{Message, MessageBuilder, RESPONSE_ECHO_FIELDS};
-pub use sensitive::{KeyMaterial, Mac, MaskedPan, Pan, PinBlock, TrackData};
+pub use sensitive::{luhn_digit, KeyMaterial, Mac, MaskedPan, Pan, PinBlock, TrackData};
 pub use spec::{Dialect, FieldSpec, Format, LengthKind};
 pub use types::{Mti, MtiError, ProcessingCode, ResponseCode};

@@ -24,6 +24,27 @@ pub enum PanError {
     NotNumeric(usize),
 }
 
+/// The Luhn check digit for a string of ASCII digits (the PAN without its last digit); `None`
+/// when it holds anything but digits.
+#[must_use]
+pub fn luhn_digit(body: &[u8]) -> Option<u8> {
+    let mut sum = 0u32;
+    for (i, &b) in body.iter().rev().enumerate() {
+        let d = u32::from(b.checked_sub(b'0').filter(|d| *d < 10)?);
+        sum += if i % 2 == 0 {
+            let dd = d * 2;
+            if dd > 9 {
+                dd - 9
+            } else {
+                dd
+            }
+        } else {
+            d
+        };
+    }
+    u8::try_from((10 - sum % 10) % 10).ok()
+}
+
 /// A primary account number. Shows as `411111******1111`.
 ///
 /// Held inline (no heap) and zeroed on drop.
@@ -85,26 +106,11 @@ impl Pan {
     /// Whether the Luhn check digit is right.
     #[must_use]
     pub fn luhn_valid(&self) -> bool {
-        let sum: u32 = self
-            .expose()
-            .bytes()
-            .rev()
-            .enumerate()
-            .map(|(i, b)| {
-                let d = u32::from(b - b'0');
-                if i % 2 == 1 {
-                    let dd = d * 2;
-                    if dd > 9 {
-                        dd - 9
-                    } else {
-                        dd
-                    }
-                } else {
-                    d
-                }
-            })
-            .sum();
-        self.len > 1 && sum % 10 == 0
+        let digits = self.expose().as_bytes();
+        match digits.split_last() {
+            Some((&last, body)) if !body.is_empty() => luhn_digit(body) == Some(last - b'0'),
+            _ => false,
+        }
     }
 
     /// The masked form, which is not card data and may be stored and logged.

@@ -228,25 +228,8 @@ impl std::fmt::Debug for Generator {
 /// Appends the Luhn check digit to `digits`.
 #[must_use]
 pub fn with_luhn(digits: &str) -> String {
-    let sum: u32 = digits
-        .bytes()
-        .rev()
-        .enumerate()
-        .map(|(i, b)| {
-            let d = u32::from(b - b'0');
-            if i % 2 == 0 {
-                let dd = d * 2;
-                if dd > 9 {
-                    dd - 9
-                } else {
-                    dd
-                }
-            } else {
-                d
-            }
-        })
-        .sum();
-    format!("{digits}{}", (10 - sum % 10) % 10)
+    let check = cardswitch_codec::luhn_digit(digits.as_bytes()).unwrap_or(0);
+    format!("{digits}{check}")
 }
 
 impl Generator {
