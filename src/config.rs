@@ -18,6 +18,8 @@ use cardswitch_codec::Dialect;
 use cardswitch_routing::{BinTable, Route, Strategy};
 use serde::Deserialize;
 
+use crate::tls::{Acceptor, ClientTls, Connector, ServerTls};
+
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "CARDSWITCH__";
 /// Where the journal URL comes from when the file has none.
@@ -157,6 +159,9 @@ pub struct ListenerConfig {
     /// Most requests one connection may have in flight.
     #[serde(default = "default_pipeline")]
     pub max_in_flight_per_connection: usize,
+    /// TLS: server certificate and key, optional client CA.
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
 }
 
 fn default_dialect() -> String {
@@ -213,6 +218,9 @@ pub struct EndpointConfig {
     /// Longest reconnection delay, in milliseconds.
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max_ms: u64,
+    /// TLS: CA to trust, optional server name and client certificate.
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
 }
 
 fn default_strategy() -> String {
@@ -258,10 +266,10 @@ pub struct RouteConfig {
 pub struct Validated {
     /// The configuration as read.
     pub config: Config,
-    /// Listener dialects and framings, in listener order.
-    pub listeners: Vec<(Dialect, Framing)>,
-    /// Endpoint dialects, framings and strategies, in endpoint order.
-    pub endpoints: Vec<(Dialect, Framing, Strategy)>,
+    /// Listener dialects, framings and TLS acceptors, in listener order.
+    pub listeners: Vec<(Dialect, Framing, Option<Acceptor>)>,
+    /// Endpoint dialects, framings, strategies and TLS connectors, in endpoint order.
+    pub endpoints: Vec<(Dialect, Framing, Strategy, Option<Connector>)>,
     /// The routing table.
     pub bins: BinTable,
 }
@@ -340,7 +348,13 @@ impl Config {
             if l.max_connections == 0 || l.max_in_flight_per_connection == 0 {
                 bail!("listener {}: max_connections and max_in_flight_per_connection must be positive", l.name);
             }
-            listeners.push((dialect, framing));
+            let tls = l
+                .tls
+                .as_ref()
+                .map(ServerTls::acceptor)
+                .transpose()
+                .with_context(|| format!("listener {}: tls", l.name))?;
+            listeners.push((dialect, framing, tls));
         }
         let mut endpoints = Vec::new();
         for e in &self.endpoints {
@@ -371,7 +385,13 @@ impl Config {
                     bail!("endpoint {}: acquirer_id must be 1 to 11 digits", e.name);
                 }
             }
-            endpoints.push((dialect, framing, strategy));
+            let tls = e
+                .tls
+                .as_ref()
+                .map(ClientTls::connector)
+                .transpose()
+                .with_context(|| format!("endpoint {}: tls", e.name))?;
+            endpoints.push((dialect, framing, strategy, tls));
         }
         let known: HashSet<&str> = self.endpoints.iter().map(|e| e.name.as_str()).collect();
         for r in &self.routes {

@@ -35,6 +35,7 @@ pub async fn run(out: &mut dyn Write) -> Result<()> {
                 dialect: dialect?,
                 framing: Framing::with_prefix(prefix),
                 rules: Rules::default_rules(),
+                tls: None,
             })
             .await
         }

@@ -12,5 +12,6 @@ pub mod pipeline;
 pub mod run;
 pub mod server;
 pub mod sim;
+pub mod tls;
 pub mod tools;
 pub mod upstream;

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
 use cardswitch_codec::Dialect;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::config::{ListenerConfig, Validated};
 use crate::journal::Journal;
 use crate::pipeline::Pipeline;
+use crate::tls::Acceptor;
 use crate::upstream::Endpoint;
 
 /// A started switch.
@@ -48,6 +49,7 @@ pub struct Switch {
 
 struct ListenerCtx {
     name: String,
+    tls: Option<Acceptor>,
     dialect: Dialect,
     framing: Framing,
     idle: Duration,
@@ -70,12 +72,13 @@ impl Switch {
             .endpoints
             .iter()
             .zip(&config.endpoints)
-            .map(|(e, (dialect, framing, strategy))| {
+            .map(|(e, (dialect, framing, strategy, tls))| {
                 Endpoint::start(
                     e,
                     dialect.clone(),
                     *framing,
                     *strategy,
+                    tls.clone(),
                     cfg.switch.acquirer_id.clone(),
                     &stop_links,
                     &links,
@@ -89,14 +92,14 @@ impl Switch {
             journal.clone(),
         ));
         let mut bound = Vec::new();
-        for (l, (dialect, framing)) in cfg.listeners.iter().zip(&config.listeners) {
+        for (l, (dialect, framing, tls)) in cfg.listeners.iter().zip(&config.listeners) {
             let listener = TcpListener::bind(l.address)
                 .await
                 .with_context(|| format!("listener {}: binding {}", l.name, l.address))?;
             let addr = listener.local_addr()?;
             info!(listener = %l.name, %addr, dialect = dialect.name(), "listening");
             bound.push(addr);
-            let ctx = Arc::new(ctx(l, dialect.clone(), *framing));
+            let ctx = Arc::new(ctx(l, dialect.clone(), *framing, tls.clone()));
             let limit = Arc::new(Semaphore::new(l.max_connections));
             sessions.spawn(accept_loop(
                 listener,
@@ -169,9 +172,15 @@ impl Switch {
     }
 }
 
-fn ctx(l: &ListenerConfig, dialect: Dialect, framing: Framing) -> ListenerCtx {
+fn ctx(
+    l: &ListenerConfig,
+    dialect: Dialect,
+    framing: Framing,
+    tls: Option<Acceptor>,
+) -> ListenerCtx {
     ListenerCtx {
         name: l.name.clone(),
+        tls,
         dialect,
         framing,
         idle: Duration::from_millis(l.idle_timeout_ms.max(1)),
@@ -209,7 +218,19 @@ async fn accept_loop(
         let span = info_span!("conn", listener = %ctx.name, %peer);
         sessions.spawn(
             async move {
-                session(stream, &ctx, pipeline, stop, tracker).await;
+                match &ctx.tls {
+                    None => session(stream, &ctx, pipeline, stop, tracker).await,
+                    Some(acceptor) => match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        acceptor.0.accept(stream),
+                    )
+                    .await
+                    {
+                        Ok(Ok(tls)) => session(tls, &ctx, pipeline, stop, tracker).await,
+                        Ok(Err(e)) => warn!(error = %e, "TLS handshake failed"),
+                        Err(_) => warn!("TLS handshake timed out"),
+                    },
+                }
                 drop(permit);
             }
             .instrument(span),
@@ -219,13 +240,15 @@ async fn accept_loop(
 
 /// One terminal connection: read frames, run each through the pipeline in its own task, write
 /// replies as they come.
-async fn session(
-    stream: TcpStream,
+async fn session<S>(
+    stream: S,
     ctx: &ListenerCtx,
     pipeline: Arc<Pipeline>,
     stop: CancellationToken,
     tracker: TaskTracker,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let (mut sink, mut frames) = Framed::new(stream, FrameCodec::new(ctx.framing)).split();
     let (tx, mut rx) = mpsc::channel::<Frame>(ctx.per_connection);
     let writer = tracker.spawn(async move {

@@ -35,6 +35,7 @@ async fn acquirer(args: AcquirerArgs, out: &mut dyn Write) -> Result<()> {
         dialect: Dialect::load(&args.dialect)?,
         framing: Framing::with_prefix(args.framing),
         rules,
+        tls: None,
     })
     .await?;
     writeln!(

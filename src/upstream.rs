@@ -37,6 +37,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::EndpointConfig;
+use crate::tls::Connector;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Link states, stored in an atomic for the endpoint's choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,11 +220,13 @@ const REPLY_FIELDS: &[u8] = &[38, 39, 44, 54, 55, 102, 103];
 impl Endpoint {
     /// Starts the endpoint's link tasks.
     #[must_use]
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: &EndpointConfig,
         dialect: Dialect,
         framing: Framing,
         strategy: Strategy,
+        tls: Option<Connector>,
         default_acquirer_id: Option<String>,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
@@ -254,6 +258,7 @@ impl Endpoint {
                 ),
                 timeout: config.request_timeout(),
                 shutdown: shutdown.clone(),
+                tls: tls.clone(),
             };
             tracker.spawn(task.run(rx));
             links.push(link);
@@ -352,6 +357,7 @@ struct LinkTask {
     reconnect: (Duration, Duration),
     timeout: Duration,
     shutdown: CancellationToken,
+    tls: Option<Connector>,
 }
 
 /// Why a connection ended.
@@ -374,17 +380,35 @@ impl LinkTask {
             match connected {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    backoff = self.reconnect.0;
-                    self.link
-                        .state
-                        .store(LinkState::Connected as u8, Ordering::Release);
-                    info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected");
-                    let ended = self
-                        .serve(
-                            Framed::new(stream, FrameCodec::new(self.framing)),
-                            &mut queue,
-                        )
-                        .await;
+                    let ended = match &self.tls {
+                        None => {
+                            backoff = self.reconnect.0;
+                            self.link
+                                .state
+                                .store(LinkState::Connected as u8, Ordering::Release);
+                            info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected");
+                            self.serve(
+                                Framed::new(stream, FrameCodec::new(self.framing)),
+                                &mut queue,
+                            )
+                            .await
+                        }
+                        Some(tls) => match self.handshake(tls, stream).await {
+                            Some(secure) => {
+                                backoff = self.reconnect.0;
+                                self.link
+                                    .state
+                                    .store(LinkState::Connected as u8, Ordering::Release);
+                                info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected (TLS)");
+                                self.serve(
+                                    Framed::new(secure, FrameCodec::new(self.framing)),
+                                    &mut queue,
+                                )
+                                .await
+                            }
+                            None => Ended::Broken,
+                        },
+                    };
                     self.link
                         .state
                         .store(LinkState::Disconnected as u8, Ordering::Release);
@@ -409,6 +433,36 @@ impl LinkTask {
         }
     }
 
+    async fn handshake(
+        &self,
+        tls: &Connector,
+        stream: TcpStream,
+    ) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = match tls.name_for(&self.link.addr) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(endpoint = %self.endpoint, link = %self.link.addr, error = %e, "TLS server name");
+                return None;
+            }
+        };
+        match tokio::time::timeout(
+            self.timeout.max(Duration::from_secs(1)),
+            tls.connector.connect(name, stream),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                warn!(endpoint = %self.endpoint, link = %self.link.addr, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                warn!(endpoint = %self.endpoint, link = %self.link.addr, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
     fn network_message(&self, code: &str) -> (u32, Message) {
         let stan = self.link.next_stan();
         let (de7, _, _) = cardswitch_codec::clock::now_fields();
@@ -422,9 +476,9 @@ impl LinkTask {
         )
     }
 
-    async fn send_network(
+    async fn send_network<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        framed: &mut Framed<TcpStream, FrameCodec>,
+        framed: &mut Framed<S, FrameCodec>,
         code: &str,
     ) -> Option<u32> {
         let (stan, msg) = self.network_message(code);
@@ -433,9 +487,9 @@ impl LinkTask {
         Some(stan)
     }
 
-    async fn serve(
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        mut framed: Framed<TcpStream, FrameCodec>,
+        mut framed: Framed<S, FrameCodec>,
         queue: &mut mpsc::Receiver<Frame>,
     ) -> Ended {
         // Sign-on: 0800/001 answered 00 before any traffic.

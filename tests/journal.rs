@@ -54,6 +54,7 @@ async fn acquirer() -> Acquirer {
         dialect: Dialect::builtin("iso87-ascii").unwrap(),
         framing: Framing::default(),
         rules: Rules::default_rules(),
+        tls: None,
     })
     .await
     .unwrap()

@@ -22,6 +22,7 @@ async fn acquirer(rules: Rules) -> Acquirer {
         dialect: Dialect::builtin("iso87-ascii").unwrap(),
         framing: Framing::default(),
         rules,
+        tls: None,
     })
     .await
     .unwrap()

@@ -21,7 +21,7 @@ use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
 use cardswitch_codec::{Dialect, Message, ResponseCode};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -205,7 +205,7 @@ struct State {
 }
 
 /// Settings of one simulated host.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AcquirerConfig {
     /// Where to listen (port 0 picks one).
     pub listen: SocketAddr,
@@ -215,6 +215,18 @@ pub struct AcquirerConfig {
     pub framing: Framing,
     /// How to answer.
     pub rules: Rules,
+    /// Serve TLS with this acceptor instead of plain TCP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for AcquirerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AcquirerConfig")
+            .field("listen", &self.listen)
+            .field("dialect", &self.dialect)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A running acquirer simulator.
@@ -259,6 +271,7 @@ impl Acquirer {
         };
         let this = acquirer.clone();
         let framing = config.framing;
+        let tls = config.tls;
         acquirer.tracker.spawn(async move {
             loop {
                 tokio::select! {
@@ -267,7 +280,17 @@ impl Acquirer {
                         let Ok((stream, _)) = accepted else { continue };
                         let _ = stream.set_nodelay(true);
                         let conn = this.clone();
-                        this.tracker.spawn(async move { conn.serve(stream, framing).await });
+                        let tls = tls.clone();
+                        this.tracker.spawn(async move {
+                            match tls {
+                                None => conn.serve(stream, framing).await,
+                                Some(acceptor) => {
+                                    if let Ok(Ok(secure)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                                        conn.serve(secure, framing).await;
+                                    }
+                                }
+                            }
+                        });
                     }
                 }
             }
@@ -321,7 +344,10 @@ impl Acquirer {
         self.tracker.wait().await;
     }
 
-    async fn serve(&self, stream: TcpStream, framing: Framing) {
+    async fn serve<S>(&self, stream: S, framing: Framing)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
         let (mut sink, mut frames) = Framed::new(stream, FrameCodec::new(framing)).split();
         let (tx, mut rx) = mpsc::channel::<Frame>(4096);
         let closed = CancellationToken::new();

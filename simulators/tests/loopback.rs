@@ -18,6 +18,7 @@ async fn acquirer(dialect: &str, framing: Framing) -> Acquirer {
         dialect: Dialect::builtin(dialect).unwrap(),
         framing,
         rules: Rules::default_rules(),
+        tls: None,
     })
     .await
     .unwrap()
