@@ -296,3 +296,79 @@ async fn pipelined_requests_answered_out_of_order_reach_the_right_request() {
     sw.shutdown().await;
     acq.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_transactions_journals_them_and_signs_off() {
+    let rules = Rules {
+        latency: Latency {
+            min_ms: 300,
+            max_ms: 300,
+        },
+        ..Rules::default_rules()
+    };
+    let acq = acquirer(rules).await;
+    let db = std::env::temp_dir().join(format!("cardswitch-shutdown-{}.db", std::process::id()));
+    let text = format!(
+        r#"
+[switch]
+shutdown_grace_ms = 3000
+[journal]
+url = "sqlite://{}"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "acq"
+links = ["{}"]
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#,
+        db.display(),
+        acq.local_addr()
+    );
+    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
+        .await
+        .unwrap();
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let addr = sw.listener_addrs()[0];
+    let mut t = Terminal::connect(addr).await;
+    for stan in 1..=3 {
+        t.send(&request(100, stan)).await;
+    }
+    // Let the requests reach the acquirer, then stop while they wait there.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let requests_before = acq
+        .stats()
+        .requests
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let stopping = tokio::spawn(sw.shutdown());
+    for _ in 0..3 {
+        assert_eq!(rc(&t.recv().await), "00", "in-flight transactions finish");
+    }
+    stopping.await.unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    // The sign-off (0800/002) reached the acquirer.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        acq.stats()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        requests_before + 1
+    );
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM transactions WHERE response_code = '00'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 3, "journal flushed before stopping");
+    pool.close().await;
+    let _ = std::fs::remove_file(&db);
+    acq.stop().await;
+}
