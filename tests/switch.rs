@@ -30,6 +30,11 @@ async fn acquirer(rules: Rules) -> Acquirer {
 
 /// A switch with one endpoint over `links`, routing 476173 there (541333 goes nowhere).
 async fn switch(links: &[String], timeout_ms: u64) -> Switch {
+    switch_with(links, timeout_ms, &[]).await
+}
+
+/// The same, with configuration overrides from the environment form (`CARDSWITCH__...`).
+async fn switch_with(links: &[String], timeout_ms: u64, env: &[(&str, &str)]) -> Switch {
     let links = links
         .iter()
         .map(|l| format!("\"{l}\""))
@@ -56,7 +61,8 @@ prefix = "476173"
 endpoint = "acq"
 "#
     );
-    let config = Config::from_toml(&text, Vec::new()).unwrap();
+    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+    let config = Config::from_toml(&text, env).unwrap();
     Switch::start(config).await.unwrap()
 }
 
@@ -370,5 +376,74 @@ endpoint = "acq"
     assert_eq!(rows, 3, "journal flushed before stopping");
     pool.close().await;
     let _ = std::fs::remove_file(&db);
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn two_thousand_concurrent_connections_each_answered() {
+    let acq = acquirer(Rules::default_rules()).await;
+    // 2,000 requests at once: the link may hold them all (its default cap is 512; beyond the
+    // cap a request is answered 91 at once, which the next test shows).
+    let sw = switch_with(
+        &[acq.local_addr().to_string()],
+        5000,
+        &[("CARDSWITCH__ENDPOINTS__0__MAX_IN_FLIGHT_PER_LINK", "4096")],
+    )
+    .await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let addr = sw.listener_addrs()[0];
+    let mut terminals = Vec::new();
+    for _ in 0..2000 {
+        terminals.push(Terminal::connect(addr).await);
+    }
+    // All connections are open at once; each sends one request, then all replies are read.
+    for (i, t) in terminals.iter_mut().enumerate() {
+        t.send(&request(100, u32::try_from(i).unwrap() + 1)).await;
+    }
+    let mut approved = 0;
+    for (i, t) in terminals.iter_mut().enumerate() {
+        let reply = t.recv().await;
+        assert_eq!(reply.stan(), Some(u32::try_from(i).unwrap() + 1));
+        approved += usize::from(rc(&reply) == "00");
+    }
+    assert_eq!(approved, 2000);
+    drop(terminals);
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_beyond_the_links_in_flight_cap_gets_91_at_once() {
+    let rules = Rules {
+        latency: Latency {
+            min_ms: 200,
+            max_ms: 200,
+        },
+        ..Rules::default_rules()
+    };
+    let acq = acquirer(rules).await;
+    let sw = switch_with(
+        &[acq.local_addr().to_string()],
+        5000,
+        &[("CARDSWITCH__ENDPOINTS__0__MAX_IN_FLIGHT_PER_LINK", "10")],
+    )
+    .await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    for stan in 1..=15 {
+        t.send(&request(100, stan)).await;
+    }
+    let mut codes = HashMap::new();
+    for _ in 0..15 {
+        *codes.entry(rc(&t.recv().await)).or_insert(0) += 1;
+    }
+    assert_eq!(codes.get("00"), Some(&10), "{codes:?}");
+    assert_eq!(codes.get("91"), Some(&5), "{codes:?}");
+    assert_eq!(
+        acq.ledger().len(),
+        10,
+        "refused requests never reach the acquirer"
+    );
+    sw.shutdown().await;
     acq.stop().await;
 }
