@@ -45,6 +45,8 @@ struct Outcome {
     route: Option<String>,
     endpoint: Option<String>,
     link: Option<Arc<str>>,
+    /// Decoded to the acquirer asked (checks, routing).
+    routing: Option<Duration>,
     upstream: Option<Duration>,
 }
 
@@ -56,6 +58,7 @@ impl Outcome {
             route: None,
             endpoint: None,
             link: None,
+            routing: None,
             upstream: None,
         }
     }
@@ -94,7 +97,9 @@ impl Pipeline {
         let started = Instant::now();
         let received_us = Journal::now_us();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let (request, outcome) = match dialect.decode(body) {
+        let decoded = dialect.decode(body);
+        let decode_time = started.elapsed();
+        let (request, outcome) = match decoded {
             Ok(request) => {
                 let span = info_span!("txn", mti = %request.mti(), stan = request.get_str(11).unwrap_or(""), rrn = request.rrn().unwrap_or(""), rc = tracing::field::Empty);
                 let outcome = self.process(&request).instrument(span.clone()).await;
@@ -130,9 +135,10 @@ impl Pipeline {
             row.route = outcome.route.take();
             row.endpoint = outcome.endpoint.take();
             row.link = outcome.link.take().map(|l| l.to_string());
-            row.t_upstream_us = outcome
-                .upstream
-                .and_then(|d| i64::try_from(d.as_micros()).ok());
+            let micros = |d: Option<Duration>| d.and_then(|d| i64::try_from(d.as_micros()).ok());
+            row.t_upstream_us = micros(outcome.upstream);
+            row.t_route_us = micros(outcome.routing);
+            row.t_decode_us = micros(Some(decode_time));
             if !self.journal.record(row).await && self.journal.is_durable() {
                 // Never approve what is not recorded. (An acquirer approval here needs a reversal:
                 // that comes with store-and-forward.)
@@ -150,6 +156,7 @@ impl Pipeline {
     }
 
     async fn process(&self, request: &Message) -> Option<Outcome> {
+        let began = Instant::now();
         let mti = request.mti();
         if !mti.is_request() {
             // A response from a terminal answers nothing the switch asked.
@@ -214,6 +221,7 @@ impl Pipeline {
                 route: Some(route.prefix.clone()),
                 endpoint: Some(name.clone()),
                 link: Some(link),
+                routing: Some(asked.duration_since(began)),
                 upstream: waited,
             });
         }

@@ -146,6 +146,8 @@ async fn rows(backend: &Backend) -> Vec<Vec<(String, String)>> {
         "amount_minor",
         "t_upstream_us",
         "t_total_us",
+        "t_decode_us",
+        "t_route_us",
     ];
     let exprs: Vec<String> = TEXT
         .iter()
@@ -230,6 +232,7 @@ async fn one_row_per_transaction_and_no_card_data(url: &str) {
         assert_eq!(col(row, "listener"), "pos");
         assert_eq!(col(row, "pan_hmac").len(), 64);
         assert!(col(row, "t_total_us").parse::<i64>().unwrap() > 0);
+        assert!(col(row, "t_decode_us").parse::<i64>().is_ok());
     }
     assert_eq!(col(&all[0], "pan_masked"), "476173******0010");
     assert_eq!(col(&all[0], "amount_minor"), "10000");
@@ -237,6 +240,15 @@ async fn one_row_per_transaction_and_no_card_data(url: &str) {
     assert_eq!(col(&all[0], "auth_code").len(), 6);
     assert_eq!(col(&all[0], "route"), "476173");
     assert_eq!(col(&all[0], "link"), acq.local_addr().to_string());
+    assert!(
+        col(&all[0], "t_route_us").parse::<i64>().is_ok()
+            && col(&all[0], "t_upstream_us").parse::<i64>().unwrap() > 0
+    );
+    assert_eq!(
+        col(&all[2], "t_upstream_us"),
+        "",
+        "a switch decision never asked the acquirer"
+    );
     // The same PAN hashes the same under the same key.
     assert_eq!(col(&all[0], "pan_hmac"), col(&all[1], "pan_hmac"));
     // No column of any row holds a full PAN, track data, the PIN block or DE55 tag data.

@@ -82,6 +82,10 @@ pub struct Row {
     reply_summary: String,
     /// Time waiting for the acquirer, microseconds.
     pub t_upstream_us: Option<i64>,
+    /// Time decoding the request, microseconds.
+    pub t_decode_us: Option<i64>,
+    /// Time from decoded to the acquirer being asked (checks, routing), microseconds.
+    pub t_route_us: Option<i64>,
     t_total_us: i64,
 }
 
@@ -175,7 +179,9 @@ impl Backend {
                         .push_bind(&r.request_summary)
                         .push_bind(&r.reply_summary)
                         .push_bind(r.t_upstream_us)
-                        .push_bind(r.t_total_us);
+                        .push_bind(r.t_total_us)
+                        .push_bind(r.t_decode_us)
+                        .push_bind(r.t_route_us);
                 });
                 let mut tx = p.begin().await?;
                 q.build().execute(&mut *tx).await?;
@@ -188,7 +194,7 @@ impl Backend {
 /// The columns written, in order.
 const COLUMNS: &str = "id, node, received_us, listener, mti, processing_code, stan, rrn, transmission_time, \
     terminal_id, merchant_id, pan_masked, pan_hmac, amount_minor, currency, route, endpoint, link, response_code, \
-    decided_by, auth_code, request_summary, reply_summary, t_upstream_us, t_total_us";
+    decided_by, auth_code, request_summary, reply_summary, t_upstream_us, t_total_us, t_decode_us, t_route_us";
 
 /// One row in PostgreSQL's COPY text format: tab-separated, `\N` for NULL, backslash escapes.
 /// (Hand-written: sqlx has no COPY encoder, and the format is four escapes.)
@@ -252,6 +258,8 @@ fn copy_line(buf: &mut String, node: &str, r: &Row) {
     text(buf, Some(&r.reply_summary));
     num(buf, r.t_upstream_us);
     num(buf, Some(r.t_total_us));
+    num(buf, r.t_decode_us);
+    num(buf, r.t_route_us);
     // Replace the last tab with the end of the line.
     buf.pop();
     buf.push('\n');
@@ -434,6 +442,8 @@ impl Journal {
             request_summary: summary(dialect, request),
             reply_summary: summary(dialect, reply),
             t_upstream_us: None,
+            t_decode_us: None,
+            t_route_us: None,
             t_total_us: i64::try_from(t_total.as_micros()).unwrap_or(i64::MAX),
         }
     }
