@@ -187,7 +187,17 @@ impl Pipeline {
         let Some(route) = self.bins.lookup(&pan) else {
             return fail(Failure::NoRoute);
         };
-        let candidates = std::iter::once(&route.endpoint).chain(route.fallback.iter());
+        // A reversal goes where its original went, when the journal knows it.
+        let original = match mti.class() {
+            4 => self.original_endpoint(request).await,
+            _ => None,
+        };
+        let candidates: Vec<&String> = match &original {
+            Some(endpoint) => vec![endpoint],
+            None => std::iter::once(&route.endpoint)
+                .chain(route.fallback.iter())
+                .collect(),
+        };
         let mut last = None;
         for name in candidates {
             let Some(endpoint) = self.endpoint(name) else {
@@ -229,6 +239,15 @@ impl Pipeline {
         out.route = Some(route.prefix.clone());
         out.endpoint = last;
         Some(out)
+    }
+
+    /// The endpoint of a reversal's original, from DE90 (original MTI 4, STAN 6, DE7 10).
+    async fn original_endpoint(&self, reversal: &Message) -> Option<String> {
+        let de90 = reversal.get_str(90)?;
+        let (stan, de7) = (de90.get(4..10)?, de90.get(10..20)?);
+        self.journal
+            .original_endpoint(reversal.terminal_id()?, stan, de7)
+            .await
     }
 
     /// 0800 from a terminal: echo, sign-on and sign-off are answered by the switch.

@@ -447,3 +447,83 @@ async fn a_burst_beyond_the_links_in_flight_cap_gets_91_at_once() {
     sw.shutdown().await;
     acq.stop().await;
 }
+
+#[tokio::test]
+async fn a_reversal_goes_where_its_original_went() {
+    // Endpoint A is down when the original arrives, so the route's fallback B takes it; A comes
+    // up before the reversal, which must still go to B.
+    let a_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let b = acquirer(Rules::default_rules()).await;
+    let text = format!(
+        r#"
+[journal]
+url = "sqlite::memory:"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "a"
+links = ["{a_addr}"]
+reconnect_min_ms = 50
+reconnect_max_ms = 100
+[[endpoints]]
+name = "b"
+links = ["{}"]
+[[routes]]
+prefix = "476173"
+endpoint = "a"
+fallback = "b"
+"#,
+        b.local_addr()
+    );
+    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
+        .await
+        .unwrap();
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let original = request(4_200, 11);
+    assert_eq!(rc(&t.exchange(&original).await), "00");
+    assert_eq!(b.ledger().len(), 1, "the fallback took the original");
+
+    let a = Acquirer::start(AcquirerConfig {
+        listen: a_addr,
+        dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        framing: Framing::default(),
+        rules: Rules::default_rules(),
+        tls: None,
+    })
+    .await
+    .unwrap();
+    assert!(sw.wait_ready(Duration::from_secs(5)).await, "A is back");
+
+    let mut reversal = original.clone();
+    reversal.set_mti(Mti::REVERSAL_REQUEST);
+    let de90 = format!(
+        "0100{}{}{:022}",
+        original.get_str(11).unwrap(),
+        original.get_str(7).unwrap(),
+        0
+    );
+    reversal.set(90, de90.as_bytes());
+    reversal.set_stan(12);
+    reversal.remove(52);
+    let reply = t.exchange(&reversal).await;
+    assert_eq!(
+        (reply.mti(), rc(&reply)),
+        (Mti::new(*b"0410").unwrap(), "00".to_owned())
+    );
+    assert!(b.ledger()[0].reversed, "B reversed the original");
+    assert_eq!(
+        a.stats()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "A saw only its sign-on"
+    );
+    sw.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -473,6 +473,40 @@ impl Journal {
         }
     }
 
+    /// The endpoint an original transaction went to, found by the keys a reversal's DE90 carries:
+    /// the terminal, the original STAN and the original transmission time. `None` when unknown
+    /// or never forwarded.
+    pub async fn original_endpoint(
+        &self,
+        terminal_id: &str,
+        stan: &str,
+        transmission_time: &str,
+    ) -> Option<String> {
+        const SQL_PG: &str = "SELECT endpoint FROM transactions WHERE terminal_id = $1 AND stan = $2 \
+            AND transmission_time = $3 AND mti IN ('0100', '0101', '0200', '0201') AND endpoint IS NOT NULL ORDER BY id DESC LIMIT 1";
+        const SQL_LITE: &str = "SELECT endpoint FROM transactions WHERE terminal_id = ? AND stan = ? \
+            AND transmission_time = ? AND mti IN ('0100', '0101', '0200', '0201') AND endpoint IS NOT NULL ORDER BY id DESC LIMIT 1";
+        let found: Result<Option<String>, sqlx::Error> = match &self.backend {
+            Backend::Postgres(p) => {
+                sqlx::query_scalar(SQL_PG)
+                    .bind(terminal_id)
+                    .bind(stan)
+                    .bind(transmission_time)
+                    .fetch_optional(p)
+                    .await
+            }
+            Backend::Sqlite(p) => {
+                sqlx::query_scalar(SQL_LITE)
+                    .bind(terminal_id)
+                    .bind(stan)
+                    .bind(transmission_time)
+                    .fetch_optional(p)
+                    .await
+            }
+        };
+        found.ok().flatten()
+    }
+
     /// Waits until every row queued so far has been handled (committed or put in the backlog).
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
