@@ -86,6 +86,16 @@ pub(crate) fn describe_fields(msg: &Message, dialect: Option<&Dialect>) -> Vec<F
         .collect()
 }
 
+fn push_number(out: &mut String, n: u8) {
+    if n >= 100 {
+        out.push(char::from(b'0' + n / 100));
+    }
+    if n >= 10 {
+        out.push(char::from(b'0' + n / 10 % 10));
+    }
+    out.push(char::from(b'0' + n % 10));
+}
+
 impl Message {
     /// Every field as shown to people, card data masked, names and formats from the dialect.
     #[must_use]
@@ -102,16 +112,47 @@ impl Message {
         out.push_str(self.mti().as_str());
         out.push('"');
         for (number, value) in self.fields() {
-            let (text, _) = render(number, value, dialect.field(number));
+            let spec = dialect.field(number);
             out.push_str(",\"");
-            out.push_str(&number.to_string());
+            push_number(&mut out, number);
             out.push_str("\":\"");
-            for c in text.chars() {
-                match c {
-                    '"' => out.push_str("\\\""),
-                    '\\' => out.push_str("\\\\"),
-                    c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
-                    c => out.push(c),
+            let sensitive = default_sensitivity(number)
+                .or(spec.and_then(|s| s.sensitive))
+                .is_some();
+            let binary = spec.map_or_else(
+                || !value.iter().all(|b| (b' '..=b'~').contains(b)),
+                |s| s.format == Format::B,
+            );
+            match (sensitive, binary, std::str::from_utf8(value)) {
+                // The common case, written straight in: plain text without characters to escape.
+                (false, false, Ok(text))
+                    if !text.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) =>
+                {
+                    out.push_str(text);
+                }
+                (false, true, _) => {
+                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                    for &b in value {
+                        out.push(char::from(
+                            HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0'),
+                        ));
+                        out.push(char::from(
+                            HEX.get(usize::from(b & 0x0F)).copied().unwrap_or(b'0'),
+                        ));
+                    }
+                }
+                _ => {
+                    let (text, _) = render(number, value, spec);
+                    for c in text.chars() {
+                        match c {
+                            '"' => out.push_str("\\\""),
+                            '\\' => out.push_str("\\\\"),
+                            c if u32::from(c) < 0x20 => {
+                                out.push_str(&format!("\\u{:04x}", u32::from(c)))
+                            }
+                            c => out.push(c),
+                        }
+                    }
                 }
             }
             out.push('"');
