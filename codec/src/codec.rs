@@ -179,12 +179,6 @@ impl Dialect {
         // field 65 would, and is read when the walk reaches it.
         let mut words = [self.read_bitmap(bytes, &mut pos, 1)?, 0, 0];
         if words[0] & (1 << 63) != 0 {
-            if pos == len {
-                return Err(DecodeError::MissingField {
-                    element: Element::Bitmap(2),
-                    offset: pos,
-                });
-            }
             words[1] = self.read_bitmap(bytes, &mut pos, 2)?;
             msg.force_secondary = words[1] == 0;
         }
@@ -208,12 +202,6 @@ impl Dialect {
             if w == 1 && bits & tertiary_bit != 0 {
                 // Fields 2..=64 are behind us: this is where DE65 carries the tertiary bitmap.
                 bits &= !tertiary_bit;
-                if pos == len {
-                    return Err(DecodeError::MissingField {
-                        element: Element::Bitmap(3),
-                        offset: pos,
-                    });
-                }
                 words[2] = self.read_bitmap(bytes, &mut pos, 3)?;
                 msg.force_tertiary = words[2] == 0;
             }
@@ -281,14 +269,14 @@ impl Dialect {
                 let raw: [u8; 8] = bytes
                     .get(at..at + 8)
                     .and_then(|r| r.try_into().ok())
-                    .ok_or_else(|| truncated(element, at, 8, bytes.len()))?;
+                    .ok_or_else(|| short(element, at, 8, bytes.len(), which > 1))?;
                 *pos += 8;
                 Ok(u64::from_be_bytes(raw))
             }
             BitmapEncoding::Hex => {
                 let raw = bytes
                     .get(at..at + 16)
-                    .ok_or_else(|| truncated(element, at, 16, bytes.len()))?;
+                    .ok_or_else(|| short(element, at, 16, bytes.len(), which > 1))?;
                 let mut v = 0u64;
                 for (i, &c) in raw.iter().enumerate() {
                     let nib = hex_value(d.charset, c);

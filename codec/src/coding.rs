@@ -9,33 +9,11 @@ use crate::ebcdic_tables::{
 };
 use crate::spec::{Charset, Format};
 
-/// Index of the first byte that is not an ASCII digit.
+/// Index of the first byte that is not an ASCII digit (error path only: the decoder's check is
+/// [`all_digits`] / `digits_at`).
 #[inline]
 pub(crate) fn first_non_digit(bytes: &[u8]) -> Option<usize> {
-    // Eight bytes at a time: a byte is a digit when it is >= b'0' and <= b'9'; adding 0x46 sets
-    // the top bit for bytes above b'9', subtracting 0x30 borrows into it for bytes below b'0'.
-    let mut chunks = bytes.chunks_exact(8);
-    let mut base = 0;
-    for chunk in &mut chunks {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let x = u64::from_le_bytes(word);
-        let bad = (x.wrapping_add(0x4646_4646_4646_4646) | x.wrapping_sub(0x3030_3030_3030_3030))
-            & 0x8080_8080_8080_8080;
-        // Bytes >= 0x80 also set the top bit in `x`.
-        if bad | (x & 0x8080_8080_8080_8080) != 0 {
-            return chunk
-                .iter()
-                .position(|b| !b.is_ascii_digit())
-                .map(|p| base + p);
-        }
-        base += 8;
-    }
-    chunks
-        .remainder()
-        .iter()
-        .position(|b| !b.is_ascii_digit())
-        .map(|p| base + p)
+    bytes.iter().position(|b| !b.is_ascii_digit())
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
