@@ -80,6 +80,10 @@ pub struct JournalSection {
     pub batch_delay_us: u64,
     /// Key of the PAN HMAC, hex (at least 32 bytes).
     pub pan_hmac_key: String,
+    /// AES-256 key sealing messages kept for store-and-forward and stored replies, hex (32 bytes).
+    pub data_key: String,
+    /// How long duplicate keys are kept, in seconds (at least a day: STANs wrap).
+    pub duplicate_retention_s: u64,
 }
 
 impl Default for JournalSection {
@@ -90,6 +94,8 @@ impl Default for JournalSection {
             batch_max: 512,
             batch_delay_us: 0,
             pan_hmac_key: String::new(),
+            data_key: String::new(),
+            duplicate_retention_s: 90_000,
         }
     }
 }
@@ -221,6 +227,103 @@ pub struct EndpointConfig {
     /// TLS: CA to trust, optional server name and client certificate.
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    /// Store-and-forward of reversals and advices to this endpoint.
+    #[serde(default)]
+    pub saf: SafConfig,
+    /// Stand-in processing when this endpoint cannot answer.
+    #[serde(default)]
+    pub stand_in: StandInConfig,
+}
+
+/// `[endpoints.saf]`: how queued reversals and advices are sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafConfig {
+    /// Delay before the first transmission, in milliseconds.
+    pub initial_delay_ms: u64,
+    /// Delay before the first retransmission, in milliseconds; doubles each time.
+    pub retry_min_ms: u64,
+    /// Longest delay between retransmissions, in milliseconds.
+    pub retry_max_ms: u64,
+    /// Most transmissions (0: until expiry).
+    pub max_tries: u32,
+    /// An entry not delivered after this long is given up, in seconds.
+    pub expire_after_s: u64,
+    /// Response codes that end an entry as delivered.
+    pub valid_codes: Vec<String>,
+    /// Response codes that retry it (`ZZ`: no response). Any other code ends it as refused.
+    pub retry_codes: Vec<String>,
+    /// Most entries of this endpoint in flight at once (different cards).
+    pub max_in_flight: usize,
+    /// How often the queue is read when nothing new was queued here, in milliseconds.
+    pub poll_ms: u64,
+}
+
+impl Default for SafConfig {
+    fn default() -> Self {
+        Self {
+            initial_delay_ms: 500,
+            retry_min_ms: 1_000,
+            retry_max_ms: 60_000,
+            max_tries: 0,
+            expire_after_s: 86_400,
+            valid_codes: ["00", "12", "21", "25", "94"].map(String::from).to_vec(),
+            retry_codes: ["91", "96", "ZZ"].map(String::from).to_vec(),
+            max_in_flight: 64,
+            poll_ms: 1_000,
+        }
+    }
+}
+
+/// `[endpoints.stand_in]`: the switch decides when the acquirer cannot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StandInConfig {
+    /// Stand-in on at all.
+    pub enabled: bool,
+    /// Decide when the acquirer did not answer in time.
+    pub on_timeout: bool,
+    /// Decide when no link is ready.
+    pub on_unavailable: bool,
+    /// Floor limit when no entry of `floor_limits` matches, minor units (0: decline).
+    pub default_limit_minor: u64,
+    /// Floor limits by card range and MCC; the most specific match wins.
+    pub floor_limits: Vec<FloorLimit>,
+    /// PAN HMACs (hex, as in the journal) never approved in stand-in.
+    pub negative_pan_hmacs: Vec<String>,
+    /// Card-range prefixes never approved in stand-in.
+    pub negative_ranges: Vec<String>,
+    /// Decline expired cards (DE14 or the track's expiry).
+    pub check_expiry: bool,
+}
+
+impl Default for StandInConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            on_timeout: true,
+            on_unavailable: true,
+            default_limit_minor: 0,
+            floor_limits: Vec::new(),
+            negative_pan_hmacs: Vec::new(),
+            negative_ranges: Vec::new(),
+            check_expiry: true,
+        }
+    }
+}
+
+/// A stand-in floor limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FloorLimit {
+    /// Card-range prefix (any when absent).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Merchant category code, DE18 (any when absent).
+    #[serde(default)]
+    pub mcc: Option<u16>,
+    /// Highest amount approved, minor units.
+    pub limit_minor: u64,
 }
 
 fn default_strategy() -> String {
@@ -333,6 +436,9 @@ impl Config {
                 self.journal.mode
             );
         }
+        if self.journal.duplicate_retention_s < 86_400 {
+            bail!("journal.duplicate_retention_s: at least 86400 (a day): STANs wrap");
+        }
         let mut names = HashSet::new();
         let mut listeners = Vec::new();
         for l in &self.listeners {
@@ -379,6 +485,33 @@ impl Config {
                     "endpoint {}: max_in_flight_per_link and request_timeout_ms must be positive",
                     e.name
                 );
+            }
+            for code in e.saf.valid_codes.iter().chain(&e.saf.retry_codes) {
+                if code.len() != 2 {
+                    bail!(
+                        "endpoint {}: saf response code {code:?} is not two characters",
+                        e.name
+                    );
+                }
+            }
+            if e.saf.retry_min_ms == 0
+                || e.saf.retry_max_ms < e.saf.retry_min_ms
+                || e.saf.max_in_flight == 0
+            {
+                bail!(
+                    "endpoint {}: saf needs 0 < retry_min_ms <= retry_max_ms and max_in_flight > 0",
+                    e.name
+                );
+            }
+            for f in &e.stand_in.floor_limits {
+                if let Some(p) = &f.prefix {
+                    if p.is_empty() || p.len() > 11 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                        bail!(
+                            "endpoint {}: stand_in floor limit prefix {p:?} is not 1 to 11 digits",
+                            e.name
+                        );
+                    }
+                }
             }
             if let Some(id) = &e.acquirer_id {
                 if id.is_empty() || id.len() > 11 || !id.bytes().all(|b| b.is_ascii_digit()) {

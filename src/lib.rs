@@ -6,12 +6,17 @@
 
 pub mod cli;
 pub mod config;
+pub mod dedup;
 pub mod demo;
 pub mod journal;
 pub mod pipeline;
 pub mod run;
+pub mod saf;
+pub mod seal;
 pub mod server;
 pub mod sim;
+pub mod stand_in;
+pub mod state;
 pub mod tls;
 pub mod tools;
 pub mod upstream;

@@ -1,21 +1,29 @@
 //! What happens to one message from a terminal:
-//! decode -> mandatory fields -> Luhn -> route -> acquirer -> reply.
+//! decode -> mandatory fields -> card -> duplicate check -> route -> acquirer (or stand-in) ->
+//! journal -> reply.
 //!
 //! Every path ends in a reply to the terminal except a frame whose MTI and STAN cannot be read,
 //! which is counted and dropped. Failures become response codes in one place
-//! ([`cardswitch_routing::Failure::response_code`]).
+//! ([`cardswitch_routing::Failure::response_code`]). What a transaction changes (its row, the
+//! reversal or advice it queues, the state of the original it reverses, its duplicate key) is
+//! written in one database transaction before the reply goes out (durable mode).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cardswitch_codec::{Dialect, Message, ResponseCode};
+use cardswitch_codec::{Dialect, Message, Mti, Pan, ResponseCode};
 use cardswitch_routing::{check_mandatory, BinTable, Failure};
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
-use crate::journal::{DecidedBy, Journal};
-use crate::upstream::{Endpoint, Upstream};
+use crate::dedup::{Decision, Dedup, Guard, Verdict};
+use crate::journal::{
+    Change, DecidedBy, Journal, Original, OriginalKeys, SafEntry, SafKind, StateChange,
+};
+use crate::stand_in;
+use crate::state::TxnState;
+use crate::upstream::{Endpoint, Stray, Upstream};
 
 /// Counters of what the pipeline did.
 #[derive(Debug, Default)]
@@ -26,7 +34,25 @@ pub struct Counters {
     pub dropped: AtomicU64,
     /// Replies sent.
     pub replied: AtomicU64,
+    /// Copies of earlier requests answered from them.
+    pub duplicates: AtomicU64,
+    /// Reversals queued by the switch (timeouts, lost links, late or unmatched approvals).
+    pub auto_reversals: AtomicU64,
+    /// Replies from acquirers that came after their request timed out.
+    pub late_replies: AtomicU64,
+    /// Replies from acquirers matching nothing the switch asked.
+    pub unmatched_replies: AtomicU64,
+    /// Stand-in approvals.
+    pub stand_in_approvals: AtomicU64,
 }
+
+/// States a terminal reversal may change.
+const REVERSIBLE: &[TxnState] = &[
+    TxnState::Approved,
+    TxnState::PartiallyReversed,
+    TxnState::AdvicePending,
+    TxnState::Advised,
+];
 
 /// Everything the pipeline needs, shared by all connections.
 #[derive(Debug)]
@@ -34,6 +60,7 @@ pub struct Pipeline {
     bins: BinTable,
     endpoints: Vec<Arc<Endpoint>>,
     journal: Journal,
+    dedup: Dedup,
     /// The pipeline's counters.
     pub counters: Counters,
 }
@@ -42,35 +69,132 @@ pub struct Pipeline {
 struct Outcome {
     reply: Message,
     decided_by: DecidedBy,
+    state: TxnState,
     route: Option<String>,
     endpoint: Option<String>,
     link: Option<Arc<str>>,
+    upstream_stan: Option<u32>,
+    original_id: Option<i64>,
+    amount_reversed: Option<i64>,
     /// Decoded to the acquirer asked (checks, routing).
     routing: Option<Duration>,
     upstream: Option<Duration>,
+    /// What else the transaction writes.
+    change: Change,
+    /// The claimed duplicate key.
+    guard: Option<Guard>,
+    /// An acquirer approval: reversed if it cannot be recorded.
+    reversal_if_unrecorded: Option<SafEntry>,
 }
 
 impl Outcome {
-    fn switch(reply: Message) -> Self {
+    fn new(reply: Message, decided_by: DecidedBy, state: TxnState) -> Self {
         Self {
             reply,
-            decided_by: DecidedBy::Switch,
+            decided_by,
+            state,
             route: None,
             endpoint: None,
             link: None,
+            upstream_stan: None,
+            original_id: None,
+            amount_reversed: None,
             routing: None,
             upstream: None,
+            change: Change::default(),
+            guard: None,
+            reversal_if_unrecorded: None,
         }
     }
+
+    fn switch(reply: Message) -> Self {
+        Self::new(reply, DecidedBy::Switch, TxnState::Declined)
+    }
+}
+
+fn now_us() -> i64 {
+    Journal::now_us()
+}
+
+fn state_of(reply: &Message) -> TxnState {
+    if reply.response_code().is_some_and(|c| c.is_approved()) {
+        TxnState::Approved
+    } else {
+        TxnState::Declined
+    }
+}
+
+/// DE90 naming an original as the acquirer saw it: MTI, STAN, DE7, DE32, DE33.
+fn de90(mti: &str, stan: u32, de7: &str, acquirer: Option<&str>) -> String {
+    format!(
+        "{mti:0>4.4}{stan:06}{de7:0>10.10}{:0>11.11}{:0>11}",
+        acquirer.unwrap_or(""),
+        ""
+    )
+}
+
+/// The reversal advice (0420, DE39 68) of a request whose outcome is unknown.
+fn auto_reversal(
+    request: &Message,
+    pan: Option<&Pan>,
+    upstream_stan: u32,
+    acquirer: Option<&str>,
+) -> Message {
+    let mut m = request.clone();
+    let original = request.mti().original();
+    m.set_mti(Mti::REVERSAL_ADVICE);
+    if !m.has(2) {
+        if let Some(p) = pan {
+            m.set_pan(p);
+        }
+    }
+    for f in [35, 45, 52, 55, 64, 128] {
+        m.remove(f);
+    }
+    m.set_response_code(ResponseCode::TOO_LATE);
+    let de7 = request.get_str(7).unwrap_or("");
+    m.set(
+        90,
+        de90(original.as_str(), upstream_stan, de7, acquirer).as_bytes(),
+    );
+    m
+}
+
+/// The advice (0120/0220) of a stand-in approval.
+fn advice(request: &Message, pan: &Pan, auth_code: &str) -> Message {
+    let mut m = request.clone();
+    let mti = if request.mti().class() == 1 {
+        *b"0120"
+    } else {
+        *b"0220"
+    };
+    if let Ok(mti) = Mti::new(mti) {
+        m.set_mti(mti);
+    }
+    if !m.has(2) {
+        m.set_pan(pan);
+    }
+    for f in [35, 45, 52, 64, 128] {
+        m.remove(f);
+    }
+    m.set_response_code(ResponseCode::APPROVED);
+    m.set(38, auth_code.as_bytes());
+    m
 }
 
 impl Pipeline {
     /// A pipeline over these routes and endpoints, journaling to `journal`.
     #[must_use]
     pub fn new(bins: BinTable, endpoints: Vec<Arc<Endpoint>>, journal: Journal) -> Self {
+        let longest = endpoints
+            .iter()
+            .map(|e| e.config().request_timeout())
+            .max()
+            .unwrap_or(Duration::from_secs(5));
         Self {
             bins,
             endpoints,
+            dedup: Dedup::new(journal.clone(), longest + Duration::from_secs(2)),
             journal,
             counters: Counters::default(),
         }
@@ -92,6 +216,32 @@ impl Pipeline {
         self.endpoints.iter().find(|e| e.name() == name)
     }
 
+    /// A store-and-forward entry of `msg` for `endpoint`.
+    fn saf_entry(
+        &self,
+        endpoint: &Endpoint,
+        kind: SafKind,
+        msg: &Message,
+        txn_id: Option<i64>,
+        order_key: Option<String>,
+    ) -> Option<SafEntry> {
+        let body = endpoint.dialect().encode_to_vec(msg).ok()?;
+        let cfg = &endpoint.config().saf;
+        let now = now_us();
+        let id = self.journal.new_id();
+        Some(SafEntry {
+            id,
+            endpoint: endpoint.name().to_owned(),
+            order_key: order_key.unwrap_or_else(|| format!("entry:{id}")),
+            kind,
+            mti: msg.mti().to_string(),
+            txn_id,
+            payload: self.journal.sealer().seal(&body),
+            next_at_us: now + i64::try_from(cfg.initial_delay_ms * 1000).unwrap_or(0),
+            expires_us: now + i64::try_from(cfg.expire_after_s * 1_000_000).unwrap_or(i64::MAX / 2),
+        })
+    }
+
     /// Handles one frame body from a terminal of `listener`; the reply body, if any.
     pub async fn handle(&self, listener: &str, dialect: &Dialect, body: &[u8]) -> Option<Bytes> {
         let started = Instant::now();
@@ -102,7 +252,10 @@ impl Pipeline {
         let (request, outcome) = match decoded {
             Ok(request) => {
                 let span = info_span!("txn", mti = %request.mti(), stan = request.get_str(11).unwrap_or(""), rrn = request.rrn().unwrap_or(""), rc = tracing::field::Empty);
-                let outcome = self.process(&request).instrument(span.clone()).await;
+                let outcome = self
+                    .process(listener, &request)
+                    .instrument(span.clone())
+                    .await;
                 if let Some(rc) = outcome.as_ref().and_then(|o| o.reply.response_code()) {
                     span.record("rc", rc.as_str());
                 }
@@ -139,13 +292,44 @@ impl Pipeline {
             row.t_upstream_us = micros(outcome.upstream);
             row.t_route_us = micros(outcome.routing);
             row.t_decode_us = micros(Some(decode_time));
-            if !self.journal.record(row).await && self.journal.is_durable() {
-                // Never approve what is not recorded. (An acquirer approval here needs a reversal:
-                // that comes with store-and-forward.)
+            row.state = outcome.state;
+            row.upstream_stan = outcome.upstream_stan.map(|s| format!("{s:06}"));
+            row.original_id = outcome.original_id;
+            row.amount_reversed_minor = outcome.amount_reversed;
+            let txn_id = row.id();
+            let decision = Decision::of(&outcome.reply);
+            let mut change = std::mem::take(&mut outcome.change);
+            change.rows.push(row);
+            if let Some(g) = &outcome.guard {
+                change.dedup_done = Some((g.key().to_owned(), decision.seal(&self.journal)));
+            }
+            let committed = self.journal.submit(change).await;
+            if !committed.ok && self.journal.is_durable() {
+                // Never approve what is not recorded; an acquirer's approval is reversed.
                 outcome
                     .reply
                     .set_response_code(Failure::JournalUnavailable.response_code());
                 outcome.reply.remove(38);
+                if let Some(rev) = outcome.reversal_if_unrecorded.take() {
+                    self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+                    self.journal
+                        .submit_later(Change {
+                            saf: vec![rev],
+                            states: vec![StateChange {
+                                txn_id,
+                                to: Some(TxnState::ReversalPending),
+                                from: &[],
+                                amount_reversed_minor: None,
+                                cause: "journal unavailable".into(),
+                                detail: Some("answered 96; acquirer approval reversed".into()),
+                            }],
+                            ..Change::default()
+                        })
+                        .await;
+                }
+            }
+            if let Some(g) = outcome.guard.take() {
+                g.complete(&Decision::of(&outcome.reply));
             }
         }
         let out = dialect.encode_to_vec(&outcome.reply).ok().map(Bytes::from);
@@ -155,7 +339,7 @@ impl Pipeline {
         out
     }
 
-    async fn process(&self, request: &Message) -> Option<Outcome> {
+    async fn process(&self, listener: &str, request: &Message) -> Option<Outcome> {
         let began = Instant::now();
         let mti = request.mti();
         if !mti.is_request() {
@@ -184,70 +368,474 @@ impl Pipeline {
         if !pan.luhn_valid() {
             return fail(Failure::InvalidCard);
         }
-        let Some(route) = self.bins.lookup(&pan) else {
-            return fail(Failure::NoRoute);
+        let txn_id = self.journal.new_id();
+        let key = Dedup::key(listener, request);
+        let hash = self.dedup.content_hash(request, Some(&pan));
+        let guard = match self.dedup.check(key, hash, txn_id).await {
+            Verdict::Go(guard) => guard,
+            Verdict::Replay(decision) => {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                let reply = decision.reply_to(request)?;
+                return Some(Outcome::new(
+                    reply,
+                    DecidedBy::Duplicate,
+                    TxnState::Duplicate,
+                ));
+            }
+            Verdict::Conflict => {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                let reply = request.response_with(Failure::Duplicate.response_code())?;
+                return Some(Outcome::new(
+                    reply,
+                    DecidedBy::Duplicate,
+                    TxnState::Duplicate,
+                ));
+            }
+            Verdict::Stuck => {
+                let reply = request.response_with(Failure::Timeout.response_code())?;
+                return Some(Outcome::new(
+                    reply,
+                    DecidedBy::Duplicate,
+                    TxnState::Duplicate,
+                ));
+            }
+            Verdict::Unknown => return fail(Failure::JournalUnavailable),
         };
-        // A reversal goes where its original went, when the journal knows it.
-        let original = match mti.class() {
-            4 => self.original_endpoint(request).await,
-            _ => None,
+        let mut outcome = match mti.class() {
+            4 => self.reversal(request, txn_id, &pan, began).await?,
+            _ => self.authorize(request, txn_id, &pan, began).await?,
         };
-        let candidates: Vec<&String> = match &original {
-            Some(endpoint) => vec![endpoint],
-            None => std::iter::once(&route.endpoint)
-                .chain(route.fallback.iter())
-                .collect(),
+        outcome.guard = Some(guard);
+        Some(outcome)
+    }
+
+    /// An authorization or financial request (or advice): to the acquirer, or stand-in.
+    async fn authorize(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        began: Instant,
+    ) -> Option<Outcome> {
+        let Some(route) = self.bins.lookup(pan) else {
+            return request
+                .response_with(Failure::NoRoute.response_code())
+                .map(Outcome::switch);
         };
-        let mut last = None;
+        let candidates = std::iter::once(&route.endpoint).chain(route.fallback.iter());
+        let mut first: Option<&Arc<Endpoint>> = None;
         for name in candidates {
             let Some(endpoint) = self.endpoint(name) else {
                 continue;
             };
-            last = Some(name.clone());
+            first.get_or_insert(endpoint);
             let asked = Instant::now();
-            let result = endpoint.exchange(request).await;
+            let result = endpoint.exchange(request, txn_id).await;
             let waited = Some(asked.elapsed());
-            let (reply, decided_by, link) = match result {
-                Upstream::Reply(reply, link) => {
-                    (Endpoint::relay(request, &reply)?, DecidedBy::Acquirer, link)
+            let mut outcome = match result {
+                Upstream::Reply(reply, link, stan) => {
+                    let reply = Endpoint::relay(request, &reply)?;
+                    let state = state_of(&reply);
+                    let mut o = Outcome::new(reply, DecidedBy::Acquirer, state);
+                    if state == TxnState::Approved {
+                        let rev = auto_reversal(request, Some(pan), stan, endpoint.acquirer_id());
+                        o.reversal_if_unrecorded = self.saf_entry(
+                            endpoint,
+                            SafKind::Reversal,
+                            &rev,
+                            Some(txn_id),
+                            Some(self.journal.pan_hmac(pan)),
+                        );
+                    }
+                    o.link = Some(link);
+                    o.upstream_stan = Some(stan);
+                    o
                 }
                 // Never written: the fallback may take it.
                 Upstream::NotSent => continue,
-                // Outcome unknown: never sent again. (Automatic reversal hooks in here.)
-                Upstream::Lost(link) => (
-                    request.response_with(Failure::Unavailable.response_code())?,
-                    DecidedBy::Switch,
-                    link,
-                ),
-                Upstream::TimedOut(link) => (
-                    request.response_with(Failure::Timeout.response_code())?,
-                    DecidedBy::Timeout,
-                    link,
-                ),
+                // Outcome unknown: never sent again; reversed, and perhaps stood in for.
+                Upstream::Lost(link, stan) => {
+                    self.unknown_outcome(request, txn_id, pan, endpoint, link, stan, false)?
+                }
+                Upstream::TimedOut(link, stan) => {
+                    self.unknown_outcome(request, txn_id, pan, endpoint, link, stan, true)?
+                }
             };
-            return Some(Outcome {
-                reply,
-                decided_by,
-                route: Some(route.prefix.clone()),
-                endpoint: Some(name.clone()),
-                link: Some(link),
-                routing: Some(asked.duration_since(began)),
-                upstream: waited,
-            });
+            outcome.route = Some(route.prefix.clone());
+            outcome.endpoint = Some(name.clone());
+            outcome.routing = Some(asked.duration_since(began));
+            outcome.upstream = waited;
+            return Some(outcome);
         }
-        let mut out = fail(Failure::Unavailable)?;
+        // No link of any candidate could take it.
+        let mut out = match first {
+            Some(e) if e.config().stand_in.enabled && e.config().stand_in.on_unavailable => {
+                match self.stand_in(request, txn_id, pan, e) {
+                    Some(o) => o,
+                    None => Outcome::switch(
+                        request.response_with(Failure::Unavailable.response_code())?,
+                    ),
+                }
+            }
+            _ => Outcome::switch(request.response_with(Failure::Unavailable.response_code())?),
+        };
         out.route = Some(route.prefix.clone());
-        out.endpoint = last;
+        out.endpoint = first.map(|e| e.name().to_owned());
         Some(out)
     }
 
-    /// The endpoint of a reversal's original, from DE90 (original MTI 4, STAN 6, DE7 10).
-    async fn original_endpoint(&self, reversal: &Message) -> Option<String> {
-        let de90 = reversal.get_str(90)?;
-        let (stan, de7) = (de90.get(4..10)?, de90.get(10..20)?);
-        self.journal
-            .original_endpoint(reversal.terminal_id()?, stan, de7)
-            .await
+    /// Stand-in approval with its advice queued; `None` when stand-in declines.
+    fn stand_in(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        endpoint: &Endpoint,
+    ) -> Option<Outcome> {
+        let hmac = self.journal.pan_hmac(pan);
+        let cfg = &endpoint.config().stand_in;
+        if let Err(why) = stand_in::decide(cfg, request, pan, &hmac, &stand_in::this_month()) {
+            debug!(reason = why.as_str(), "stand-in declines");
+            return None;
+        }
+        let code = stand_in::auth_code(txn_id);
+        let mut reply = request.response_with(ResponseCode::APPROVED)?;
+        reply.set(38, code.as_bytes());
+        let mut o = Outcome::new(reply, DecidedBy::StandIn, TxnState::AdvicePending);
+        let adv = advice(request, pan, &code);
+        o.change.saf.extend(self.saf_entry(
+            endpoint,
+            SafKind::Advice,
+            &adv,
+            Some(txn_id),
+            Some(hmac),
+        ));
+        self.counters
+            .stand_in_approvals
+            .fetch_add(1, Ordering::Relaxed);
+        Some(o)
+    }
+
+    /// A request written to a link whose reply never came: reversed, and answered 91 or by
+    /// stand-in.
+    #[allow(clippy::too_many_arguments)]
+    fn unknown_outcome(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        endpoint: &Endpoint,
+        link: Arc<str>,
+        stan: u32,
+        timed_out: bool,
+    ) -> Option<Outcome> {
+        let rev = auto_reversal(request, Some(pan), stan, endpoint.acquirer_id());
+        let entry = self.saf_entry(
+            endpoint,
+            SafKind::Reversal,
+            &rev,
+            Some(txn_id),
+            Some(self.journal.pan_hmac(pan)),
+        );
+        self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+        let cfg = &endpoint.config().stand_in;
+        let stood_in = (cfg.enabled
+            && (if timed_out {
+                cfg.on_timeout
+            } else {
+                cfg.on_unavailable
+            }))
+        .then(|| self.stand_in(request, txn_id, pan, endpoint))
+        .flatten();
+        let mut o = match stood_in {
+            Some(o) => o,
+            None => {
+                let failure = if timed_out {
+                    Failure::Timeout
+                } else {
+                    Failure::Unavailable
+                };
+                let decided = if timed_out {
+                    DecidedBy::Timeout
+                } else {
+                    DecidedBy::Switch
+                };
+                Outcome::new(
+                    request.response_with(failure.response_code())?,
+                    decided,
+                    TxnState::ReversalPending,
+                )
+            }
+        };
+        // The reversal goes first: same card, same queue, in order.
+        o.change.saf.splice(0..0, entry);
+        o.link = Some(link);
+        o.upstream_stan = Some(stan);
+        Some(o)
+    }
+
+    /// A terminal's reversal (0400/0420 and repeats), matched to its original.
+    async fn reversal(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        began: Instant,
+    ) -> Option<Outcome> {
+        let is_advice = request.mti().function() == 2;
+        let de90 = request.get_str(90);
+        let keys = OriginalKeys {
+            terminal: request.terminal_id().unwrap_or(""),
+            stan: de90.and_then(|d| d.get(4..10)),
+            transmission_time: de90.and_then(|d| d.get(10..20)),
+            rrn: request.rrn(),
+        };
+        let original = match self.journal.find_original(&keys).await {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(error = %e, "original look-up failed");
+                return request
+                    .response_with(Failure::JournalUnavailable.response_code())
+                    .map(Outcome::switch);
+            }
+        };
+        let Some(original) = original else {
+            return self.orphan(request, txn_id, pan, is_advice);
+        };
+        let ok = |state: TxnState| {
+            let mut o = Outcome::new(
+                request.response_with(ResponseCode::APPROVED)?,
+                DecidedBy::Switch,
+                state,
+            );
+            o.original_id = Some(original.id);
+            Some(o)
+        };
+        if !original.state.is_reversible() {
+            // Reversed already, declined, or its reversal is queued: nothing changes.
+            return ok(TxnState::Duplicate);
+        }
+        let amount = original.amount_minor.unwrap_or(0);
+        let already = original.amount_reversed_minor.unwrap_or(0);
+        let standing = request
+            .get_str(95)
+            .and_then(|d| d.get(..12))
+            .and_then(|a| a.parse::<i64>().ok())
+            .filter(|&a| a > 0 && a < amount);
+        let (to, total) = match standing {
+            Some(a) => (TxnState::PartiallyReversed, amount - a),
+            None => (TxnState::Reversed, amount),
+        };
+        if total <= already {
+            return ok(TxnState::Duplicate);
+        }
+        let endpoint = original.endpoint.as_deref().and_then(|n| self.endpoint(n));
+        let mut outcome = match endpoint {
+            None => ok(to)?,
+            Some(endpoint) => {
+                let outgoing = self.outgoing_reversal(request, &original, endpoint);
+                let order_key = original.pan_hmac.clone();
+                let mut o = if is_advice {
+                    ok(to)?
+                } else {
+                    let asked = Instant::now();
+                    let result = endpoint.exchange(&outgoing, txn_id).await;
+                    match result {
+                        Upstream::Reply(reply, link, stan) => {
+                            let reply = Endpoint::relay(request, &reply)?;
+                            let code = reply.response_code();
+                            let took = code.is_some_and(|c| {
+                                c.is_approved() || c == ResponseCode::RECORD_NOT_FOUND
+                            });
+                            let mut o = Outcome::new(
+                                reply,
+                                DecidedBy::Acquirer,
+                                if took { to } else { TxnState::Declined },
+                            );
+                            o.original_id = Some(original.id);
+                            o.link = Some(link);
+                            o.upstream_stan = Some(stan);
+                            o.routing = Some(asked.duration_since(began));
+                            o.upstream = Some(asked.elapsed());
+                            if !took {
+                                return Some(o);
+                            }
+                            o
+                        }
+                        // Not delivered now: the switch delivers it; the terminal is done.
+                        _ => {
+                            let mut o = ok(to)?;
+                            let mut advice = outgoing.clone();
+                            advice.set_mti(Mti::REVERSAL_ADVICE);
+                            o.change.saf.extend(self.saf_entry(
+                                endpoint,
+                                SafKind::Reversal,
+                                &advice,
+                                Some(txn_id),
+                                order_key.clone(),
+                            ));
+                            o
+                        }
+                    }
+                };
+                if is_advice {
+                    let mut advice = outgoing;
+                    advice.set_mti(Mti::REVERSAL_ADVICE);
+                    o.change.saf.extend(self.saf_entry(
+                        endpoint,
+                        SafKind::Reversal,
+                        &advice,
+                        Some(txn_id),
+                        order_key,
+                    ));
+                }
+                o.endpoint = Some(endpoint.name().to_owned());
+                o
+            }
+        };
+        outcome.amount_reversed = Some(total);
+        outcome.change.conditional = true;
+        outcome.change.states.push(StateChange {
+            txn_id: original.id,
+            to: Some(to),
+            from: REVERSIBLE,
+            amount_reversed_minor: Some(total),
+            cause: "terminal reversal".into(),
+            detail: Some(format!("{} {txn_id}", request.mti())),
+        });
+        Some(outcome)
+    }
+
+    /// The reversal as the acquirer must see it: DE90 names the original by the STAN the
+    /// acquirer saw.
+    fn outgoing_reversal(
+        &self,
+        request: &Message,
+        original: &Original,
+        endpoint: &Endpoint,
+    ) -> Message {
+        let mut out = request.clone();
+        out.set_mti(request.mti().original());
+        if let (Some(stan), Some(de7)) = (
+            original
+                .upstream_stan
+                .as_deref()
+                .and_then(|s| s.parse::<u32>().ok()),
+            original.transmission_time.as_deref(),
+        ) {
+            out.set(
+                90,
+                de90(&original.mti, stan, de7, endpoint.acquirer_id()).as_bytes(),
+            );
+        }
+        for f in [35, 45, 52, 55] {
+            out.remove(f);
+        }
+        out
+    }
+
+    /// A reversal of a transaction the switch never saw: 0400 answered 25; 0420 acknowledged
+    /// and passed on to the card's endpoint (the original may have reached it before a crash).
+    fn orphan(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        is_advice: bool,
+    ) -> Option<Outcome> {
+        if !is_advice {
+            return Some(Outcome::new(
+                request.response_with(ResponseCode::RECORD_NOT_FOUND)?,
+                DecidedBy::Switch,
+                TxnState::Orphan,
+            ));
+        }
+        let mut o = Outcome::new(
+            request.response_with(ResponseCode::APPROVED)?,
+            DecidedBy::Switch,
+            TxnState::Orphan,
+        );
+        if let Some(endpoint) = self
+            .bins
+            .lookup(pan)
+            .and_then(|r| self.endpoint(&r.endpoint))
+        {
+            let mut advice = request.clone();
+            advice.set_mti(Mti::REVERSAL_ADVICE);
+            for f in [35, 45, 52, 55] {
+                advice.remove(f);
+            }
+            o.change.saf.extend(self.saf_entry(
+                endpoint,
+                SafKind::Reversal,
+                &advice,
+                Some(txn_id),
+                Some(self.journal.pan_hmac(pan)),
+            ));
+            o.endpoint = Some(endpoint.name().to_owned());
+        }
+        Some(o)
+    }
+
+    /// A reply from `endpoint` nobody waited for: a late one is recorded against its
+    /// transaction; an approval no reversal covers yet is reversed.
+    pub async fn stray(&self, endpoint: &Endpoint, stray: Stray) {
+        let (txn_id, reply) = match stray {
+            Stray::Late { txn_id, reply } => {
+                self.counters.late_replies.fetch_add(1, Ordering::Relaxed);
+                (Some(txn_id), reply)
+            }
+            Stray::Unmatched { reply } => {
+                self.counters
+                    .unmatched_replies
+                    .fetch_add(1, Ordering::Relaxed);
+                (None, reply)
+            }
+        };
+        let code = reply
+            .response_code()
+            .map_or_else(|| "--".to_owned(), |c| c.to_string());
+        let approved = reply.response_code().is_some_and(|c| c.is_approved());
+        let mut change = Change::default();
+        if let Some(id) = txn_id {
+            change.states.push(StateChange {
+                txn_id: id,
+                to: None,
+                from: &[],
+                amount_reversed_minor: None,
+                cause: "late reply".into(),
+                detail: Some(format!("{} {code}", reply.mti())),
+            });
+        }
+        let covered = match txn_id {
+            Some(id) => self.journal.saf_reversal_pending(id).await.unwrap_or(false),
+            None => false,
+        };
+        if approved && !covered && matches!(reply.mti().class(), 1 | 2) {
+            if let (Some(stan), Some(request_mti)) = (reply.stan(), Some(reply.mti().request())) {
+                let mut as_request = reply.clone();
+                as_request.set_mti(request_mti);
+                let pan = reply.pan();
+                let rev = auto_reversal(&as_request, pan.as_ref(), stan, endpoint.acquirer_id());
+                let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
+                change.saf.extend(self.saf_entry(
+                    endpoint,
+                    SafKind::Reversal,
+                    &rev,
+                    txn_id,
+                    order_key,
+                ));
+                self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    endpoint = endpoint.name(),
+                    late = txn_id.is_some(),
+                    "approval nobody waited for: reversed"
+                );
+            }
+        }
+        if !change.states.is_empty() || !change.saf.is_empty() {
+            self.journal.submit(change).await;
+        }
     }
 
     /// 0800 from a terminal: echo, sign-on and sign-off are answered by the switch.

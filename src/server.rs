@@ -68,7 +68,7 @@ impl Switch {
         let sessions = TaskTracker::new();
         let writer = TaskTracker::new();
         let cfg = &config.config;
-        let endpoints: Vec<Arc<Endpoint>> = cfg
+        let (endpoints, strays): (Vec<Arc<Endpoint>>, Vec<_>) = cfg
             .endpoints
             .iter()
             .zip(&config.endpoints)
@@ -84,13 +84,55 @@ impl Switch {
                     &links,
                 )
             })
-            .collect();
+            .unzip();
         let journal = Journal::start(&cfg.journal, &cfg.switch.node, &writer).await?;
         let pipeline = Arc::new(Pipeline::new(
             config.bins.clone(),
             endpoints,
             journal.clone(),
         ));
+        // Per endpoint: the store-and-forward sender, and the handler of replies nobody waited
+        // for. Both stop with the links.
+        for (endpoint, mut rx) in pipeline.endpoints().iter().zip(strays) {
+            links.spawn(crate::saf::run(
+                journal.clone(),
+                Arc::clone(endpoint),
+                stop_links.clone(),
+            ));
+            let (p, e, stop) = (
+                Arc::clone(&pipeline),
+                Arc::clone(endpoint),
+                stop_links.clone(),
+            );
+            links.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        stray = rx.recv() => match stray {
+                            Some(s) => p.stray(&e, s).await,
+                            None => return,
+                        },
+                    }
+                }
+            });
+        }
+        // Duplicate keys past their retention.
+        {
+            let (j, stop) = (journal.clone(), stop_links.clone());
+            links.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(60)) => {
+                            let n = j.claims().purge(j.retention()).await;
+                            if n > 0 {
+                                info!(keys = n, "old duplicate keys purged");
+                            }
+                        }
+                    }
+                }
+            });
+        }
         let mut bound = Vec::new();
         for (l, (dialect, framing, tls)) in cfg.listeners.iter().zip(&config.listeners) {
             let listener = TcpListener::bind(l.address)

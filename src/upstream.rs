@@ -65,19 +65,76 @@ impl LinkState {
 /// What became of a request handed to an endpoint.
 #[derive(Debug)]
 pub enum Upstream {
-    /// The acquirer's reply (DE11 restored to the terminal's), and the link it came over.
-    Reply(Message, Arc<str>),
+    /// The acquirer's reply (DE11 restored to the terminal's), the link it came over and the
+    /// STAN the acquirer saw.
+    Reply(Message, Arc<str>, u32),
     /// No link could take it; it was never written anywhere.
     NotSent,
-    /// Written on this link, then the connection was lost before the reply: outcome unknown.
-    Lost(Arc<str>),
-    /// Written on this link, no reply within the endpoint's timeout: outcome unknown.
-    TimedOut(Arc<str>),
+    /// Written on this link (with this STAN), then the connection was lost before the reply:
+    /// outcome unknown.
+    Lost(Arc<str>, u32),
+    /// Written on this link (with this STAN), no reply within the endpoint's timeout: outcome
+    /// unknown.
+    TimedOut(Arc<str>, u32),
+}
+
+/// A reply from an acquirer that no request was waiting for.
+#[derive(Debug)]
+pub enum Stray {
+    /// The reply to a request that had timed out: the transaction's id and the reply.
+    Late {
+        /// The transaction.
+        txn_id: i64,
+        /// The reply.
+        reply: Message,
+    },
+    /// A reply to nothing the switch asked (or asked on a connection since lost).
+    Unmatched {
+        /// The reply.
+        reply: Message,
+    },
 }
 
 struct Pending {
     mti: Mti,
+    txn_id: i64,
     reply: oneshot::Sender<Message>,
+}
+
+/// Requests that timed out (their late replies are recognised) and requests answered (a second
+/// copy of their reply is a duplicate, not an unmatched reply). Bounded.
+#[derive(Default)]
+struct Book {
+    late: HashMap<u32, (i64, Mti)>,
+    late_order: std::collections::VecDeque<u32>,
+    answered: std::collections::HashSet<u32>,
+    answered_order: std::collections::VecDeque<u32>,
+}
+
+const LATE_KEPT: usize = 100_000;
+const ANSWERED_KEPT: usize = 16_384;
+
+impl Book {
+    fn timed_out(&mut self, stan: u32, txn_id: i64, mti: Mti) {
+        if self.late_order.len() >= LATE_KEPT {
+            if let Some(old) = self.late_order.pop_front() {
+                self.late.remove(&old);
+            }
+        }
+        self.late.insert(stan, (txn_id, mti));
+        self.late_order.push_back(stan);
+    }
+
+    fn answered(&mut self, stan: u32) {
+        if self.answered_order.len() >= ANSWERED_KEPT {
+            if let Some(old) = self.answered_order.pop_front() {
+                self.answered.remove(&old);
+            }
+        }
+        if self.answered.insert(stan) {
+            self.answered_order.push_back(stan);
+        }
+    }
 }
 
 /// One connection to an acquirer host.
@@ -89,6 +146,7 @@ pub struct Link {
     stan: AtomicU32,
     queue: mpsc::Sender<Frame>,
     pending: Mutex<HashMap<u32, Pending>>,
+    book: Mutex<Book>,
 }
 
 impl std::fmt::Debug for Link {
@@ -131,6 +189,7 @@ impl Link {
         &self,
         dialect: &Dialect,
         mut msg: Message,
+        txn_id: i64,
     ) -> Option<(u32, oneshot::Receiver<Message>)> {
         if self.state() != LinkState::Ready {
             return None;
@@ -145,6 +204,7 @@ impl Link {
                 stan,
                 Pending {
                     mti: msg.mti(),
+                    txn_id,
                     reply: tx,
                 },
             );
@@ -157,12 +217,32 @@ impl Link {
         Some((stan, rx))
     }
 
+    /// Gives up waiting for a request; its reply, if it comes, is late.
     fn forget(&self, stan: u32) -> bool {
-        self.pending
-            .lock()
-            .ok()
-            .and_then(|mut p| p.remove(&stan))
-            .is_some()
+        let Some(p) = self.pending.lock().ok().and_then(|mut p| p.remove(&stan)) else {
+            return false;
+        };
+        if let Ok(mut book) = self.book.lock() {
+            book.timed_out(stan, p.txn_id, p.mti);
+        }
+        true
+    }
+
+    /// What an unmatched reply is: late, a second copy of an answered one, or a stray.
+    fn classify(&self, reply: Message) -> Option<Stray> {
+        let stan = reply.stan()?;
+        let Ok(mut book) = self.book.lock() else {
+            return None;
+        };
+        match book.late.get(&stan) {
+            Some(&(txn_id, mti)) if mti.original() == reply.mti().request() => {
+                book.late.remove(&stan);
+                book.answered(stan);
+                Some(Stray::Late { txn_id, reply })
+            }
+            _ if book.answered.contains(&stan) => None,
+            _ => Some(Stray::Unmatched { reply }),
+        }
     }
 
     /// Drops every pending request: their waiters see the loss.
@@ -173,24 +253,32 @@ impl Link {
         self.in_flight.store(0, Ordering::Relaxed);
     }
 
-    /// Hands a reply to the request waiting for it; false when nothing waits (unmatched).
-    fn deliver(&self, reply: Message) -> bool {
+    /// Hands a reply to the request waiting for it; the reply back when nothing waits.
+    fn deliver(&self, reply: Message) -> Result<(), Message> {
         let Some(stan) = reply.stan() else {
-            return false;
+            return Err(reply);
         };
         let Ok(mut pending) = self.pending.lock() else {
-            return false;
+            return Err(reply);
         };
         match pending.get(&stan) {
             Some(p) if p.mti.original() == reply.mti().request() => {}
-            _ => return false,
+            _ => return Err(reply),
         }
         let Some(p) = pending.remove(&stan) else {
-            return false;
+            return Err(reply);
         };
         drop(pending);
+        if let Ok(mut book) = self.book.lock() {
+            book.answered(stan);
+        }
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        p.reply.send(reply).is_ok()
+        // A waiter that gave up in the same instant: its reply is late.
+        p.reply.send(reply).inspect_err(|_| {
+            if let Ok(mut book) = self.book.lock() {
+                book.timed_out(stan, p.txn_id, p.mti);
+            }
+        })
     }
 }
 
@@ -203,6 +291,7 @@ pub struct Endpoint {
     turn: AtomicUsize,
     timeout: Duration,
     acquirer_id: Option<String>,
+    config: Arc<EndpointConfig>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -230,7 +319,8 @@ impl Endpoint {
         default_acquirer_id: Option<String>,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
-    ) -> Arc<Self> {
+    ) -> (Arc<Self>, mpsc::Receiver<Stray>) {
+        let (strays, strays_rx) = mpsc::channel(4096);
         let mut links = Vec::new();
         for addr in &config.links {
             let (tx, rx) =
@@ -243,6 +333,7 @@ impl Endpoint {
                 stan: AtomicU32::new(fastrand::u32(0..999_999)),
                 queue: tx,
                 pending: Mutex::new(HashMap::new()),
+                book: Mutex::new(Book::default()),
             });
             let task = LinkTask {
                 link: Arc::clone(&link),
@@ -259,11 +350,12 @@ impl Endpoint {
                 timeout: config.request_timeout(),
                 shutdown: shutdown.clone(),
                 tls: tls.clone(),
+                strays: strays.clone(),
             };
             tracker.spawn(task.run(rx));
             links.push(link);
         }
-        Arc::new(Self {
+        let endpoint = Arc::new(Self {
             name: config.name.clone(),
             dialect,
             links,
@@ -271,7 +363,27 @@ impl Endpoint {
             turn: AtomicUsize::new(0),
             timeout: config.request_timeout(),
             acquirer_id: config.acquirer_id.clone().or(default_acquirer_id),
-        })
+            config: Arc::new(config.clone()),
+        });
+        (endpoint, strays_rx)
+    }
+
+    /// The endpoint's configuration.
+    #[must_use]
+    pub fn config(&self) -> &EndpointConfig {
+        &self.config
+    }
+
+    /// The acquirer's dialect.
+    #[must_use]
+    pub fn dialect(&self) -> &Dialect {
+        &self.dialect
+    }
+
+    /// DE32 sent to this acquirer.
+    #[must_use]
+    pub fn acquirer_id(&self) -> Option<&str> {
+        self.acquirer_id.as_deref()
     }
 
     /// The endpoint's name.
@@ -292,8 +404,8 @@ impl Endpoint {
         self.links.iter().any(|l| l.state() == LinkState::Ready)
     }
 
-    /// Sends a terminal's request to the acquirer and waits for the answer.
-    pub async fn exchange(&self, request: &Message) -> Upstream {
+    /// Sends a request of transaction `txn_id` to the acquirer and waits for the answer.
+    pub async fn exchange(&self, request: &Message, txn_id: i64) -> Upstream {
         let mut outgoing = request.clone();
         if let Some(id) = &self.acquirer_id {
             outgoing.set(32, id.as_bytes());
@@ -309,7 +421,7 @@ impl Endpoint {
             let Some(link) = self.links.get(i) else {
                 return Upstream::NotSent;
             };
-            let Some((stan, rx)) = link.submit(&self.dialect, outgoing.clone()) else {
+            let Some((stan, rx)) = link.submit(&self.dialect, outgoing.clone(), txn_id) else {
                 continue;
             };
             return match tokio::time::timeout(self.timeout, rx).await {
@@ -317,14 +429,14 @@ impl Endpoint {
                     if let Some(terminal_stan) = request.get(11) {
                         reply.set(11, terminal_stan);
                     }
-                    Upstream::Reply(reply, Arc::clone(&link.addr))
+                    Upstream::Reply(reply, Arc::clone(&link.addr), stan)
                 }
-                Ok(Err(_)) => Upstream::Lost(Arc::clone(&link.addr)),
+                Ok(Err(_)) => Upstream::Lost(Arc::clone(&link.addr), stan),
                 Err(_) => {
                     if link.forget(stan) {
                         link.in_flight.fetch_sub(1, Ordering::Relaxed);
                     }
-                    Upstream::TimedOut(Arc::clone(&link.addr))
+                    Upstream::TimedOut(Arc::clone(&link.addr), stan)
                 }
             };
         }
@@ -358,6 +470,7 @@ struct LinkTask {
     timeout: Duration,
     shutdown: CancellationToken,
     tls: Option<Connector>,
+    strays: mpsc::Sender<Stray>,
 }
 
 /// Why a connection ended.
@@ -577,10 +690,19 @@ impl LinkTask {
                         }
                         continue;
                     }
-                    if !self.link.deliver(reply) {
-                        // Late (already timed out) or never asked for. Reversal of an unmatched
-                        // approval comes with store-and-forward.
-                        warn!(endpoint = %self.endpoint, link = %self.link.addr, "unmatched reply from acquirer");
+                    if let Err(reply) = self.link.deliver(reply) {
+                        // Late (already timed out), a second copy, or never asked for.
+                        match self.link.classify(reply) {
+                            None => debug!(endpoint = %self.endpoint, link = %self.link.addr, "second copy of a reply ignored"),
+                            Some(stray) => {
+                                if matches!(stray, Stray::Unmatched { .. }) {
+                                    warn!(endpoint = %self.endpoint, link = %self.link.addr, "unmatched reply from acquirer");
+                                }
+                                if self.strays.try_send(stray).is_err() {
+                                    warn!(endpoint = %self.endpoint, "stray replies backlog full; one dropped");
+                                }
+                            }
+                        }
                     }
                 }
                 _ = idle.tick() => {

@@ -21,12 +21,17 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{PgPool, QueryBuilder, SqlitePool};
+use sqlx::{PgPool, QueryBuilder, Row as _, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::JournalSection;
+use crate::seal::Sealer;
+use crate::state::TxnState;
+
+pub mod claims;
+pub mod saf;
 use cardswitch_codec::{Dialect, Message, Pan};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/journal/migrations");
@@ -40,6 +45,10 @@ pub enum DecidedBy {
     Switch,
     /// No reply from the acquirer in time.
     Timeout,
+    /// Stand-in processing.
+    StandIn,
+    /// The reply of an earlier copy of the same request.
+    Duplicate,
 }
 
 impl DecidedBy {
@@ -48,6 +57,8 @@ impl DecidedBy {
             Self::Acquirer => "acquirer",
             Self::Switch => "switch",
             Self::Timeout => "timeout",
+            Self::StandIn => "stand_in",
+            Self::Duplicate => "duplicate",
         }
     }
 }
@@ -87,6 +98,188 @@ pub struct Row {
     /// Time from decoded to the acquirer being asked (checks, routing), microseconds.
     pub t_route_us: Option<i64>,
     t_total_us: i64,
+    /// The transaction's state.
+    pub state: TxnState,
+    /// DE11 as sent to the acquirer.
+    pub upstream_stan: Option<String>,
+    /// For a reversal: the transaction it reverses.
+    pub original_id: Option<i64>,
+    /// Amount reversed so far, minor units.
+    pub amount_reversed_minor: Option<i64>,
+    acquirer_inst: Option<String>,
+}
+
+impl Row {
+    /// The row's id (the transaction id).
+    #[must_use]
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// The row's response code.
+    #[must_use]
+    pub fn response_code(&self) -> &str {
+        &self.response_code
+    }
+
+    /// Who decided.
+    #[must_use]
+    pub fn decided_by(&self) -> DecidedBy {
+        self.decided_by
+    }
+}
+
+/// State changes of a batch, first in its transaction: a conditional change whose transaction
+/// is no longer in an allowed state is not applied, and then its rows are marked duplicates and
+/// its store-and-forward entries dropped. (A macro because the two backends' transaction types
+/// differ and sqlx has no COPY for SQLite.)
+macro_rules! apply_states {
+    ($conn:expr, $changes:expr, $event_sql:expr) => {{
+        let mut applied = Vec::with_capacity($changes.len());
+        for change in $changes.iter_mut() {
+            let mut ok = true;
+            for sc in &change.states {
+                let Some(to) = sc.to else {
+                    sqlx::query($event_sql)
+                        .bind(sc.txn_id)
+                        .bind(now_us())
+                        .bind("unchanged")
+                        .bind(&sc.cause)
+                        .bind(&sc.detail)
+                        .execute(&mut *$conn)
+                        .await?;
+                    continue;
+                };
+                let mut q = QueryBuilder::new("UPDATE transactions SET state = ");
+                q.push_bind(to.as_str());
+                if let Some(a) = sc.amount_reversed_minor {
+                    q.push(", amount_reversed_minor = ").push_bind(a);
+                }
+                q.push(" WHERE id = ").push_bind(sc.txn_id);
+                if !sc.from.is_empty() {
+                    q.push(" AND state IN (");
+                    let mut sep = q.separated(", ");
+                    for st in sc.from {
+                        sep.push_bind(st.as_str());
+                    }
+                    q.push(")");
+                }
+                let done = q.build().execute(&mut *$conn).await?.rows_affected() > 0;
+                if done {
+                    sqlx::query($event_sql)
+                        .bind(sc.txn_id)
+                        .bind(now_us())
+                        .bind(to.as_str())
+                        .bind(&sc.cause)
+                        .bind(&sc.detail)
+                        .execute(&mut *$conn)
+                        .await?;
+                }
+                ok &= done;
+            }
+            if change.conditional && !ok {
+                for r in &mut change.rows {
+                    r.state = TxnState::Duplicate;
+                }
+                change.saf.clear();
+            }
+            applied.push(ok);
+        }
+        applied
+    }};
+}
+
+/// Everything after the rows: store-and-forward entries and their progress, completed
+/// duplicate keys.
+macro_rules! apply_rest {
+    ($conn:expr, $db:ty, $node:expr, $changes:expr) => {{
+        let saf: Vec<&SafEntry> = $changes.iter().flat_map(|c| &c.saf).collect();
+        for chunk in saf.chunks(256) {
+            let mut q: QueryBuilder<$db> = QueryBuilder::new(
+                "INSERT INTO saf (id, endpoint, order_key, kind, mti, txn_id, payload, state, next_at_us, expires_us, created_us) ",
+            );
+            let now = now_us();
+            q.push_values(chunk, |mut b, e| {
+                b.push_bind(e.id)
+                    .push_bind(&e.endpoint)
+                    .push_bind(&e.order_key)
+                    .push_bind(e.kind.as_str())
+                    .push_bind(&e.mti)
+                    .push_bind(e.txn_id)
+                    .push_bind(&e.payload)
+                    .push_bind("pending")
+                    .push_bind(e.next_at_us)
+                    .push_bind(e.expires_us)
+                    .push_bind(now);
+            });
+            q.build().execute(&mut *$conn).await?;
+        }
+        for p in $changes.iter().flat_map(|c| &c.saf_progress) {
+            let mut q: QueryBuilder<$db> = QueryBuilder::new("UPDATE saf SET state = ");
+            q.push_bind(p.state.as_str())
+                .push(", attempts = ")
+                .push_bind(p.attempts)
+                .push(", next_at_us = ")
+                .push_bind(p.next_at_us)
+                .push(", last_code = ")
+                .push_bind(&p.last_code)
+                .push(", lease_until_us = 0, leased_by = NULL, done_us = ")
+                .push_bind(p.state.is_final().then(now_us))
+                .push(" WHERE id = ")
+                .push_bind(p.id);
+            q.build().execute(&mut *$conn).await?;
+        }
+        let done: Vec<&(String, String)> =
+            $changes.iter().filter_map(|c| c.dedup_done.as_ref()).collect();
+        for chunk in done.chunks(512) {
+            let mut q: QueryBuilder<$db> =
+                QueryBuilder::new("UPDATE dedup SET state = 'done', reply = v.column2 FROM (");
+            q.push_values(chunk, |mut b, (k, r)| {
+                b.push_bind(k).push_bind(r);
+            });
+            q.push(") AS v WHERE dedup.dkey = v.column1");
+            q.build().execute(&mut *$conn).await?;
+        }
+        let _ = $node;
+    }};
+}
+
+/// How a reversal names its original.
+#[derive(Debug, Clone, Copy)]
+pub struct OriginalKeys<'a> {
+    /// DE41.
+    pub terminal: &'a str,
+    /// The original DE11 (from DE90).
+    pub stan: Option<&'a str>,
+    /// The original DE7 (from DE90).
+    pub transmission_time: Option<&'a str>,
+    /// DE37, used when there is no DE90.
+    pub rrn: Option<&'a str>,
+}
+
+/// What a reversal needs of its original.
+#[derive(Debug, Clone)]
+pub struct Original {
+    /// Its id.
+    pub id: i64,
+    /// Its MTI.
+    pub mti: String,
+    /// The endpoint it went to.
+    pub endpoint: Option<String>,
+    /// Its state.
+    pub state: TxnState,
+    /// DE4, minor units.
+    pub amount_minor: Option<i64>,
+    /// Reversed so far.
+    pub amount_reversed_minor: Option<i64>,
+    /// DE11 as the acquirer saw it.
+    pub upstream_stan: Option<String>,
+    /// DE7.
+    pub transmission_time: Option<String>,
+    /// The PAN HMAC (the store-and-forward order key).
+    pub pan_hmac: Option<String>,
+    /// Its response code.
+    pub response_code: String,
 }
 
 /// Where rows go.
@@ -135,66 +328,91 @@ impl Backend {
         Ok(backend)
     }
 
-    async fn insert(&self, node: &str, rows: &[Row]) -> Result<(), sqlx::Error> {
+    /// Writes a batch of changes in one database transaction; whether each change's conditions
+    /// held (see [`Change::conditional`]).
+    async fn apply(&self, node: &str, changes: &mut [Change]) -> Result<Vec<bool>, sqlx::Error> {
         match self {
-            // COPY: one statement whatever the batch size, no per-batch planning; the commit at
-            // its end is the batch's one fsync.
+            // Rows by COPY: one statement whatever the batch size, no per-batch planning; the
+            // commit at its end is the batch's one fsync.
             Self::Postgres(p) => {
-                let mut buf = String::with_capacity(rows.len() * 768);
-                for r in rows {
+                let mut tx = p.begin().await?;
+                let applied = apply_states!(&mut *tx, changes, EVENT_PG);
+                let mut buf = String::new();
+                for r in changes.iter().flat_map(|c| &c.rows) {
                     copy_line(&mut buf, node, r);
                 }
-                let mut conn = p.acquire().await?;
-                let mut copy = conn
-                    .copy_in_raw(&format!("COPY transactions ({COLUMNS}) FROM STDIN"))
-                    .await?;
-                copy.send(buf.into_bytes()).await?;
-                copy.finish().await.map(|_| ())
+                if !buf.is_empty() {
+                    let mut copy = tx
+                        .copy_in_raw(&format!("COPY transactions ({COLUMNS}) FROM STDIN"))
+                        .await?;
+                    copy.send(buf.into_bytes()).await?;
+                    copy.finish().await?;
+                }
+                apply_rest!(&mut *tx, sqlx::Postgres, node, changes);
+                tx.commit().await?;
+                Ok(applied)
             }
             Self::Sqlite(p) => {
-                let mut q: QueryBuilder<sqlx::Sqlite> =
-                    QueryBuilder::new(format!("INSERT INTO transactions ({COLUMNS}) "));
-                q.push_values(rows, |mut b, r| {
-                    b.push_bind(r.id)
-                        .push_bind(node)
-                        .push_bind(r.received_us)
-                        .push_bind(&r.listener)
-                        .push_bind(&r.mti)
-                        .push_bind(&r.processing_code)
-                        .push_bind(&r.stan)
-                        .push_bind(&r.rrn)
-                        .push_bind(&r.transmission_time)
-                        .push_bind(&r.terminal_id)
-                        .push_bind(&r.merchant_id)
-                        .push_bind(&r.pan_masked)
-                        .push_bind(&r.pan_hmac)
-                        .push_bind(r.amount_minor)
-                        .push_bind(&r.currency)
-                        .push_bind(&r.route)
-                        .push_bind(&r.endpoint)
-                        .push_bind(&r.link)
-                        .push_bind(&r.response_code)
-                        .push_bind(r.decided_by.as_str())
-                        .push_bind(&r.auth_code)
-                        .push_bind(&r.request_summary)
-                        .push_bind(&r.reply_summary)
-                        .push_bind(r.t_upstream_us)
-                        .push_bind(r.t_total_us)
-                        .push_bind(r.t_decode_us)
-                        .push_bind(r.t_route_us);
-                });
                 let mut tx = p.begin().await?;
-                q.build().execute(&mut *tx).await?;
-                tx.commit().await
+                let applied = apply_states!(&mut *tx, changes, EVENT_LITE);
+                let rows: Vec<&Row> = changes.iter().flat_map(|c| &c.rows).collect();
+                for chunk in rows.chunks(512) {
+                    let mut q: QueryBuilder<sqlx::Sqlite> =
+                        QueryBuilder::new(format!("INSERT INTO transactions ({COLUMNS}) "));
+                    q.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.id)
+                            .push_bind(node)
+                            .push_bind(r.received_us)
+                            .push_bind(&r.listener)
+                            .push_bind(&r.mti)
+                            .push_bind(&r.processing_code)
+                            .push_bind(&r.stan)
+                            .push_bind(&r.rrn)
+                            .push_bind(&r.transmission_time)
+                            .push_bind(&r.terminal_id)
+                            .push_bind(&r.merchant_id)
+                            .push_bind(&r.pan_masked)
+                            .push_bind(&r.pan_hmac)
+                            .push_bind(r.amount_minor)
+                            .push_bind(&r.currency)
+                            .push_bind(&r.route)
+                            .push_bind(&r.endpoint)
+                            .push_bind(&r.link)
+                            .push_bind(&r.response_code)
+                            .push_bind(r.decided_by.as_str())
+                            .push_bind(&r.auth_code)
+                            .push_bind(&r.request_summary)
+                            .push_bind(&r.reply_summary)
+                            .push_bind(r.t_upstream_us)
+                            .push_bind(r.t_total_us)
+                            .push_bind(r.t_decode_us)
+                            .push_bind(r.t_route_us)
+                            .push_bind(r.state.as_str())
+                            .push_bind(&r.upstream_stan)
+                            .push_bind(r.original_id)
+                            .push_bind(r.amount_reversed_minor)
+                            .push_bind(&r.acquirer_inst);
+                    });
+                    q.build().execute(&mut *tx).await?;
+                }
+                apply_rest!(&mut *tx, sqlx::Sqlite, node, changes);
+                tx.commit().await?;
+                Ok(applied)
             }
         }
     }
 }
 
+const EVENT_PG: &str =
+    "INSERT INTO transaction_events (txn_id, at_us, state, cause, detail) VALUES ($1, $2, $3, $4, $5)";
+const EVENT_LITE: &str =
+    "INSERT INTO transaction_events (txn_id, at_us, state, cause, detail) VALUES (?, ?, ?, ?, ?)";
+
 /// The columns written, in order.
 const COLUMNS: &str = "id, node, received_us, listener, mti, processing_code, stan, rrn, transmission_time, \
     terminal_id, merchant_id, pan_masked, pan_hmac, amount_minor, currency, route, endpoint, link, response_code, \
-    decided_by, auth_code, request_summary, reply_summary, t_upstream_us, t_total_us, t_decode_us, t_route_us";
+    decided_by, auth_code, request_summary, reply_summary, t_upstream_us, t_total_us, t_decode_us, t_route_us, state, upstream_stan, original_id, amount_reversed_minor, \
+    acquirer_inst";
 
 /// One row in PostgreSQL's COPY text format: tab-separated, `\N` for NULL, backslash escapes.
 /// (Hand-written: sqlx has no COPY encoder, and the format is four escapes.)
@@ -260,13 +478,171 @@ fn copy_line(buf: &mut String, node: &str, r: &Row) {
     num(buf, Some(r.t_total_us));
     num(buf, r.t_decode_us);
     num(buf, r.t_route_us);
+    text(buf, Some(r.state.as_str()));
+    text(buf, r.upstream_stan.as_deref());
+    num(buf, r.original_id);
+    num(buf, r.amount_reversed_minor);
+    text(buf, r.acquirer_inst.as_deref());
     // Replace the last tab with the end of the line.
     buf.pop();
     buf.push('\n');
 }
 
+/// What a store-and-forward entry carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SafKind {
+    /// An 0420 reversal advice.
+    Reversal,
+    /// An 0120/0220 advice of a stand-in approval.
+    Advice,
+}
+
+impl SafKind {
+    /// Stored name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reversal => "reversal",
+            Self::Advice => "advice",
+        }
+    }
+}
+
+/// A message queued for an endpoint, to be sent until acknowledged.
+#[derive(Debug, Clone)]
+pub struct SafEntry {
+    /// Entry id (time-ordered: the queue order).
+    pub id: i64,
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Entries with the same key go in order (the PAN HMAC).
+    pub order_key: String,
+    /// Reversal or advice.
+    pub kind: SafKind,
+    /// MTI of the first transmission.
+    pub mti: String,
+    /// The transaction whose state the acknowledgement settles.
+    pub txn_id: Option<i64>,
+    /// The message in the endpoint's dialect, sealed.
+    pub payload: String,
+    /// Earliest first transmission, microseconds since the epoch.
+    pub next_at_us: i64,
+    /// Given up after this, microseconds since the epoch.
+    pub expires_us: i64,
+}
+
+/// Where a store-and-forward entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SafState {
+    /// Waiting to be sent (again).
+    Pending,
+    /// Acknowledged with a code that ends it.
+    Delivered,
+    /// Answered with a code that neither ends nor retries it, or out of tries.
+    Refused,
+    /// Past its expiry.
+    Expired,
+}
+
+impl SafState {
+    /// Stored name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Refused => "refused",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Whether it will not be sent again.
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        self != Self::Pending
+    }
+}
+
+/// The outcome of one transmission of a store-and-forward entry.
+#[derive(Debug, Clone)]
+pub struct SafProgress {
+    /// Entry id.
+    pub id: i64,
+    /// Its new state.
+    pub state: SafState,
+    /// Transmissions so far.
+    pub attempts: i32,
+    /// Next transmission (when pending).
+    pub next_at_us: i64,
+    /// The last response code, `ZZ` for none.
+    pub last_code: Option<String>,
+}
+
+/// A change of a journaled transaction's state, with its cause.
+#[derive(Debug, Clone)]
+pub struct StateChange {
+    /// The transaction.
+    pub txn_id: i64,
+    /// Its new state; `None` records the cause without changing the state.
+    pub to: Option<TxnState>,
+    /// States it may change from; empty: any.
+    pub from: &'static [TxnState],
+    /// New reversed amount, when it changes.
+    pub amount_reversed_minor: Option<i64>,
+    /// What caused it (`terminal reversal`, `reversal acknowledged`, `late reply` ...).
+    pub cause: String,
+    /// More about the cause (codes, ids), never card data.
+    pub detail: Option<String>,
+}
+
+/// Everything one event writes, in one database transaction.
+#[derive(Debug, Default)]
+pub struct Change {
+    /// Journal rows.
+    pub rows: Vec<Row>,
+    /// State changes of earlier transactions.
+    pub states: Vec<StateChange>,
+    /// When set and a state change finds its transaction in no allowed state: nothing is
+    /// changed, the rows are written as duplicates and the SAF entries dropped.
+    pub conditional: bool,
+    /// Messages to store and forward.
+    pub saf: Vec<SafEntry>,
+    /// Progress of queued messages.
+    pub saf_progress: Vec<SafProgress>,
+    /// A duplicate key completed: key and sealed reply.
+    pub dedup_done: Option<(String, String)>,
+}
+
+impl Change {
+    /// A change writing one row.
+    #[must_use]
+    pub fn row(row: Row) -> Self {
+        Self {
+            rows: vec![row],
+            ..Self::default()
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+            && self.states.is_empty()
+            && self.saf.is_empty()
+            && self.saf_progress.is_empty()
+            && self.dedup_done.is_none()
+    }
+}
+
+/// How a change ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Committed (durable mode) or queued (async mode).
+    pub ok: bool,
+    /// Its conditions held (always true for an unconditional change).
+    pub applied: bool,
+}
+
 enum Job {
-    Row(Box<Row>, Option<oneshot::Sender<bool>>),
+    Change(Box<Change>, Option<oneshot::Sender<Committed>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -296,6 +672,11 @@ pub struct Journal {
     /// The writer's counters.
     pub stats: Arc<JournalStats>,
     backend: Backend,
+    node: Arc<str>,
+    sealer: Sealer,
+    saf_queued: Arc<tokio::sync::Notify>,
+    claims: claims::Claims,
+    retention: Duration,
 }
 
 impl std::fmt::Debug for Journal {
@@ -332,8 +713,14 @@ impl Journal {
             }
             key
         };
+        let sealer = Sealer::from_hex("k1", &config.data_key).context("journal.data_key")?;
+        if config.data_key.is_empty() {
+            warn!("journal.data_key not set: using a random key, so queued reversals and advices will not survive a restart");
+        }
         let (tx, rx) = mpsc::channel(config.batch_max.max(1) * 8);
         let stats = Arc::new(JournalStats::default());
+        let saf_queued = Arc::new(tokio::sync::Notify::new());
+        let claims = claims::Claims::start(backend.clone(), node, config.batch_max.max(1), tracker);
         let node_hash = node
             .bytes()
             .fold(0i64, |h, b| (h * 31 + i64::from(b)) & 0x3FF);
@@ -345,6 +732,11 @@ impl Journal {
             node_bits: node_hash << 12,
             stats: Arc::clone(&stats),
             backend: backend.clone(),
+            node: Arc::from(node),
+            sealer,
+            saf_queued: Arc::clone(&saf_queued),
+            claims,
+            retention: Duration::from_secs(config.duplicate_retention_s),
         };
         let writer = Writer {
             backend,
@@ -353,6 +745,8 @@ impl Journal {
             delay: Duration::from_micros(config.batch_delay_us),
             stats,
             backlog: VecDeque::new(),
+            saf_queued,
+            durable: config.mode == "durable",
         };
         tracker.spawn(writer.run(rx));
         info!(durable = journal.durable, "journal ready");
@@ -369,6 +763,42 @@ impl Journal {
     #[must_use]
     pub fn is_durable(&self) -> bool {
         self.durable
+    }
+
+    /// The node name.
+    #[must_use]
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Seals card data kept for later (SAF messages, stored replies).
+    #[must_use]
+    pub fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Duplicate-key claims.
+    #[must_use]
+    pub fn claims(&self) -> &claims::Claims {
+        &self.claims
+    }
+
+    /// Wakes when a commit queued store-and-forward entries.
+    #[must_use]
+    pub fn saf_queued(&self) -> &Arc<tokio::sync::Notify> {
+        &self.saf_queued
+    }
+
+    /// How long duplicate keys are kept.
+    #[must_use]
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    /// A new transaction (or queue entry) id.
+    #[must_use]
+    pub fn new_id(&self) -> i64 {
+        self.id()
     }
 
     /// A time-ordered id, unique across nodes: milliseconds << 22 | node (10 bits) << 12 | sequence.
@@ -445,6 +875,11 @@ impl Journal {
             t_decode_us: None,
             t_route_us: None,
             t_total_us: i64::try_from(t_total.as_micros()).unwrap_or(i64::MAX),
+            state: TxnState::Approved,
+            upstream_stan: None,
+            original_id: None,
+            amount_reversed_minor: None,
+            acquirer_inst: text(request, 32),
         }
     }
 
@@ -457,54 +892,89 @@ impl Journal {
     /// Records a row. Durable mode: true once committed, false if the commit failed (the row is
     /// kept and written later as a 96). Async mode: true once queued.
     pub async fn record(&self, row: Row) -> bool {
-        if self.durable {
+        self.submit(Change::row(row)).await.ok
+    }
+
+    /// Submits a change. Durable mode: waits for the commit. Async mode: returns once queued
+    /// (a conditional change waits for its commit in both modes: its outcome is needed).
+    pub async fn submit(&self, change: Change) -> Committed {
+        let failed = Committed {
+            ok: false,
+            applied: false,
+        };
+        if self.durable || change.conditional {
             let (tx, rx) = oneshot::channel();
             if self
                 .tx
-                .send(Job::Row(Box::new(row), Some(tx)))
+                .send(Job::Change(Box::new(change), Some(tx)))
                 .await
                 .is_err()
             {
-                return false;
+                return failed;
             }
-            rx.await.unwrap_or(false)
+            rx.await.unwrap_or(failed)
         } else {
-            self.tx.send(Job::Row(Box::new(row), None)).await.is_ok()
+            let ok = self
+                .tx
+                .send(Job::Change(Box::new(change), None))
+                .await
+                .is_ok();
+            Committed { ok, applied: ok }
         }
     }
 
-    /// The endpoint an original transaction went to, found by the keys a reversal's DE90 carries:
-    /// the terminal, the original STAN and the original transmission time. `None` when unknown
-    /// or never forwarded.
-    pub async fn original_endpoint(
+    /// Submits a change without waiting for it.
+    pub async fn submit_later(&self, change: Change) {
+        let _ = self.tx.send(Job::Change(Box::new(change), None)).await;
+    }
+
+    /// The original of a reversal: by the keys its DE90 carries (the terminal, the original
+    /// STAN and transmission time) or, without DE90, by the terminal and RRN. The latest match.
+    pub async fn find_original(
         &self,
-        terminal_id: &str,
-        stan: &str,
-        transmission_time: &str,
-    ) -> Option<String> {
-        const SQL_PG: &str = "SELECT endpoint FROM transactions WHERE terminal_id = $1 AND stan = $2 \
-            AND transmission_time = $3 AND mti IN ('0100', '0101', '0200', '0201') AND endpoint IS NOT NULL ORDER BY id DESC LIMIT 1";
-        const SQL_LITE: &str = "SELECT endpoint FROM transactions WHERE terminal_id = ? AND stan = ? \
-            AND transmission_time = ? AND mti IN ('0100', '0101', '0200', '0201') AND endpoint IS NOT NULL ORDER BY id DESC LIMIT 1";
-        let found: Result<Option<String>, sqlx::Error> = match &self.backend {
-            Backend::Postgres(p) => {
-                sqlx::query_scalar(SQL_PG)
-                    .bind(terminal_id)
-                    .bind(stan)
-                    .bind(transmission_time)
-                    .fetch_optional(p)
-                    .await
-            }
-            Backend::Sqlite(p) => {
-                sqlx::query_scalar(SQL_LITE)
-                    .bind(terminal_id)
-                    .bind(stan)
-                    .bind(transmission_time)
-                    .fetch_optional(p)
-                    .await
-            }
-        };
-        found.ok().flatten()
+        keys: &OriginalKeys<'_>,
+    ) -> Result<Option<Original>, sqlx::Error> {
+        macro_rules! find {
+            ($db:ty, $pool:expr) => {{
+                let mut q: QueryBuilder<$db> = QueryBuilder::new(
+                    "SELECT id, mti, endpoint, state, amount_minor, amount_reversed_minor, upstream_stan, \
+                     transmission_time, pan_hmac, response_code FROM transactions WHERE terminal_id = ",
+                );
+                q.push_bind(keys.terminal);
+                match (keys.stan, keys.transmission_time, keys.rrn) {
+                    (Some(stan), Some(de7), _) => {
+                        q.push(" AND stan = ").push_bind(stan).push(" AND transmission_time = ").push_bind(de7);
+                    }
+                    (_, _, Some(rrn)) => {
+                        q.push(" AND rrn = ").push_bind(rrn);
+                    }
+                    _ => return Ok(None),
+                }
+                q.push(" AND mti IN ('0100', '0101', '0200', '0201', '0120', '0121', '0220', '0221') AND state <> 'duplicate' ORDER BY id DESC LIMIT 1");
+                match q.build().fetch_optional($pool).await? {
+                    None => Ok(None),
+                    Some(r) => Ok(Some(Original {
+                        id: r.try_get(0)?,
+                        mti: r.try_get(1)?,
+                        endpoint: r.try_get(2)?,
+                        state: r
+                            .try_get::<String, _>(3)?
+                            .parse()
+                            .unwrap_or(TxnState::Declined),
+                        amount_minor: r.try_get(4)?,
+                        amount_reversed_minor: r.try_get(5)?,
+                        upstream_stan: r.try_get(6)?,
+                        transmission_time: r.try_get(7)?,
+                        pan_hmac: r.try_get(8)?,
+                        response_code: r.try_get(9)?,
+                    })),
+                }
+            }};
+        }
+        match &self.backend {
+            Backend::Postgres(p) => find!(sqlx::Postgres, p),
+            Backend::Sqlite(p) => find!(sqlx::Sqlite, p),
+        }
     }
 
     /// Waits until every row queued so far has been handled (committed or put in the backlog).
@@ -527,14 +997,18 @@ struct Writer {
     batch_max: usize,
     delay: Duration,
     stats: Arc<JournalStats>,
-    /// Rows whose commit failed, written first once the database answers again.
-    backlog: VecDeque<Row>,
+    /// Changes whose commit failed, written first once the database answers again.
+    backlog: VecDeque<Change>,
+    /// Told after each commit that queued store-and-forward entries.
+    saf_queued: Arc<tokio::sync::Notify>,
+    durable: bool,
 }
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut rows: Vec<Row> = Vec::with_capacity(self.batch_max);
-        let mut waiters: Vec<oneshot::Sender<bool>> = Vec::with_capacity(self.batch_max);
+        let mut changes: Vec<Change> = Vec::with_capacity(self.batch_max);
+        let mut waiters: Vec<(usize, oneshot::Sender<Committed>)> =
+            Vec::with_capacity(self.batch_max);
         let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
         loop {
             let first = if self.backlog.is_empty() {
@@ -551,41 +1025,52 @@ impl Writer {
                 }
             };
             let take = |job: Job,
-                        rows: &mut Vec<Row>,
-                        waiters: &mut Vec<oneshot::Sender<bool>>,
+                        changes: &mut Vec<Change>,
+                        waiters: &mut Vec<(usize, oneshot::Sender<Committed>)>,
                         flushes: &mut Vec<oneshot::Sender<()>>| match job {
-                Job::Row(row, waiter) => {
-                    rows.push(*row);
+                Job::Change(change, waiter) => {
                     if let Some(w) = waiter {
-                        waiters.push(w);
+                        waiters.push((changes.len(), w));
                     }
+                    changes.push(*change);
                 }
                 Job::Flush(done) => flushes.push(done),
             };
             if let Some(job) = first {
-                take(job, &mut rows, &mut waiters, &mut flushes);
+                take(job, &mut changes, &mut waiters, &mut flushes);
                 let deadline = tokio::time::Instant::now() + self.delay;
-                while rows.len() < self.batch_max {
+                while changes.len() < self.batch_max {
                     match rx.try_recv() {
-                        Ok(job) => take(job, &mut rows, &mut waiters, &mut flushes),
+                        Ok(job) => take(job, &mut changes, &mut waiters, &mut flushes),
                         Err(_) if self.delay.is_zero() => break,
                         Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some(job)) => take(job, &mut rows, &mut waiters, &mut flushes),
+                            Ok(Some(job)) => take(job, &mut changes, &mut waiters, &mut flushes),
                             _ => break,
                         },
                     }
                 }
             }
             self.write_backlog().await;
-            if !rows.is_empty() {
-                let ok = self.backlog.is_empty() && self.commit(&rows).await;
+            if !changes.is_empty() {
+                let applied = if self.backlog.is_empty() {
+                    self.commit(&mut changes).await
+                } else {
+                    None
+                };
+                let ok = applied.is_some();
+                for (i, w) in waiters.drain(..) {
+                    let applied = applied
+                        .as_ref()
+                        .and_then(|a| a.get(i).copied())
+                        .unwrap_or(false);
+                    let _ = w.send(Committed { ok, applied });
+                }
                 if !ok {
-                    self.keep(&mut rows, !waiters.is_empty());
+                    // In durable mode the terminals of these rows were answered 96.
+                    let answered_96 = self.durable;
+                    self.keep(&mut changes, answered_96);
                 }
-                rows.clear();
-                for w in waiters.drain(..) {
-                    let _ = w.send(ok);
-                }
+                changes.clear();
             }
             for f in flushes.drain(..) {
                 let _ = f.send(());
@@ -595,42 +1080,56 @@ impl Writer {
         self.write_backlog().await;
         if !self.backlog.is_empty() {
             error!(
-                rows = self.backlog.len(),
+                changes = self.backlog.len(),
                 "journal stopped with rows not written"
             );
         }
     }
 
-    async fn commit(&self, rows: &[Row]) -> bool {
-        match self.backend.insert(&self.node, rows).await {
-            Ok(()) => {
+    /// Commits a batch; per change whether it applied, `None` when the commit failed.
+    async fn commit(&self, changes: &mut [Change]) -> Option<Vec<bool>> {
+        let rows: usize = changes.iter().map(|c| c.rows.len()).sum();
+        let saf = changes.iter().any(|c| !c.saf.is_empty());
+        match self.backend.apply(&self.node, changes).await {
+            Ok(applied) => {
                 self.stats
                     .committed
-                    .fetch_add(u64::try_from(rows.len()).unwrap_or(0), Ordering::Relaxed);
+                    .fetch_add(u64::try_from(rows).unwrap_or(0), Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                true
+                if saf {
+                    self.saf_queued.notify_waiters();
+                }
+                Some(applied)
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                error!(error = %e, rows = rows.len(), "journal commit failed");
-                false
+                error!(error = %e, rows, "journal commit failed");
+                None
             }
         }
     }
 
-    /// Keeps rows whose commit failed; in durable mode their terminals were answered 96.
-    fn keep(&mut self, rows: &mut Vec<Row>, answered_96: bool) {
-        for mut row in rows.drain(..) {
+    /// Keeps changes whose commit failed; in durable mode their terminals were answered 96.
+    fn keep(&mut self, changes: &mut Vec<Change>, answered_96: bool) {
+        for mut change in changes.drain(..) {
+            if change.is_empty() {
+                continue;
+            }
             if answered_96 {
-                "96".clone_into(&mut row.response_code);
-                row.decided_by = DecidedBy::Switch;
-                row.auth_code = None;
+                for row in &mut change.rows {
+                    "96".clone_into(&mut row.response_code);
+                    row.decided_by = DecidedBy::Switch;
+                    row.auth_code = None;
+                    if row.state.is_charged() {
+                        row.state = TxnState::Declined;
+                    }
+                }
             }
             if self.backlog.len() >= BACKLOG_MAX {
                 self.backlog.pop_front();
                 self.stats.lost.fetch_add(1, Ordering::Relaxed);
             }
-            self.backlog.push_back(row);
+            self.backlog.push_back(change);
         }
         self.stats.backlog.store(
             u64::try_from(self.backlog.len()).unwrap_or(0),
@@ -641,17 +1140,19 @@ impl Writer {
     async fn write_backlog(&mut self) {
         while !self.backlog.is_empty() {
             let n = self.backlog.len().min(self.batch_max);
-            let batch: Vec<Row> = self.backlog.iter().take(n).cloned().collect();
-            if !self.commit(&batch).await {
+            let mut batch: Vec<Change> = self.backlog.drain(..n).collect();
+            if self.commit(&mut batch).await.is_none() {
+                for (i, c) in batch.into_iter().enumerate() {
+                    self.backlog.insert(i, c);
+                }
                 return;
             }
-            self.backlog.drain(..n);
             self.stats.backlog.store(
                 u64::try_from(self.backlog.len()).unwrap_or(0),
                 Ordering::Relaxed,
             );
             info!(
-                rows = n,
+                changes = n,
                 left = self.backlog.len(),
                 "journal backlog written"
             );

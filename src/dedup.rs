@@ -1,0 +1,268 @@
+//! Duplicate detection (domain reference, section 4).
+//!
+//! Key: the source (listener), DE32, DE41, DE11, DE7 and the message class (so a reversal that
+//! reuses its original's STAN is not taken for a copy of it). Content: a keyed hash of DE2, DE3
+//! and DE4. A repeat (xxx1) has the same key as its original, so it takes this path too, and
+//! goes ahead as new when no original was seen.
+//!
+//! Copies arriving on this node while the first is in flight wait for its answer here; copies
+//! on another node (or after a restart) find the key in the database and wait for it to
+//! complete there. Once completed, the stored decision (the reply's decision fields, sealed) is
+//! sent again. Same key, other content: 94.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cardswitch_codec::{Message, Pan};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::journal::claims::Claim;
+use crate::journal::Journal;
+
+/// Fields of a reply that carry the decision; what a copy is answered with.
+pub const DECISION_FIELDS: &[u8] = &[38, 39, 44, 54, 55, 102, 103];
+
+/// The decision fields of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision(Vec<(u8, Vec<u8>)>);
+
+impl Decision {
+    /// The decision carried by `reply`.
+    #[must_use]
+    pub fn of(reply: &Message) -> Self {
+        Self(
+            DECISION_FIELDS
+                .iter()
+                .filter_map(|&f| reply.get(f).map(|v| (f, v.to_vec())))
+                .collect(),
+        )
+    }
+
+    /// The reply to `request` carrying this decision.
+    #[must_use]
+    pub fn reply_to(&self, request: &Message) -> Option<Message> {
+        let mut out = request.response()?;
+        for (f, v) in &self.0 {
+            out.set(*f, v);
+        }
+        Some(out)
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (f, v) in &self.0 {
+            out.push(*f);
+            out.extend_from_slice(&u16::try_from(v.len()).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    fn from_bytes(mut b: &[u8]) -> Option<Self> {
+        let mut fields = Vec::new();
+        while let [f, h, l, rest @ ..] = b {
+            let n = usize::from(u16::from_be_bytes([*h, *l]));
+            fields.push((*f, rest.get(..n)?.to_vec()));
+            b = rest.get(n..)?;
+        }
+        b.is_empty().then_some(Self(fields))
+    }
+
+    /// The sealed form stored in the database.
+    #[must_use]
+    pub fn seal(&self, journal: &Journal) -> String {
+        journal.sealer().seal(&self.to_bytes())
+    }
+
+    /// A stored decision; `None` when it cannot be opened.
+    #[must_use]
+    pub fn open(journal: &Journal, sealed: &str) -> Option<Self> {
+        Self::from_bytes(&journal.sealer().open(sealed)?)
+    }
+}
+
+/// What to do with a request after the duplicate check.
+#[derive(Debug)]
+pub enum Verdict {
+    /// New: go ahead, and complete the guard with the reply.
+    Go(Guard),
+    /// A copy of a completed request: answer with its decision.
+    Replay(Decision),
+    /// Same key, other content: 94.
+    Conflict,
+    /// The first is still in flight past every deadline: its outcome is unknown.
+    Stuck,
+    /// The database cannot tell.
+    Unknown,
+}
+
+type Waiters = watch::Sender<Option<Decision>>;
+
+#[derive(Debug, Default)]
+struct Local {
+    in_flight: HashMap<String, (String, Waiters)>,
+}
+
+/// The duplicate checker.
+#[derive(Debug)]
+pub struct Dedup {
+    journal: Journal,
+    local: Arc<Mutex<Local>>,
+    wait: Duration,
+}
+
+/// A claimed key; completing it answers the copies waiting on this node. Dropped without
+/// completing, the waiters are released with nothing.
+#[derive(Debug)]
+pub struct Guard {
+    key: String,
+    local: Arc<Mutex<Local>>,
+}
+
+impl Guard {
+    /// The key.
+    #[must_use]
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Hands the decision to the copies waiting here.
+    pub fn complete(self, decision: &Decision) {
+        if let Ok(mut l) = self.local.lock() {
+            if let Some((_, tx)) = l.in_flight.remove(&self.key) {
+                let _ = tx.send(Some(decision.clone()));
+            }
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.local.lock() {
+            l.in_flight.remove(&self.key);
+        }
+    }
+}
+
+impl Dedup {
+    /// A checker over the journal's database; copies wait at most `wait` for their first.
+    #[must_use]
+    pub fn new(journal: Journal, wait: Duration) -> Self {
+        Self {
+            journal,
+            local: Arc::default(),
+            wait,
+        }
+    }
+
+    /// The key of a request from `listener`.
+    #[must_use]
+    pub fn key(listener: &str, request: &Message) -> String {
+        let f = |n| request.get_str(n).unwrap_or("");
+        format!(
+            "{listener}|{}|{}|{}|{}|{}",
+            f(32),
+            f(41),
+            f(11),
+            f(7),
+            request.mti().class()
+        )
+    }
+
+    /// The content hash: DE2 (as its keyed HMAC), DE3, DE4.
+    #[must_use]
+    pub fn content_hash(&self, request: &Message, pan: Option<&Pan>) -> String {
+        let mut h = Sha256::new();
+        if let Some(p) = pan {
+            h.update(self.journal.pan_hmac(p).as_bytes());
+        }
+        for f in [3u8, 4] {
+            h.update(b"|");
+            h.update(request.get(f).unwrap_or_default());
+        }
+        hex::encode(h.finalize().get(..16).unwrap_or_default())
+    }
+
+    /// Checks a request; `Go` claims its key.
+    pub async fn check(&self, key: String, hash: String, txn_id: i64) -> Verdict {
+        // A copy of a request in flight on this node waits for it here.
+        let waiting = {
+            let Ok(mut l) = self.local.lock() else {
+                return Verdict::Unknown;
+            };
+            match l.in_flight.get(&key) {
+                Some((h, _)) if *h != hash => return Verdict::Conflict,
+                Some((_, tx)) => Some(tx.subscribe()),
+                None => {
+                    let (tx, _) = watch::channel(None);
+                    l.in_flight.insert(key.clone(), (hash.clone(), tx));
+                    None
+                }
+            }
+        };
+        if let Some(mut rx) = waiting {
+            let done = tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await;
+            return match done {
+                Ok(Ok(d)) => d.clone().map_or(Verdict::Stuck, Verdict::Replay),
+                _ => Verdict::Stuck,
+            };
+        }
+        let guard = Guard {
+            key: key.clone(),
+            local: Arc::clone(&self.local),
+        };
+        match self
+            .journal
+            .claims()
+            .claim(key.clone(), hash.clone(), txn_id)
+            .await
+        {
+            Claim::New => Verdict::Go(guard),
+            Claim::Conflict => Verdict::Conflict,
+            Claim::Done(sealed) => {
+                let v = self.replay(&sealed);
+                if let Verdict::Replay(d) = &v {
+                    guard.complete(d);
+                }
+                v
+            }
+            Claim::Unavailable => Verdict::Unknown,
+            Claim::InFlight => {
+                // Claimed on another node or before a restart: wait for it to complete.
+                let deadline = tokio::time::Instant::now() + self.wait;
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    match self.journal.claims().look(&key, &hash).await {
+                        Claim::Done(sealed) => return self.replay(&sealed),
+                        Claim::Conflict => return Verdict::Conflict,
+                        _ if tokio::time::Instant::now() >= deadline => return Verdict::Stuck,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn replay(&self, sealed: &str) -> Verdict {
+        Decision::open(&self.journal, sealed).map_or(Verdict::Unknown, Verdict::Replay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decisions_round_trip_through_bytes() {
+        let d = Decision(vec![
+            (38, b"A1B2C3".to_vec()),
+            (39, b"00".to_vec()),
+            (55, vec![0x91, 2, 1, 2]),
+        ]);
+        assert_eq!(Decision::from_bytes(&d.to_bytes()), Some(d));
+        assert_eq!(Decision::from_bytes(&[39, 0, 5, b'0']), None);
+        assert_eq!(Decision::from_bytes(&[]), Some(Decision(vec![])));
+    }
+}

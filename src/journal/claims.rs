@@ -1,0 +1,261 @@
+//! Duplicate-key claims in the database, batched.
+//!
+//! A request's key is claimed before the request goes anywhere: one multi-row
+//! `INSERT ... ON CONFLICT DO NOTHING RETURNING` per batch tells which keys are new. For the
+//! others the stored row says whether the first request is done (its sealed reply), still in
+//! flight, or had other content. Claims commit without waiting for the disk
+//! (`synchronous_commit = off`): the journal commit that completes the transaction is
+//! synchronous and makes the claim durable with it; a claim lost in a crash belongs to a
+//! transaction that was never answered.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sqlx::{QueryBuilder, Row as _};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+use tracing::error;
+
+use super::{now_us, Backend};
+
+/// What the database knows of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is new: this request goes ahead.
+    New,
+    /// Seen before with the same content and completed: its sealed reply.
+    Done(String),
+    /// Seen before with the same content, not completed yet.
+    InFlight,
+    /// Seen before with other content.
+    Conflict,
+    /// The database could not tell.
+    Unavailable,
+}
+
+struct Request {
+    key: String,
+    hash: String,
+    txn_id: i64,
+    reply: oneshot::Sender<Claim>,
+}
+
+/// Handle to the claimer task.
+#[derive(Clone, Debug)]
+pub struct Claims {
+    tx: mpsc::Sender<Request>,
+    backend: Backend,
+}
+
+impl Claims {
+    pub(super) fn start(
+        backend: Backend,
+        node: &str,
+        batch_max: usize,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(batch_max * 8);
+        tracker.spawn(run(backend.clone(), node.to_owned(), batch_max, rx));
+        Self { tx, backend }
+    }
+
+    /// Claims `key` for a request with content hash `hash`.
+    pub async fn claim(&self, key: String, hash: String, txn_id: i64) -> Claim {
+        let (reply, rx) = oneshot::channel();
+        let req = Request {
+            key,
+            hash,
+            txn_id,
+            reply,
+        };
+        if self.tx.send(req).await.is_err() {
+            return Claim::Unavailable;
+        }
+        rx.await.unwrap_or(Claim::Unavailable)
+    }
+
+    /// The stored state of a key, as [`Claims::claim`] would see it, without claiming.
+    pub async fn look(&self, key: &str, hash: &str) -> Claim {
+        let found = lookup(&self.backend, &[key]).await;
+        match found {
+            Ok(rows) => rows
+                .into_iter()
+                .next()
+                .map_or(Claim::Unavailable, |r| r.verdict(hash)),
+            Err(_) => Claim::Unavailable,
+        }
+    }
+
+    /// Deletes keys older than `retention`, a bounded number at a time; how many.
+    pub async fn purge(&self, retention: Duration) -> u64 {
+        let before = now_us() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+        let done = match &self.backend {
+            Backend::Postgres(p) => sqlx::query(
+                "DELETE FROM dedup WHERE dkey IN (SELECT dkey FROM dedup WHERE created_us < $1 LIMIT 50000)",
+            )
+            .bind(before)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()),
+            Backend::Sqlite(p) => sqlx::query(
+                "DELETE FROM dedup WHERE dkey IN (SELECT dkey FROM dedup WHERE created_us < ? LIMIT 50000)",
+            )
+            .bind(before)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()),
+        };
+        done.unwrap_or_else(|e| {
+            error!(error = %e, "purging old duplicate keys failed");
+            0
+        })
+    }
+}
+
+struct Stored {
+    key: String,
+    hash: String,
+    state: String,
+    reply: Option<String>,
+}
+
+impl Stored {
+    fn verdict(&self, hash: &str) -> Claim {
+        if self.hash != hash {
+            Claim::Conflict
+        } else if self.state == "done" {
+            self.reply.clone().map_or(Claim::InFlight, Claim::Done)
+        } else {
+            Claim::InFlight
+        }
+    }
+}
+
+async fn lookup(backend: &Backend, keys: &[&str]) -> Result<Vec<Stored>, sqlx::Error> {
+    macro_rules! select {
+        ($db:ty, $pool:expr) => {{
+            let mut q: QueryBuilder<$db> = QueryBuilder::new(
+                "SELECT dkey, content_hash, state, reply FROM dedup WHERE dkey IN (",
+            );
+            let mut sep = q.separated(", ");
+            for k in keys {
+                sep.push_bind(*k);
+            }
+            q.push(")");
+            q.build()
+                .fetch_all($pool)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    Ok(Stored {
+                        key: r.try_get(0)?,
+                        hash: r.try_get(1)?,
+                        state: r.try_get(2)?,
+                        reply: r.try_get(3)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+        }};
+    }
+    match backend {
+        Backend::Postgres(p) => select!(sqlx::Postgres, p),
+        Backend::Sqlite(p) => select!(sqlx::Sqlite, p),
+    }
+}
+
+/// Inserts the batch's keys; the keys that were new.
+async fn insert(
+    backend: &Backend,
+    node: &str,
+    batch: &[Request],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let now = now_us();
+    macro_rules! insert {
+        ($db:ty, $conn:expr) => {{
+            let mut q: QueryBuilder<$db> = QueryBuilder::new(
+                "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) ",
+            );
+            q.push_values(batch, |mut b, r| {
+                b.push_bind(&r.key)
+                    .push_bind(&r.hash)
+                    .push_bind(r.txn_id)
+                    .push_bind(node)
+                    .push_bind("in_flight")
+                    .push_bind(now);
+            });
+            q.push(" ON CONFLICT (dkey) DO NOTHING RETURNING dkey");
+            q.build()
+                .fetch_all($conn)
+                .await?
+                .into_iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<HashSet<String>, sqlx::Error>>()
+        }};
+    }
+    match backend {
+        Backend::Postgres(p) => {
+            let mut tx = p.begin().await?;
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+            let new = insert!(sqlx::Postgres, &mut *tx)?;
+            tx.commit().await?;
+            Ok(new)
+        }
+        Backend::Sqlite(p) => insert!(sqlx::Sqlite, p),
+    }
+}
+
+async fn run(backend: Backend, node: String, batch_max: usize, mut rx: mpsc::Receiver<Request>) {
+    let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let new = match insert(&backend, &node, &batch).await {
+            Ok(new) => new,
+            Err(e) => {
+                error!(error = %e, claims = batch.len(), "duplicate-key claims failed");
+                for r in batch.drain(..) {
+                    let _ = r.reply.send(Claim::Unavailable);
+                }
+                continue;
+            }
+        };
+        // A key is new for the first request of the batch that carries it only.
+        let mut granted: HashSet<String> = HashSet::new();
+        let mut others: Vec<Request> = Vec::new();
+        for r in batch.drain(..) {
+            if new.contains(&r.key) && granted.insert(r.key.clone()) {
+                let _ = r.reply.send(Claim::New);
+            } else {
+                others.push(r);
+            }
+        }
+        if others.is_empty() {
+            continue;
+        }
+        let keys: Vec<&str> = others.iter().map(|r| r.key.as_str()).collect();
+        match lookup(&backend, &keys).await {
+            Ok(stored) => {
+                for r in others {
+                    let verdict = stored
+                        .iter()
+                        .find(|s| s.key == r.key)
+                        .map_or(Claim::Unavailable, |s| s.verdict(&r.hash));
+                    let _ = r.reply.send(verdict);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "duplicate-key look-up failed");
+                for r in others {
+                    let _ = r.reply.send(Claim::Unavailable);
+                }
+            }
+        }
+    }
+}

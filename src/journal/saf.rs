@@ -1,0 +1,166 @@
+//! The store-and-forward queue's reads: due entries (the oldest pending entry of each card
+//! only, so one card's messages go in order), leases (so that several switch nodes sharing the
+//! database never send one entry at the same time), depth.
+
+use sqlx::{QueryBuilder, Row as _};
+
+use super::{Backend, Journal};
+
+/// A queued message due for (re)transmission.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// Entry id.
+    pub id: i64,
+    /// Reversal or advice (`reversal` | `advice`).
+    pub kind: String,
+    /// MTI of the first transmission.
+    pub mti: String,
+    /// The transaction its acknowledgement settles.
+    pub txn_id: Option<i64>,
+    /// The sealed message.
+    pub payload: String,
+    /// Transmissions so far.
+    pub attempts: i32,
+    /// Expiry, microseconds since the epoch.
+    pub expires_us: i64,
+}
+
+impl Journal {
+    /// Up to `limit` entries of `endpoint` due at `now_us`, each the oldest pending entry of its
+    /// card, not leased by anyone.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn saf_due(
+        &self,
+        endpoint: &str,
+        now_us: i64,
+        limit: i64,
+    ) -> Result<Vec<Queued>, sqlx::Error> {
+        macro_rules! due {
+            ($db:ty, $pool:expr) => {{
+                let mut q: QueryBuilder<$db> = QueryBuilder::new(
+                    "SELECT id, kind, mti, txn_id, payload, attempts, expires_us FROM saf s WHERE s.endpoint = ",
+                );
+                q.push_bind(endpoint)
+                    .push(" AND s.state = 'pending' AND s.next_at_us <= ")
+                    .push_bind(now_us)
+                    .push(" AND s.lease_until_us <= ")
+                    .push_bind(now_us)
+                    .push(
+                        " AND NOT EXISTS (SELECT 1 FROM saf p WHERE p.endpoint = s.endpoint AND p.order_key = s.order_key \
+                         AND p.state = 'pending' AND p.id < s.id) ORDER BY s.id LIMIT ",
+                    )
+                    .push_bind(limit);
+                q.build()
+                    .fetch_all($pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| {
+                        Ok(Queued {
+                            id: r.try_get(0)?,
+                            kind: r.try_get(1)?,
+                            mti: r.try_get(2)?,
+                            txn_id: r.try_get(3)?,
+                            payload: r.try_get(4)?,
+                            attempts: r.try_get(5)?,
+                            expires_us: r.try_get(6)?,
+                        })
+                    })
+                    .collect()
+            }};
+        }
+        match self.backend() {
+            Backend::Postgres(p) => due!(sqlx::Postgres, p),
+            Backend::Sqlite(p) => due!(sqlx::Sqlite, p),
+        }
+    }
+
+    /// Takes an entry for `until_us` unless someone else holds it; whether it was taken.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn saf_lease(
+        &self,
+        id: i64,
+        now_us: i64,
+        until_us: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let node = self.node().to_owned();
+        let done = match self.backend() {
+            Backend::Postgres(p) => sqlx::query(
+                "UPDATE saf SET lease_until_us = $1, leased_by = $2 WHERE id = $3 AND state = 'pending' AND lease_until_us <= $4",
+            )
+            .bind(until_us)
+            .bind(node)
+            .bind(id)
+            .bind(now_us)
+            .execute(p)
+            .await?,
+            Backend::Sqlite(p) => {
+                let r = sqlx::query(
+                    "UPDATE saf SET lease_until_us = ?, leased_by = ? WHERE id = ? AND state = 'pending' AND lease_until_us <= ?",
+                )
+                .bind(until_us)
+                .bind(node)
+                .bind(id)
+                .bind(now_us)
+                .execute(p)
+                .await?;
+                return Ok(r.rows_affected() == 1);
+            }
+        };
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Pending entries, for one endpoint or all.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn saf_depth(&self, endpoint: Option<&str>) -> Result<i64, sqlx::Error> {
+        match self.backend() {
+            Backend::Postgres(p) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM saf WHERE state = 'pending' AND ($1::text IS NULL OR endpoint = $1)",
+                )
+                .bind(endpoint)
+                .fetch_one(p)
+                .await
+            }
+            Backend::Sqlite(p) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM saf WHERE state = 'pending' AND (?1 IS NULL OR endpoint = ?1)",
+                )
+                .bind(endpoint)
+                .fetch_one(p)
+                .await
+            }
+        }
+    }
+
+    /// Whether a reversal for `txn_id` is still queued.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn saf_reversal_pending(&self, txn_id: i64) -> Result<bool, sqlx::Error> {
+        let n: i64 = match self.backend() {
+            Backend::Postgres(p) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM saf WHERE txn_id = $1 AND kind = 'reversal' AND state = 'pending'",
+                )
+                .bind(txn_id)
+                .fetch_one(p)
+                .await?
+            }
+            Backend::Sqlite(p) => {
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM saf WHERE txn_id = ? AND kind = 'reversal' AND state = 'pending'",
+                )
+                .bind(txn_id)
+                .fetch_one(p)
+                .await?
+            }
+        };
+        Ok(n > 0)
+    }
+}
