@@ -85,6 +85,8 @@ struct Outcome {
     guard: Option<Guard>,
     /// An acquirer approval: reversed if it cannot be recorded.
     reversal_if_unrecorded: Option<SafEntry>,
+    /// The transaction id, once one was given.
+    txn_id: Option<i64>,
 }
 
 impl Outcome {
@@ -104,6 +106,7 @@ impl Outcome {
             change: Change::default(),
             guard: None,
             reversal_if_unrecorded: None,
+            txn_id: None,
         }
     }
 
@@ -296,6 +299,9 @@ impl Pipeline {
             row.upstream_stan = outcome.upstream_stan.map(|s| format!("{s:06}"));
             row.original_id = outcome.original_id;
             row.amount_reversed_minor = outcome.amount_reversed;
+            if let Some(id) = outcome.txn_id {
+                row.set_id(id);
+            }
             let txn_id = row.id();
             let decision = Decision::of(&outcome.reply);
             let mut change = std::mem::take(&mut outcome.change);
@@ -406,6 +412,7 @@ impl Pipeline {
             _ => self.authorize(request, txn_id, &pan, began).await?,
         };
         outcome.guard = Some(guard);
+        outcome.txn_id = Some(txn_id);
         Some(outcome)
     }
 

@@ -169,6 +169,21 @@ pub struct LedgerEntry {
     pub reversed: bool,
 }
 
+/// A reversal the host received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReversalSeen {
+    /// Its MTI (0400, 0401, 0420, 0421).
+    pub mti: String,
+    /// DE39 as sent (the reason: 68 for a switch's timeout reversal).
+    pub reason: Option<String>,
+    /// DE90.
+    pub original: Option<String>,
+    /// DE37.
+    pub rrn: String,
+    /// Whether it found its original.
+    pub found: bool,
+}
+
 /// Counters of what the host did.
 #[derive(Debug, Default, Serialize)]
 pub struct Stats {
@@ -193,13 +208,95 @@ pub struct Stats {
 #[derive(Default)]
 struct Ledger {
     entries: Vec<LedgerEntry>,
-    by_key: HashMap<(String, String), usize>,
+    /// (DE41, DE37) -> entries, oldest first.
+    by_rrn: HashMap<(String, String), Vec<usize>>,
+    /// (DE41, DE11 as received, DE7) -> entry: how DE90 names an original.
+    by_original: HashMap<(String, String, String), usize>,
+}
+
+impl Ledger {
+    /// The entry a reversal names: by DE90 (the STAN and DE7 this host saw), else by DE41 and
+    /// DE37 (the latest approval).
+    fn original_of(&self, reversal: &Message) -> Option<usize> {
+        let terminal = text(reversal, 41);
+        if let Some(de90) = reversal.get_str(90) {
+            if let (Some(stan), Some(de7)) = (de90.get(4..10), de90.get(10..20)) {
+                if let Some(&i) =
+                    self.by_original
+                        .get(&(terminal.clone(), stan.to_owned(), de7.to_owned()))
+                {
+                    return Some(i);
+                }
+            }
+        }
+        let list = self.by_rrn.get(&(terminal, text(reversal, 37)))?;
+        list.iter()
+            .rev()
+            .find(|&&i| self.entries.get(i).is_some_and(|e| e.auth_code.is_some()))
+            .or(list.last())
+            .copied()
+    }
+
+    fn push(&mut self, entry: LedgerEntry, de7: String) {
+        let i = self.entries.len();
+        self.by_rrn
+            .entry((entry.terminal.clone(), entry.rrn.clone()))
+            .or_default()
+            .push(i);
+        self.by_original
+            .insert((entry.terminal.clone(), entry.stan.clone(), de7), i);
+        self.entries.push(entry);
+    }
+}
+
+/// What a ledger holds, by (DE41, DE37).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LedgerSummary {
+    /// Keys with an approval standing (approved, not reversed).
+    pub charged: std::collections::BTreeSet<(String, String)>,
+    /// Keys with more than one approval standing.
+    pub double_charges: Vec<(String, String)>,
+    /// Entries in all.
+    pub entries: usize,
+    /// Entries reversed.
+    pub reversed: usize,
+}
+
+impl LedgerSummary {
+    /// Summarises ledger entries.
+    #[must_use]
+    pub fn of(entries: &[LedgerEntry]) -> Self {
+        let mut standing: HashMap<(String, String), usize> = HashMap::new();
+        let mut out = Self {
+            entries: entries.len(),
+            ..Self::default()
+        };
+        for e in entries {
+            if e.reversed {
+                out.reversed += 1;
+            }
+            if e.auth_code.is_some() && !e.reversed {
+                *standing
+                    .entry((e.terminal.clone(), e.rrn.clone()))
+                    .or_default() += 1;
+            }
+        }
+        for (k, n) in standing {
+            if n > 1 {
+                out.double_charges.push(k.clone());
+            }
+            out.charged.insert(k);
+        }
+        out.double_charges.sort();
+        out
+    }
 }
 
 struct State {
     dialect: Dialect,
     rules: RwLock<Arc<Rules>>,
     ledger: Mutex<Ledger>,
+    reversals: Mutex<Vec<ReversalSeen>>,
     stats: Stats,
     auth_codes: AtomicU64,
 }
@@ -260,6 +357,7 @@ impl Acquirer {
             dialect: config.dialect,
             rules: RwLock::new(Arc::new(config.rules)),
             ledger: Mutex::new(Ledger::default()),
+            reversals: Mutex::new(Vec::new()),
             stats: Stats::default(),
             auth_codes: AtomicU64::new(1),
         });
@@ -331,6 +429,16 @@ impl Acquirer {
             .unwrap_or_default()
     }
 
+    /// The reversals received, in order.
+    #[must_use]
+    pub fn reversals(&self) -> Vec<ReversalSeen> {
+        self.state
+            .reversals
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
     /// The counters.
     #[must_use]
     pub fn stats(&self) -> &Stats {
@@ -378,7 +486,12 @@ impl Acquirer {
             };
             stats.requests.fetch_add(1, Ordering::Relaxed);
             let rules = self.rules_now();
-            let faults = rules.faults;
+            // Faults hit card transactions; network management (sign-on, echo) is answered.
+            let faults = if request.mti().class() == 8 {
+                Faults::default()
+            } else {
+                rules.faults
+            };
             if chance(faults.disconnect) {
                 stats.disconnects.fetch_add(1, Ordering::Relaxed);
                 break;
@@ -467,6 +580,36 @@ impl State {
         }
         match mti.class() {
             8 => reply.set_response_code(ResponseCode::APPROVED),
+            // An advice of a stand-in approval: acknowledged, and the approval recorded (once,
+            // however often it is repeated).
+            1 | 2 if mti.function() == 2 => {
+                reply.set_response_code(ResponseCode::APPROVED);
+                if let Ok(mut ledger) = self.ledger.lock() {
+                    let key = (text(request, 41), text(request, 37));
+                    let seen = ledger.by_rrn.get(&key).is_some_and(|l| {
+                        l.iter().any(|&i| {
+                            ledger
+                                .entries
+                                .get(i)
+                                .is_some_and(|e| e.mti.get(2..3) == Some("2"))
+                        })
+                    });
+                    if !seen {
+                        let entry = LedgerEntry {
+                            mti: request.mti().original().to_string(),
+                            terminal: key.0,
+                            rrn: key.1,
+                            stan: text(request, 11),
+                            amount: request.amount().unwrap_or(0),
+                            currency: text(request, 49),
+                            response_code: "00".into(),
+                            auth_code: request.auth_code().map(str::to_owned),
+                            reversed: false,
+                        };
+                        ledger.push(entry, text(request, 7));
+                    }
+                }
+            }
             1 | 2 => {
                 let code = rules.code_for(request);
                 reply.set(39, code.as_bytes());
@@ -483,16 +626,30 @@ impl State {
                 }
                 self.record(request, &code, auth_code);
             }
+            // A reversal marks its original reversed (again: no change). An 0400 whose original
+            // is unknown is answered 25; an 0420 is acknowledged whatever it finds.
             4 => {
-                reply.set_response_code(ResponseCode::APPROVED);
-                let key = (text(request, 41), text(request, 37));
-                if let Ok(mut ledger) = self.ledger.lock() {
-                    if let Some(&i) = ledger.by_key.get(&key) {
-                        if let Some(e) = ledger.entries.get_mut(i) {
-                            e.reversed = true;
-                        }
-                    }
+                let found = self.ledger.lock().ok().and_then(|mut ledger| {
+                    let i = ledger.original_of(request)?;
+                    let e = ledger.entries.get_mut(i)?;
+                    e.reversed = true;
+                    Some(())
+                });
+                if let Ok(mut seen) = self.reversals.lock() {
+                    seen.push(ReversalSeen {
+                        mti: mti.to_string(),
+                        reason: request.get_str(39).map(str::to_owned),
+                        original: request.get_str(90).map(str::to_owned),
+                        rrn: text(request, 37),
+                        found: found.is_some(),
+                    });
                 }
+                let code = if found.is_none() && mti.function() == 0 {
+                    ResponseCode::RECORD_NOT_FOUND
+                } else {
+                    ResponseCode::APPROVED
+                };
+                reply.set_response_code(code);
             }
             _ => reply.set_response_code(ResponseCode::INVALID_TRANSACTION),
         }
@@ -512,10 +669,7 @@ impl State {
             reversed: false,
         };
         if let Ok(mut ledger) = self.ledger.lock() {
-            let key = (entry.terminal.clone(), entry.rrn.clone());
-            let i = ledger.entries.len();
-            ledger.entries.push(entry);
-            ledger.by_key.insert(key, i);
+            ledger.push(entry, text(request, 7));
         }
     }
 }

@@ -8,5 +8,5 @@
 pub mod acquirer;
 pub mod terminal;
 
-pub use acquirer::{Acquirer, AcquirerConfig, LedgerEntry, Rules};
+pub use acquirer::{Acquirer, AcquirerConfig, LedgerEntry, LedgerSummary, Rules};
 pub use terminal::{Load, Report, Stop, TerminalConfig};

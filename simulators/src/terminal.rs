@@ -240,7 +240,7 @@ impl Generator {
             bins,
             terminal: format!("T{:07}", terminal % 10_000_000),
             stan: fastrand::u32(0..900_000),
-            rrn_base: fastrand::u64(100_000_000..900_000_000),
+            rrn_base: fastrand::u64(100_000..1_000_000),
             approved: Vec::new(),
             card_only,
         }
@@ -317,7 +317,8 @@ impl Generator {
         msg.set_stan(stan);
         msg.set(12, de12.as_bytes());
         msg.set(13, de13.as_bytes());
-        let rrn = format!("{:012}", self.rrn_base * 1000 + u64::from(stan) % 1000);
+        // Unique per terminal until its STAN wraps.
+        let rrn = format!("{:06}{stan:06}", self.rrn_base);
         msg.set(37, rrn.as_bytes());
         msg.set(41, self.terminal.as_bytes());
         let pan = self.pan();

@@ -116,6 +116,11 @@ impl Row {
         self.id
     }
 
+    /// Gives the row the id its transaction was known by (from [`Journal::new_id`]).
+    pub fn set_id(&mut self, id: i64) {
+        self.id = id;
+    }
+
     /// The row's response code.
     #[must_use]
     pub fn response_code(&self) -> &str {

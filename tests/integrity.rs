@@ -1,0 +1,603 @@
+//! Transaction integrity end to end, against PostgreSQL and the fault-injecting acquirer
+//! simulator: timeouts and automatic reversals, late approvals, duplicates, store-and-forward
+//! across `kill -9`, stand-in, terminal reversals.
+//!
+//! PostgreSQL: `TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; each test
+//! gets a schema of its own.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cardswitch::config::Config;
+use cardswitch::server::Switch;
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{sample, Dialect, Message, Mti};
+use cardswitch_simulators::acquirer::{Faults, Latency};
+use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use futures_util::{SinkExt, StreamExt};
+use sqlx::PgPool;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+fn pg_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema: its URL (through `search_path`) and a pool on it.
+async fn pg_schema(name: &str) -> (String, PgPool) {
+    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
+    let pool = PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sep = if pg_url().contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
+    let pool = PgPool::connect(&url).await.unwrap();
+    (url, pool)
+}
+
+async fn acquirer_at(listen: SocketAddr, rules: Rules) -> Acquirer {
+    Acquirer::start(AcquirerConfig {
+        listen,
+        dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        framing: Framing::default(),
+        rules,
+        tls: None,
+    })
+    .await
+    .unwrap()
+}
+
+async fn acquirer(rules: Rules) -> Acquirer {
+    acquirer_at("127.0.0.1:0".parse().unwrap(), rules).await
+}
+
+const DATA_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+fn config_text(url: &str, link: &str, timeout_ms: u64, extra: &str) -> String {
+    format!(
+        r#"
+[switch]
+shutdown_grace_ms = 2000
+[journal]
+url = "{url}"
+pan_hmac_key = "{DATA_KEY}"
+data_key = "{DATA_KEY}"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "acq"
+links = ["{link}"]
+acquirer_id = "123456"
+request_timeout_ms = {timeout_ms}
+reconnect_min_ms = 50
+reconnect_max_ms = 200
+[endpoints.saf]
+initial_delay_ms = 0
+retry_min_ms = 100
+retry_max_ms = 400
+poll_ms = 100
+{extra}
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#
+    )
+}
+
+async fn switch(url: &str, link: &str, timeout_ms: u64, extra: &str) -> Switch {
+    let config = Config::from_toml(&config_text(url, link, timeout_ms, extra), Vec::new()).unwrap();
+    Switch::start(config).await.unwrap()
+}
+
+struct Terminal {
+    framed: Framed<TcpStream, FrameCodec>,
+    dialect: Dialect,
+}
+
+impl Terminal {
+    async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self {
+            framed: Framed::new(stream, FrameCodec::new(Framing::default())),
+            dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        }
+    }
+
+    async fn send(&mut self, msg: &Message) {
+        let body = self.dialect.encode_to_vec(msg).unwrap();
+        self.framed.send(Frame::new(body)).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Message {
+        let frame = tokio::time::timeout(Duration::from_secs(10), self.framed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        self.dialect.decode(&frame.body).unwrap()
+    }
+
+    async fn exchange(&mut self, msg: &Message) -> Message {
+        self.send(msg).await;
+        self.recv().await
+    }
+}
+
+fn request(amount: u64, stan: u32, rrn: &str) -> Message {
+    let mut m = sample::auth_request();
+    m.set_amount(amount);
+    m.set_stan(stan);
+    m.set(37, rrn.as_bytes());
+    m
+}
+
+/// A reversal of `original` (new STAN, DE90 naming the original).
+fn reversal(original: &Message, mti: Mti, stan: u32) -> Message {
+    let mut r = original.clone();
+    r.set_mti(mti);
+    let de90 = format!(
+        "{}{}{}{:0>11}{:0>11}",
+        original.mti(),
+        original.get_str(11).unwrap(),
+        original.get_str(7).unwrap(),
+        "",
+        ""
+    );
+    r.set(90, de90.as_bytes());
+    r.set_stan(stan);
+    r.remove(52);
+    r.remove(55);
+    r
+}
+
+fn rc(msg: &Message) -> String {
+    msg.response_code().unwrap().to_string()
+}
+
+async fn state_of(pool: &PgPool, rrn: &str, mti: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT state FROM transactions WHERE rrn = $1 AND mti = $2 ORDER BY id LIMIT 1",
+    )
+    .bind(rrn)
+    .bind(mti)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until `check` holds (polling), or fails the test after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rules_with(faults: Faults) -> Rules {
+    Rules {
+        faults,
+        ..Rules::default_rules()
+    }
+}
+
+#[tokio::test]
+async fn timeout_answers_91_and_a_reversal_is_delivered() {
+    let (url, pool) = pg_schema("timeout").await;
+    let acq = acquirer(rules_with(Faults {
+        no_reply: 100.0,
+        ..Faults::default()
+    }))
+    .await;
+    let sw = switch(&url, &acq.local_addr().to_string(), 300, "").await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+
+    let req = request(1_000, 11, "000000000011");
+    let reply = t.exchange(&req).await;
+    assert_eq!(rc(&reply), "91");
+    assert_eq!(
+        state_of(&pool, "000000000011", "0100").await,
+        "reversal_pending"
+    );
+    // The reversal is dropped too until the host answers again; then it arrives and settles.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    acq.set_rules(Rules::default_rules());
+    eventually(Duration::from_secs(10), "reversal delivered", || async {
+        state_of(&pool, "000000000011", "0100").await == "reversed"
+    })
+    .await;
+    let seen = acq.reversals();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].reason.as_deref(), Some("68"));
+    assert_eq!(seen[0].mti, "0421", "retransmissions are repeats");
+    let de90 = seen[0].original.as_deref().unwrap();
+    assert!(de90.starts_with("0100"), "{de90}");
+    assert_eq!(&de90[10..20], req.get_str(7).unwrap());
+    let (state, attempts): (String, i32) = sqlx::query_as("SELECT state, attempts FROM saf")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "delivered");
+    assert!(attempts >= 2);
+    let cause: String =
+        sqlx::query_scalar("SELECT cause FROM transaction_events WHERE state = 'reversed'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(cause, "reversal acknowledged");
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_approval_is_never_forwarded_and_is_reversed() {
+    let (url, pool) = pg_schema("late").await;
+    let acq = acquirer(rules_with(Faults {
+        late: 100.0,
+        late_ms: 600,
+        ..Faults::default()
+    }))
+    .await;
+    let sw = switch(&url, &acq.local_addr().to_string(), 200, "").await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+
+    let reply = t.exchange(&request(1_000, 21, "000000000021")).await;
+    assert_eq!(rc(&reply), "91");
+    // The host approved it (its ledger says so) and the reply came late.
+    assert!(acq.ledger()[0].auth_code.is_some());
+    acq.set_rules(Rules::default_rules());
+    eventually(
+        Duration::from_secs(10),
+        "late approval reversed",
+        || async { acq.ledger()[0].reversed },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "late arrival journaled", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM transaction_events WHERE cause = 'late reply' AND detail = '0110 00'",
+        )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+    eventually(Duration::from_secs(5), "state reversed", || async {
+        state_of(&pool, "000000000021", "0100").await == "reversed"
+    })
+    .await;
+    // Nothing more reached the terminal: the late reply was not forwarded.
+    let more = tokio::time::timeout(Duration::from_millis(300), t.framed.next()).await;
+    assert!(more.is_err(), "nothing more for the terminal");
+    assert_eq!(
+        sw.pipeline()
+            .counters
+            .late_replies
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn duplicates_get_the_same_reply_and_other_content_gets_94() {
+    let (url, pool) = pg_schema("dup").await;
+    let acq = acquirer(Rules {
+        latency: Latency {
+            min_ms: 200,
+            max_ms: 200,
+        },
+        ..Rules::default_rules()
+    })
+    .await;
+    let sw = switch(&url, &acq.local_addr().to_string(), 2000, "").await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+
+    // A copy sent while the first is in flight waits for the same answer.
+    let req = request(1_000, 31, "000000000031");
+    t.send(&req).await;
+    t.send(&req).await;
+    let (a, b) = (t.recv().await, t.recv().await);
+    assert_eq!(rc(&a), "00");
+    assert_eq!((rc(&b), b.auth_code()), (rc(&a), a.auth_code()));
+    // Once completed, the stored reply is sent again; a repeat (0101) is the same request.
+    let c = t.exchange(&req).await;
+    assert_eq!(c.auth_code(), a.auth_code());
+    let mut repeat = req.clone();
+    repeat.set_mti(Mti::new(*b"0101").unwrap());
+    let d = t.exchange(&repeat).await;
+    assert_eq!(
+        (d.mti(), d.auth_code()),
+        (Mti::AUTH_RESPONSE, a.auth_code())
+    );
+    assert_eq!(acq.ledger().len(), 1, "the host saw it once");
+    // Same key, other content.
+    let mut other = req.clone();
+    other.set_amount(2_000);
+    assert_eq!(rc(&t.exchange(&other).await), "94");
+    // A repeat with no original goes ahead as new.
+    let mut fresh = request(1_000, 32, "000000000032");
+    fresh.set_mti(Mti::new(*b"0101").unwrap());
+    assert_eq!(rc(&t.exchange(&fresh).await), "00");
+    assert_eq!(acq.ledger().len(), 2);
+    let dups: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transactions WHERE state = 'duplicate'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(dups, 4);
+    sw.shutdown().await;
+
+    // The keys are in the database: a new switch on it (a restart, or another node) still knows.
+    let sw = switch(&url, &acq.local_addr().to_string(), 2000, "").await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    assert_eq!(t.exchange(&req).await.auth_code(), a.auth_code());
+    assert_eq!(rc(&t.exchange(&other).await), "94");
+    assert_eq!(acq.ledger().len(), 2);
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn terminal_reversals_unknown_originals_twice_and_partial() {
+    let (url, pool) = pg_schema("rev").await;
+    let acq = acquirer(Rules::default_rules()).await;
+    let sw = switch(&url, &acq.local_addr().to_string(), 2000, "").await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+
+    // Reversal of an approval: forwarded with DE90 naming the STAN the host saw.
+    let orig = request(5_000, 41, "000000000041");
+    assert_eq!(rc(&t.exchange(&orig).await), "00");
+    let r1 = t
+        .exchange(&reversal(&orig, Mti::REVERSAL_REQUEST, 42))
+        .await;
+    assert_eq!((r1.mti().as_str(), rc(&r1).as_str()), ("0410", "00"));
+    assert_eq!(state_of(&pool, "000000000041", "0100").await, "reversed");
+    assert!(acq.ledger()[0].reversed);
+    assert!(acq.reversals()[0].found, "matched by DE90 at the host");
+    // Twice: answered, nothing changes, not forwarded again.
+    let r2 = t
+        .exchange(&reversal(&orig, Mti::REVERSAL_REQUEST, 43))
+        .await;
+    assert_eq!(rc(&r2), "00");
+    assert_eq!(acq.reversals().len(), 1);
+    assert_eq!(state_of(&pool, "000000000041", "0400").await, "reversed");
+    let second: String = sqlx::query_scalar("SELECT state FROM transactions WHERE stan = '000043'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(second, "duplicate");
+
+    // Unknown original: 0400 -> 25; 0420 -> 00, recorded as an orphan.
+    let ghost = request(700, 51, "000000000051");
+    let r = t
+        .exchange(&reversal(&ghost, Mti::REVERSAL_REQUEST, 52))
+        .await;
+    assert_eq!(rc(&r), "25");
+    let r = t
+        .exchange(&reversal(&ghost, Mti::REVERSAL_ADVICE, 53))
+        .await;
+    assert_eq!((r.mti().as_str(), rc(&r).as_str()), ("0430", "00"));
+    let orphans: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transactions WHERE state = 'orphan'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(orphans, 2);
+
+    // Partial reversal through DE95 (the amount that stands), as an advice via SAF.
+    let orig = request(10_000, 61, "000000000061");
+    assert_eq!(rc(&t.exchange(&orig).await), "00");
+    let mut partial = reversal(&orig, Mti::REVERSAL_ADVICE, 62);
+    partial.set(
+        95,
+        format!("{:012}{:012}{:09}{:09}", 6_000, 0, 0, 0).as_bytes(),
+    );
+    assert_eq!(rc(&t.exchange(&partial).await), "00");
+    let (state, reversed): (String, Option<i64>) = sqlx::query_as(
+        "SELECT state, amount_reversed_minor FROM transactions WHERE rrn = '000000000061' AND mti = '0100'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), reversed),
+        ("partially_reversed", Some(4_000))
+    );
+    eventually(
+        Duration::from_secs(5),
+        "partial reversal delivered",
+        || async { acq.reversals().iter().any(|r| r.rrn == "000000000061") },
+    )
+    .await;
+    // The same partial again changes nothing; a full one then does.
+    let mut again = reversal(&orig, Mti::REVERSAL_ADVICE, 63);
+    again.set(95, partial.get(95).unwrap());
+    t.exchange(&again).await;
+    let full = t.exchange(&reversal(&orig, Mti::REVERSAL_ADVICE, 64)).await;
+    assert_eq!(rc(&full), "00");
+    assert_eq!(state_of(&pool, "000000000061", "0100").await, "reversed");
+    let states: Vec<String> = sqlx::query_scalar(
+        "SELECT state FROM transactions WHERE rrn = '000000000061' AND mti = '0420' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(states, ["partially_reversed", "duplicate", "reversed"]);
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+#[tokio::test]
+async fn stand_in_approves_under_the_limit_and_advises_later() {
+    let (url, pool) = pg_schema("stip").await;
+    // The acquirer's address, with nothing listening yet.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let extra = r#"
+[endpoints.stand_in]
+enabled = true
+default_limit_minor = 5000
+negative_ranges = ["4761739001010029"]
+"#;
+    let sw = switch(&url, &addr.to_string(), 300, extra).await;
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+
+    let small = request(4_000, 71, "000000000071");
+    let reply = t.exchange(&small).await;
+    assert_eq!(rc(&reply), "00");
+    let code = reply.auth_code().unwrap().to_owned();
+    assert!(code.starts_with('S') && code.len() == 6, "{code}");
+    assert_eq!(
+        rc(&t.exchange(&request(6_000, 72, "000000000072")).await),
+        "91"
+    );
+    let (state, decided): (String, String) =
+        sqlx::query_as("SELECT state, decided_by FROM transactions WHERE rrn = '000000000071'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), decided.as_str()),
+        ("advice_pending", "stand_in")
+    );
+
+    // The acquirer comes up: the advice is delivered and recorded there as an approval.
+    let acq = acquirer_at(addr, Rules::default_rules()).await;
+    eventually(Duration::from_secs(10), "advice delivered", || async {
+        state_of(&pool, "000000000071", "0100").await == "advised"
+    })
+    .await;
+    let ledger = acq.ledger();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].mti, "0120");
+    assert_eq!(ledger[0].auth_code.as_deref(), Some(code.as_str()));
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
+/// A child process killed (SIGKILL) when dropped, so a failed test leaves nothing running.
+struct Killed(std::process::Child);
+
+impl Killed {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn store_and_forward_survives_kill_9() {
+    let (url, pool) = pg_schema("kill").await;
+    // The host drops everything: the reversal cannot be delivered yet.
+    let acq = acquirer(rules_with(Faults {
+        no_reply: 100.0,
+        ..Faults::default()
+    }))
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = config_text(&url, &acq.local_addr().to_string(), 300, "")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let dir = std::env::temp_dir().join(format!("cardswitch-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("switch.toml");
+    std::fs::write(&file, text).unwrap();
+    let start = || {
+        Killed(
+            std::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
+                .args(["run", "--config"])
+                .arg(&file)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let connect = || async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
+                drop(s);
+                break;
+            }
+            assert!(Instant::now() < deadline, "switch did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Terminal::connect(format!("127.0.0.1:{port}").parse().unwrap()).await
+    };
+    let mut child = start();
+    let mut t = connect().await;
+    // Wait for the link to be signed on, then a request times out.
+    eventually(Duration::from_secs(5), "link up", || async {
+        acq.stats()
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    })
+    .await;
+    let reply = t.exchange(&request(1_000, 81, "000000000081")).await;
+    assert_eq!(rc(&reply), "91");
+    eventually(Duration::from_secs(5), "a transmission failed", || async {
+        sqlx::query_scalar::<_, i32>("SELECT attempts FROM saf")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            >= 1
+    })
+    .await;
+    // kill -9, the host recovers, the switch comes back: the queued reversal is delivered.
+    child.kill();
+    acq.set_rules(Rules::default_rules());
+    let mut child = start();
+    eventually(
+        Duration::from_secs(15),
+        "delivered after restart",
+        || async {
+            sqlx::query_scalar::<_, String>("SELECT state FROM saf")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == "delivered"
+        },
+    )
+    .await;
+    assert_eq!(state_of(&pool, "000000000081", "0100").await, "reversed");
+    // Delivered once: nothing more is sent after the acknowledgement.
+    let delivered = acq.reversals().len();
+    assert_eq!(delivered, 1, "{:?}", acq.reversals());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(acq.reversals().len(), 1);
+    assert_eq!(acq.reversals()[0].mti, "0421");
+    child.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+    acq.stop().await;
+}
