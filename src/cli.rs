@@ -29,6 +29,53 @@ pub enum Command {
     /// Run a simulator: an acquirer host or a terminal load generator.
     #[command(subcommand)]
     Sim(SimCommand),
+    /// The ledger check: mixed traffic against a faulty acquirer with a switch restart in the
+    /// middle, then the journal, the acquirer's ledger and the terminals' view compared.
+    Soak(SoakArgs),
+}
+
+/// How the switch is restarted in the middle of a soak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Restart {
+    /// SIGKILL: nothing is drained.
+    Kill,
+    /// SIGTERM: in-flight transactions finish.
+    Term,
+    /// No restart.
+    None,
+}
+
+/// `cardswitch soak`.
+#[derive(Debug, Args)]
+pub struct SoakArgs {
+    /// How long traffic runs (then it drains and checks).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub duration: std::time::Duration,
+    /// Requests per second.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u64,
+    /// Terminal connections.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// PostgreSQL (a fresh schema is made in it) or sqlite:// URL; default $DATABASE_URL, else
+    /// postgres://postgres@127.0.0.1:5432/test.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// How the switch is restarted half-way.
+    #[arg(long, value_enum, default_value = "kill")]
+    pub restart: Restart,
+    /// Acquirer faults in percent: requests dropped.
+    #[arg(long, default_value_t = 5.0)]
+    pub drop: f64,
+    /// Replies sent late (after the switch's timeout).
+    #[arg(long, default_value_t = 2.0)]
+    pub late: f64,
+    /// Requests answered by closing the connection.
+    #[arg(long, default_value_t = 1.0)]
+    pub disconnect: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Simulators.

@@ -185,8 +185,16 @@ impl Dedup {
         hex::encode(h.finalize().get(..16).unwrap_or_default())
     }
 
-    /// Checks a request; `Go` claims its key.
-    pub async fn check(&self, key: String, hash: String, txn_id: i64) -> Verdict {
+    /// Checks a request; `Go` claims its key. A key left in flight by a request that never
+    /// completed (its node died) is taken over when `may_take_over` (reversals: doing one
+    /// twice changes nothing); otherwise the copy learns the outcome is unknown.
+    pub async fn check(
+        &self,
+        key: String,
+        hash: String,
+        txn_id: i64,
+        may_take_over: bool,
+    ) -> Verdict {
         // A copy of a request in flight on this node waits for it here.
         let waiting = {
             let Ok(mut l) = self.local.lock() else {
@@ -231,10 +239,20 @@ impl Dedup {
             Claim::Unavailable => Verdict::Unknown,
             Claim::InFlight => {
                 // Claimed on another node or before a restart: wait for it to complete.
+                let wait_us = i64::try_from(self.wait.as_micros()).unwrap_or(i64::MAX / 4);
                 let deadline = tokio::time::Instant::now() + self.wait;
+                let claims = self.journal.claims();
+                let node = self.journal.node();
                 loop {
+                    if may_take_over
+                        && claims
+                            .take_over(&key, &hash, txn_id, node, Journal::now_us() - wait_us)
+                            .await
+                    {
+                        return Verdict::Go(guard);
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    match self.journal.claims().look(&key, &hash).await {
+                    match claims.look(&key, &hash).await {
                         Claim::Done(sealed) => return self.replay(&sealed),
                         Claim::Conflict => return Verdict::Conflict,
                         _ if tokio::time::Instant::now() >= deadline => return Verdict::Stuck,

@@ -15,6 +15,7 @@ pub mod saf;
 pub mod seal;
 pub mod server;
 pub mod sim;
+pub mod soak;
 pub mod stand_in;
 pub mod state;
 pub mod tls;

@@ -34,6 +34,9 @@ fn main() -> ExitCode {
             cardswitch::tools::encode(&args, &mut std::io::stdin().lock(), &mut out)
         }
         Command::Dialects(args) => cardswitch::tools::dialects(&args, &mut out),
+        Command::Soak(args) => {
+            runtime().and_then(|rt| rt.block_on(cardswitch::soak::run(args, &mut out)))
+        }
         Command::Sim(sim) => {
             runtime().and_then(|rt| rt.block_on(cardswitch::sim::run(sim, &mut out)))
         }

@@ -377,7 +377,7 @@ impl Pipeline {
         let txn_id = self.journal.new_id();
         let key = Dedup::key(listener, request);
         let hash = self.dedup.content_hash(request, Some(&pan));
-        let guard = match self.dedup.check(key, hash, txn_id).await {
+        let guard = match self.dedup.check(key, hash, txn_id, mti.class() == 4).await {
             Verdict::Go(guard) => guard,
             Verdict::Replay(decision) => {
                 self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -815,7 +815,7 @@ impl Pipeline {
             });
         }
         let covered = match txn_id {
-            Some(id) => self.journal.saf_reversal_pending(id).await.unwrap_or(false),
+            Some(id) => self.journal.saf_reversal_covers(id).await.unwrap_or(false),
             None => false,
         };
         if approved && !covered && matches!(reply.mti().class(), 1 | 2) {

@@ -86,6 +86,46 @@ impl Claims {
         }
     }
 
+    /// Takes over a key claimed in flight before `stale_before_us` by a request that never
+    /// completed (its node died): whether it is now this request's.
+    pub async fn take_over(
+        &self,
+        key: &str,
+        hash: &str,
+        txn_id: i64,
+        node: &str,
+        stale_before_us: i64,
+    ) -> bool {
+        const SQL_PG: &str = "UPDATE dedup SET txn_id = $1, node = $2, created_us = $3 \
+            WHERE dkey = $4 AND content_hash = $5 AND state = 'in_flight' AND created_us < $6";
+        const SQL_LITE: &str = "UPDATE dedup SET txn_id = ?, node = ?, created_us = ? \
+            WHERE dkey = ? AND content_hash = ? AND state = 'in_flight' AND created_us < ?";
+        let now = now_us();
+        let done = match &self.backend {
+            Backend::Postgres(p) => sqlx::query(SQL_PG)
+                .bind(txn_id)
+                .bind(node)
+                .bind(now)
+                .bind(key)
+                .bind(hash)
+                .bind(stale_before_us)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected()),
+            Backend::Sqlite(p) => sqlx::query(SQL_LITE)
+                .bind(txn_id)
+                .bind(node)
+                .bind(now)
+                .bind(key)
+                .bind(hash)
+                .bind(stale_before_us)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected()),
+        };
+        matches!(done, Ok(1))
+    }
+
     /// Deletes keys older than `retention`, a bounded number at a time; how many.
     pub async fn purge(&self, retention: Duration) -> u64 {
         let before = now_us() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);

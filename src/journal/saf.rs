@@ -138,15 +138,17 @@ impl Journal {
         }
     }
 
-    /// Whether a reversal for `txn_id` is still queued.
+    /// Whether a reversal for `txn_id` is queued, or was acknowledged by an acquirer that
+    /// found its original (not 25).
     ///
     /// # Errors
     /// Database errors.
-    pub async fn saf_reversal_pending(&self, txn_id: i64) -> Result<bool, sqlx::Error> {
+    pub async fn saf_reversal_covers(&self, txn_id: i64) -> Result<bool, sqlx::Error> {
         let n: i64 = match self.backend() {
             Backend::Postgres(p) => {
                 sqlx::query_scalar(
-                    "SELECT count(*) FROM saf WHERE txn_id = $1 AND kind = 'reversal' AND state = 'pending'",
+                    "SELECT count(*) FROM saf WHERE txn_id = $1 AND kind = 'reversal' \
+                     AND (state = 'pending' OR (state = 'delivered' AND last_code <> '25'))",
                 )
                 .bind(txn_id)
                 .fetch_one(p)
@@ -154,7 +156,8 @@ impl Journal {
             }
             Backend::Sqlite(p) => {
                 sqlx::query_scalar(
-                    "SELECT count(*) FROM saf WHERE txn_id = ? AND kind = 'reversal' AND state = 'pending'",
+                    "SELECT count(*) FROM saf WHERE txn_id = ? AND kind = 'reversal' \
+                     AND (state = 'pending' OR (state = 'delivered' AND last_code <> '25'))",
                 )
                 .bind(txn_id)
                 .fetch_one(p)

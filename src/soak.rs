@@ -1,0 +1,733 @@
+//! `cardswitch soak`: the ledger check.
+//!
+//! Runs an acquirer simulator that drops, delays and disconnects on command, the switch as a
+//! child process journaling to a fresh PostgreSQL schema (or SQLite), and terminals sending a
+//! steady mix for the given duration; the switch is killed (or stopped) half-way and started
+//! again. The terminals behave as real ones do: a request with no reply (timeout, or the
+//! connection lost) is reversed with an 0420, repeated as 0421 until acknowledged; now and then
+//! a terminal reverses an approval of its own (0400), or sends a completed request again and
+//! expects the same reply.
+//!
+//! When the traffic stops, the terminals finish their reversals, the switch's store-and-forward
+//! queue drains, and three views are compared by (terminal, RRN):
+//! - the acquirer's ledger: approved and not reversed;
+//! - the switch's journal: authorization and financial rows whose state still charges;
+//! - the terminals: answered approved and not reversed by the terminal.
+//!
+//! They must be the same sets, with no key charged twice anywhere.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{Dialect, Message, Mti};
+use cardswitch_simulators::acquirer::{Faults, Latency};
+use cardswitch_simulators::terminal::Generator;
+use cardswitch_simulators::{Acquirer, AcquirerConfig, LedgerSummary, Rules};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use sqlx::Row as _;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+use crate::cli::{Restart, SoakArgs};
+use crate::journal::Backend;
+
+const KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+/// A terminal gives up waiting for a reply after this long.
+const TERMINAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The switch's timeout for the acquirer (late replies come after it).
+const ENDPOINT_TIMEOUT_MS: u64 = 1_000;
+
+/// What a soak found.
+#[derive(Debug, Serialize)]
+pub struct SoakReport {
+    /// Seconds of traffic.
+    pub duration_s: f64,
+    /// Requests the terminals sent (first transmissions of authorizations and financials).
+    pub requests: u64,
+    /// Their rate.
+    pub tps: f64,
+    /// Replies by response code (first transmissions).
+    pub response_codes: BTreeMap<String, u64>,
+    /// Requests with no reply (reversed by the terminal).
+    pub unanswered: u64,
+    /// Reversals the terminals sent (their own and for unanswered requests), counting repeats.
+    pub terminal_reversals_sent: u64,
+    /// Completed requests sent again, and how many got a different reply.
+    pub resends: u64,
+    /// Resends answered differently from the first time.
+    pub resend_mismatches: u64,
+    /// Reversals still unacknowledged at the end.
+    pub unresolved: u64,
+    /// Faults the acquirer injected.
+    pub faults: BTreeMap<String, u64>,
+    /// Store-and-forward entries by final state.
+    pub saf: BTreeMap<String, i64>,
+    /// Journal rows by state.
+    pub journal_states: BTreeMap<String, i64>,
+    /// Approved and standing, per view.
+    pub charged: BTreeMap<String, usize>,
+    /// Keys charged by the acquirer but not in the journal, and so on.
+    pub differences: BTreeMap<String, Vec<String>>,
+    /// Keys charged twice (acquirer ledger or journal).
+    pub double_charges: Vec<String>,
+    /// Whether everything agrees.
+    pub ok: bool,
+}
+
+/// Runs a soak and prints its report; an error when the views differ.
+///
+/// # Errors
+/// Setup failures, and a check that finds differences.
+pub async fn run(args: SoakArgs, out: &mut dyn Write) -> Result<()> {
+    let report = soak(&args).await?;
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        print_report(&report, out)?;
+    }
+    if !report.ok {
+        bail!("ledger check failed: the views differ");
+    }
+    Ok(())
+}
+
+fn print_report(r: &SoakReport, out: &mut dyn Write) -> Result<()> {
+    writeln!(
+        out,
+        "traffic: {} requests in {:.0} s ({:.0} TPS); codes {:?}",
+        r.requests, r.duration_s, r.tps, r.response_codes
+    )?;
+    writeln!(
+        out,
+        "terminals: {} unanswered, {} reversals sent, {} resends ({} answered differently), {} unresolved",
+        r.unanswered, r.terminal_reversals_sent, r.resends, r.resend_mismatches, r.unresolved
+    )?;
+    writeln!(out, "acquirer faults: {:?}", r.faults)?;
+    writeln!(out, "store-and-forward: {:?}", r.saf)?;
+    writeln!(out, "journal states: {:?}", r.journal_states)?;
+    writeln!(out, "charged (approved, not reversed): {:?}", r.charged)?;
+    for (what, keys) in &r.differences {
+        writeln!(
+            out,
+            "DIFFERENCE {what}: {} e.g. {:?}",
+            keys.len(),
+            keys.iter().take(5).collect::<Vec<_>>()
+        )?;
+    }
+    writeln!(out, "double charges: {}", r.double_charges.len())?;
+    writeln!(
+        out,
+        "ledger check: {}",
+        if r.ok { "PASS (0 differences)" } else { "FAIL" }
+    )?;
+    Ok(())
+}
+
+/// A fresh database for the run: a new schema in PostgreSQL, a new file for SQLite.
+async fn database(args: &SoakArgs) -> Result<String> {
+    let base = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+    if base.starts_with("sqlite:") {
+        return Ok(base);
+    }
+    let schema = format!("soak_{}_{}", std::process::id(), fastrand::u32(..));
+    let pool = sqlx::PgPool::connect(&base)
+        .await
+        .with_context(|| format!("connecting to {base}"))?;
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await?;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Ok(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+struct SwitchProcess {
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl SwitchProcess {
+    fn start(&mut self) -> Result<()> {
+        let exe = std::env::current_exe()?;
+        let child = Command::new(exe)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("SOAK_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the switch")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn stop(&mut self, how: Restart) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if how == Restart::Term {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for SwitchProcess {
+    fn drop(&mut self) {
+        self.stop(Restart::Kill);
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+async fn soak(args: &SoakArgs) -> Result<SoakReport> {
+    let url = database(args).await?;
+    let dialect = Dialect::builtin("iso87-ascii")?;
+    let rules = Rules {
+        latency: Latency {
+            min_ms: 0,
+            max_ms: 2,
+        },
+        faults: Faults {
+            no_reply: args.drop,
+            late: args.late,
+            late_ms: ENDPOINT_TIMEOUT_MS + 500,
+            disconnect: args.disconnect,
+            ..Faults::default()
+        },
+        ..Rules::default_rules()
+    };
+    let acquirer = Acquirer::start(AcquirerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        dialect: dialect.clone(),
+        framing: Framing::default(),
+        rules,
+        tls: None,
+    })
+    .await?;
+    let port = free_port()?;
+    let links = (0..4)
+        .map(|_| format!("\"{}\"", acquirer.local_addr()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let dir = std::env::temp_dir().join(format!("cardswitch-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("switch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[switch]
+node = "soak"
+shutdown_grace_ms = 5000
+[journal]
+url = "{url}"
+pan_hmac_key = "{KEY}"
+data_key = "{KEY}"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:{port}"
+[[endpoints]]
+name = "acq"
+links = [{links}]
+strategy = "round-robin"
+acquirer_id = "123456"
+request_timeout_ms = {ENDPOINT_TIMEOUT_MS}
+reconnect_min_ms = 20
+reconnect_max_ms = 500
+[endpoints.saf]
+initial_delay_ms = 200
+retry_min_ms = 200
+retry_max_ms = 2000
+poll_ms = 200
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+[[routes]]
+prefix = "541333"
+endpoint = "acq"
+"#
+        ),
+    )?;
+    let mut switch = SwitchProcess {
+        config,
+        child: None,
+    };
+    switch.start()?;
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_listening(target, Duration::from_secs(20)).await?;
+
+    let started = Instant::now();
+    let traffic_end = started + args.duration;
+    let connections = args.connections.max(1);
+    let interval = Duration::from_secs_f64(connections as f64 / args.rate.max(1) as f64);
+    let mut tasks = Vec::new();
+    for i in 0..connections {
+        let dialect = dialect.clone();
+        tasks.push(tokio::spawn(terminal(
+            u32::try_from(i).unwrap_or(0) + 1,
+            target,
+            dialect,
+            interval,
+            traffic_end,
+        )));
+    }
+    // Half-way: the restart.
+    if args.restart != Restart::None {
+        tokio::time::sleep(args.duration / 2).await;
+        switch.stop(args.restart);
+        switch.start()?;
+    }
+    let mut views = Vec::new();
+    for t in tasks {
+        views.push(t.await?);
+    }
+    let duration_s = args.duration.as_secs_f64();
+    // The switch's queue drains (reversals of timeouts, late and lost replies).
+    let backend = Backend::connect(&url).await?;
+    let drain_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pending = saf_counts(&backend)
+            .await?
+            .get("pending")
+            .copied()
+            .unwrap_or(0);
+        if pending == 0 || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Replies that may still be on their way late have had their time.
+    tokio::time::sleep(Duration::from_millis(ENDPOINT_TIMEOUT_MS + 1_000)).await;
+    loop {
+        let pending = saf_counts(&backend)
+            .await?
+            .get("pending")
+            .copied()
+            .unwrap_or(0);
+        if pending == 0 || Instant::now() > drain_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    switch.stop(Restart::Term);
+
+    // The three views.
+    let ledger = LedgerSummary::of(&acquirer.ledger());
+    let journal = journal_charged(&backend).await?;
+    let mut terminals = BTreeSet::new();
+    let mut report = SoakReport {
+        duration_s,
+        requests: 0,
+        tps: 0.0,
+        response_codes: BTreeMap::new(),
+        unanswered: 0,
+        terminal_reversals_sent: 0,
+        resends: 0,
+        resend_mismatches: 0,
+        unresolved: 0,
+        faults: BTreeMap::new(),
+        saf: saf_counts(&backend).await?,
+        journal_states: journal_states(&backend).await?,
+        charged: BTreeMap::new(),
+        differences: BTreeMap::new(),
+        double_charges: Vec::new(),
+        ok: false,
+    };
+    for v in views {
+        report.requests += v.requests;
+        report.unanswered += v.unanswered;
+        report.terminal_reversals_sent += v.reversals_sent;
+        report.resends += v.resends;
+        report.resend_mismatches += v.resend_mismatches;
+        report.unresolved += v.unresolved;
+        for (c, n) in v.codes {
+            *report.response_codes.entry(c).or_default() += n;
+        }
+        terminals.extend(v.charged);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    {
+        report.tps = report.requests as f64 / duration_s.max(1e-9);
+    }
+    let s = acquirer.stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    report.faults.insert("requests".into(), load(&s.requests));
+    report.faults.insert("dropped".into(), load(&s.dropped));
+    report.faults.insert("late".into(), load(&s.late));
+    report
+        .faults
+        .insert("disconnects".into(), load(&s.disconnects));
+    report
+        .charged
+        .insert("acquirer".into(), ledger.charged.len());
+    report.charged.insert("journal".into(), journal.0.len());
+    report.charged.insert("terminals".into(), terminals.len());
+    let show = |k: &(String, String)| format!("{}/{}", k.0, k.1);
+    let diff = |a: &BTreeSet<(String, String)>, b: &BTreeSet<(String, String)>| -> Vec<String> {
+        a.difference(b).map(show).collect()
+    };
+    for (name, d) in [
+        ("acquirer not journal", diff(&ledger.charged, &journal.0)),
+        ("journal not acquirer", diff(&journal.0, &ledger.charged)),
+        ("terminals not journal", diff(&terminals, &journal.0)),
+        ("journal not terminals", diff(&journal.0, &terminals)),
+    ] {
+        if !d.is_empty() {
+            report.differences.insert(name.into(), d);
+        }
+    }
+    report.double_charges = ledger
+        .double_charges
+        .iter()
+        .chain(&journal.1)
+        .map(show)
+        .collect();
+    report.ok = report.differences.is_empty()
+        && report.double_charges.is_empty()
+        && report.unresolved == 0
+        && report.resend_mismatches == 0
+        && report.requests > 0;
+    acquirer.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+async fn wait_listening(target: SocketAddr, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if TcpStream::connect(target).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the switch did not start listening on {target}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn saf_counts(backend: &Backend) -> Result<BTreeMap<String, i64>> {
+    let sql = "SELECT state, count(*) FROM saf GROUP BY state";
+    let rows: Vec<(String, i64)> = match backend {
+        Backend::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
+        Backend::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
+    };
+    Ok(rows.into_iter().collect())
+}
+
+async fn journal_states(backend: &Backend) -> Result<BTreeMap<String, i64>> {
+    let sql = "SELECT mti || ' ' || state, count(*) FROM transactions GROUP BY mti, state";
+    let rows: Vec<(String, i64)> = match backend {
+        Backend::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
+        Backend::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
+    };
+    Ok(rows.into_iter().collect())
+}
+
+type Keys = BTreeSet<(String, String)>;
+
+/// Authorization and financial rows whose state charges, and keys charged more than once.
+async fn journal_charged(backend: &Backend) -> Result<(Keys, Vec<(String, String)>)> {
+    let sql =
+        "SELECT terminal_id, rrn FROM transactions WHERE mti IN ('0100', '0101', '0200', '0201') \
+        AND state IN ('approved', 'partially_reversed', 'advice_pending', 'advised')";
+    let rows = match backend {
+        Backend::Postgres(p) => sqlx::query(sql)
+            .fetch_all(p)
+            .await?
+            .into_iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?,
+        Backend::Sqlite(p) => sqlx::query(sql)
+            .fetch_all(p)
+            .await?
+            .into_iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()?,
+    };
+    let mut set = BTreeSet::new();
+    let mut twice = Vec::new();
+    for k in rows {
+        if !set.insert(k.clone()) {
+            twice.push(k);
+        }
+    }
+    Ok((set, twice))
+}
+
+/// What one terminal saw.
+#[derive(Default)]
+struct View {
+    requests: u64,
+    codes: HashMap<String, u64>,
+    unanswered: u64,
+    reversals_sent: u64,
+    resends: u64,
+    resend_mismatches: u64,
+    unresolved: u64,
+    charged: BTreeSet<(String, String)>,
+}
+
+enum Sent {
+    /// A first transmission: its RRN.
+    Original(String, Message),
+    /// A resend of a completed request, with the reply it got the first time.
+    Resend(Message),
+    /// A reversal (own or for an unanswered request): the RRN it reverses.
+    Reversal(String),
+}
+
+struct PendingReversal {
+    rrn: String,
+    msg: Message,
+    sent: u32,
+    due: Instant,
+}
+
+/// One terminal connection: sends at its pace until `end`, then finishes its reversals.
+#[allow(clippy::too_many_lines)]
+async fn terminal(
+    id: u32,
+    target: SocketAddr,
+    dialect: Dialect,
+    interval: Duration,
+    end: Instant,
+) -> View {
+    let mut gen = Generator::new(vec!["476173".into(), "541333".into()], id, true);
+    let terminal_id = format!("T{:07}", id % 10_000_000);
+    let mut view = View::default();
+    let mut pending: HashMap<u32, (Sent, Instant)> = HashMap::new();
+    let mut approved: VecDeque<Message> = VecDeque::new();
+    let mut completed: VecDeque<(Message, Message)> = VecDeque::new();
+    let mut reversals: VecDeque<PendingReversal> = VecDeque::new();
+    let mut reversal_stan: u32 = 500_000;
+    let mut framed: Option<Framed<TcpStream, FrameCodec>> = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hard_end = end + Duration::from_secs(180);
+
+    // A request with no reply: the terminal reverses it (0420, then 0421 until acknowledged).
+    let unanswered = |sent: Sent,
+                      reversals: &mut VecDeque<PendingReversal>,
+                      stan: &mut u32,
+                      view: &mut View| match sent {
+        Sent::Original(rrn, msg) => {
+            view.unanswered += 1;
+            *stan = *stan % 999_999 + 1;
+            reversals.push_back(PendingReversal {
+                msg: reversal_of(&msg, Mti::REVERSAL_ADVICE, *stan),
+                rrn,
+                sent: 0,
+                due: Instant::now(),
+            });
+        }
+        Sent::Reversal(_) | Sent::Resend(_) => {}
+    };
+
+    loop {
+        let now = Instant::now();
+        let sending = now < end;
+        if !sending && pending.is_empty() && reversals.is_empty() {
+            break;
+        }
+        if now > hard_end {
+            view.unresolved += u64::try_from(reversals.len()).unwrap_or(0);
+            break;
+        }
+        let Some(conn) = framed.as_mut() else {
+            match TcpStream::connect(target).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    framed = Some(Framed::new(s, FrameCodec::new(Framing::default())));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+            continue;
+        };
+        // Timed-out requests.
+        let expired: Vec<u32> = pending
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) > TERMINAL_TIMEOUT)
+            .map(|(s, _)| *s)
+            .collect();
+        for stan in expired {
+            if let Some((sent, _)) = pending.remove(&stan) {
+                unanswered(sent, &mut reversals, &mut reversal_stan, &mut view);
+            }
+        }
+        // A reversal due (not while one is in flight for it).
+        let mut out: Option<(u32, Sent, Message)> = None;
+        if let Some(pos) = reversals.iter().position(|r| r.due <= now) {
+            if let Some(mut r) = reversals.remove(pos) {
+                if r.sent > 0 {
+                    // Repeats keep the STAN and DE7: the switch sees the same request again.
+                    if let Ok(m) = Mti::new(*b"0421") {
+                        r.msg.set_mti(m);
+                    }
+                }
+                r.sent += 1;
+                r.due = now + Duration::from_secs(1);
+                let stan = r.msg.stan().unwrap_or(0);
+                view.reversals_sent += 1;
+                out = Some((stan, Sent::Reversal(r.rrn.clone()), r.msg.clone()));
+                reversals.push_back(r);
+            }
+        }
+        let frame_or_tick = if out.is_some() {
+            // A reversal goes out first.
+            Some(Some(Ok(Frame::new(Vec::new()))))
+        } else {
+            tokio::select! {
+                f = conn.next() => Some(f),
+                _ = tick.tick(), if sending => None,
+                () = tokio::time::sleep(Duration::from_millis(50)) => Some(Some(Ok(Frame::new(Vec::new())))),
+            }
+        };
+        if out.is_none() {
+            match frame_or_tick {
+                None => {
+                    let roll = fastrand::u8(0..100);
+                    if roll < 1 && !completed.is_empty() {
+                        if let Some((req, reply)) = completed.pop_front() {
+                            view.resends += 1;
+                            let stan = req.stan().unwrap_or(0);
+                            out = Some((stan, Sent::Resend(reply), req));
+                        }
+                    } else if roll < 4 && !approved.is_empty() {
+                        if let Some(orig) = approved.pop_front() {
+                            reversal_stan = reversal_stan % 999_999 + 1;
+                            let rrn = orig.rrn().unwrap_or("").to_owned();
+                            let msg = reversal_of(&orig, Mti::REVERSAL_REQUEST, reversal_stan);
+                            view.reversals_sent += 1;
+                            // Until acknowledged, it is also queued to be repeated as an advice.
+                            let mut again = reversal_of(&orig, Mti::REVERSAL_ADVICE, reversal_stan);
+                            again.set(7, msg.get(7).unwrap_or_default());
+                            reversals.push_back(PendingReversal {
+                                rrn: rrn.clone(),
+                                msg: again,
+                                sent: 1,
+                                due: Instant::now() + TERMINAL_TIMEOUT,
+                            });
+                            out = Some((reversal_stan, Sent::Reversal(rrn), msg));
+                        }
+                    } else {
+                        let (stan, msg) = gen.next_request();
+                        let rrn = msg.rrn().unwrap_or("").to_owned();
+                        view.requests += 1;
+                        out = Some((stan, Sent::Original(rrn, msg.clone()), msg));
+                    }
+                }
+                Some(Some(Ok(frame))) if frame.body.is_empty() => {}
+                Some(Some(Ok(frame))) => {
+                    let Ok(reply) = dialect.decode(&frame.body) else {
+                        continue;
+                    };
+                    let Some(stan) = reply.stan() else { continue };
+                    let Some((sent, _)) = pending.remove(&stan) else {
+                        continue;
+                    };
+                    let code = reply
+                        .response_code()
+                        .map_or_else(|| "--".to_owned(), |c| c.to_string());
+                    match sent {
+                        Sent::Original(rrn, req) => {
+                            *view.codes.entry(code.clone()).or_default() += 1;
+                            if code == "00" {
+                                view.charged.insert((terminal_id.clone(), rrn));
+                                if approved.len() < 64 {
+                                    approved.push_back(req.clone());
+                                }
+                            }
+                            if completed.len() < 16 {
+                                completed.push_back((req, reply));
+                            }
+                        }
+                        Sent::Resend(first) => {
+                            if first.response_code() != reply.response_code()
+                                || first.auth_code() != reply.auth_code()
+                            {
+                                view.resend_mismatches += 1;
+                            }
+                        }
+                        Sent::Reversal(rrn) => {
+                            if matches!(code.as_str(), "00" | "25") {
+                                view.charged.remove(&(terminal_id.clone(), rrn.clone()));
+                                reversals.retain(|r| r.rrn != rrn);
+                            }
+                        }
+                    }
+                }
+                // The connection is gone: everything in flight on it is unanswered.
+                Some(_) => {
+                    framed = None;
+                    for (_, (sent, _)) in pending.drain() {
+                        unanswered(sent, &mut reversals, &mut reversal_stan, &mut view);
+                    }
+                }
+            }
+        }
+        if let (Some((stan, sent, msg)), Some(conn)) = (out, framed.as_mut()) {
+            let Ok(body) = dialect.encode_to_vec(&msg) else {
+                continue;
+            };
+            if conn.send(Frame::new(body)).await.is_err() {
+                framed = None;
+                unanswered(sent, &mut reversals, &mut reversal_stan, &mut view);
+                for (_, (sent, _)) in pending.drain() {
+                    unanswered(sent, &mut reversals, &mut reversal_stan, &mut view);
+                }
+            } else {
+                pending.insert(stan, (sent, Instant::now()));
+            }
+        }
+    }
+    view
+}
+
+/// A reversal of `original`: new STAN and DE7, DE90 naming the original.
+fn reversal_of(original: &Message, mti: Mti, stan: u32) -> Message {
+    let mut r = original.clone();
+    r.set_mti(mti);
+    let de90 = format!(
+        "{}{}{}{:0>11}{:0>11}",
+        original.mti(),
+        original.get_str(11).unwrap_or("000000"),
+        original.get_str(7).unwrap_or("0000000000"),
+        "",
+        ""
+    );
+    r.set(90, de90.as_bytes());
+    let (de7, _, _) = cardswitch_codec::clock::now_fields();
+    r.set(7, de7.as_bytes());
+    r.set_stan(stan);
+    for f in [52, 55] {
+        r.remove(f);
+    }
+    r
+}
