@@ -269,8 +269,8 @@ impl Default for SafConfig {
             expire_after_s: 86_400,
             valid_codes: ["00", "12", "21", "25", "94"].map(String::from).to_vec(),
             retry_codes: ["91", "96", "ZZ"].map(String::from).to_vec(),
-            max_in_flight: 64,
-            poll_ms: 1_000,
+            max_in_flight: 256,
+            poll_ms: 250,
         }
     }
 }

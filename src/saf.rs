@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cardswitch_codec::Mti;
-use futures_util::future::join_all;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -25,50 +25,53 @@ use crate::upstream::{Endpoint, Upstream};
 /// Runs the sender of one endpoint until `stop`.
 pub async fn run(journal: Journal, endpoint: Arc<Endpoint>, stop: CancellationToken) {
     let cfg = endpoint.config().saf.clone();
-    let poll = Duration::from_millis(cfg.poll_ms.max(10));
+    let poll = Duration::from_millis(cfg.poll_ms.clamp(10, 250));
     let lease = endpoint.config().request_timeout() + Duration::from_secs(5);
     let queued = Arc::clone(journal.saf_queued());
+    let mut sending: JoinSet<()> = JoinSet::new();
     loop {
-        let now = Journal::now_us();
-        let due = match journal
-            .saf_due(
-                endpoint.name(),
-                now,
-                i64::try_from(cfg.max_in_flight).unwrap_or(64),
-            )
-            .await
-        {
-            Ok(due) => due,
-            Err(e) => {
-                warn!(endpoint = endpoint.name(), error = %e, "store-and-forward queue unreadable");
-                Vec::new()
-            }
-        };
-        let mut sends = Vec::new();
-        let until = now + i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 2);
-        for q in due {
-            if matches!(journal.saf_lease(q.id, now, until).await, Ok(true)) {
-                sends.push(send(&journal, &endpoint, q));
+        // Keep up to max_in_flight entries on their way; refill as they finish.
+        let room = cfg.max_in_flight.saturating_sub(sending.len());
+        let mut took = 0;
+        if room > 0 {
+            let now = Journal::now_us();
+            let due = match journal
+                .saf_due(endpoint.name(), now, i64::try_from(room).unwrap_or(64))
+                .await
+            {
+                Ok(due) => due,
+                Err(e) => {
+                    warn!(endpoint = endpoint.name(), error = %e, "store-and-forward queue unreadable");
+                    Vec::new()
+                }
+            };
+            let until = now + i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 2);
+            let ids: Vec<i64> = due.iter().map(|q| q.id).collect();
+            let leased = journal
+                .saf_lease(&ids, now, until)
+                .await
+                .unwrap_or_default();
+            for q in due.into_iter().filter(|q| leased.contains(&q.id)) {
+                took += 1;
+                let (j, e) = (journal.clone(), Arc::clone(&endpoint));
+                sending.spawn(async move { send(&j, &e, q).await });
             }
         }
-        let busy = !sends.is_empty();
-        join_all(sends).await;
-        if busy {
+        if took > 0 && sending.len() < cfg.max_in_flight {
             continue;
         }
-        // Wake on new entries here, on the poll (other nodes, retries coming due), or on stop.
-        let wait = next_wait(&journal, &endpoint, poll).await;
+        // Wake when a send finishes, on new entries here, on the poll (other nodes, retries
+        // coming due), or on stop.
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                sending.abort_all();
+                return;
+            }
+            Some(_) = sending.join_next(), if !sending.is_empty() => {}
             () = queued.notified() => {}
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep(poll) => {}
         }
     }
-}
-
-/// How long to sleep when nothing is due: until the poll, shorter when a retry comes sooner.
-async fn next_wait(_journal: &Journal, _endpoint: &Endpoint, poll: Duration) -> Duration {
-    poll.min(Duration::from_millis(250))
 }
 
 fn code_in(code: &str, list: &[String]) -> bool {

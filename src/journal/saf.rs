@@ -76,41 +76,47 @@ impl Journal {
         }
     }
 
-    /// Takes an entry for `until_us` unless someone else holds it; whether it was taken.
+    /// Takes entries for `until_us` unless someone else holds them; the ids taken.
     ///
     /// # Errors
     /// Database errors.
     pub async fn saf_lease(
         &self,
-        id: i64,
+        ids: &[i64],
         now_us: i64,
         until_us: i64,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let node = self.node().to_owned();
-        let done = match self.backend() {
-            Backend::Postgres(p) => sqlx::query(
-                "UPDATE saf SET lease_until_us = $1, leased_by = $2 WHERE id = $3 AND state = 'pending' AND lease_until_us <= $4",
-            )
-            .bind(until_us)
-            .bind(node)
-            .bind(id)
-            .bind(now_us)
-            .execute(p)
-            .await?,
-            Backend::Sqlite(p) => {
-                let r = sqlx::query(
-                    "UPDATE saf SET lease_until_us = ?, leased_by = ? WHERE id = ? AND state = 'pending' AND lease_until_us <= ?",
-                )
-                .bind(until_us)
-                .bind(node)
-                .bind(id)
-                .bind(now_us)
-                .execute(p)
-                .await?;
-                return Ok(r.rows_affected() == 1);
-            }
-        };
-        Ok(done.rows_affected() == 1)
+        macro_rules! lease {
+            ($db:ty, $pool:expr) => {{
+                let mut q: QueryBuilder<$db> =
+                    QueryBuilder::new("UPDATE saf SET lease_until_us = ");
+                q.push_bind(until_us)
+                    .push(", leased_by = ")
+                    .push_bind(node)
+                    .push(" WHERE state = 'pending' AND lease_until_us <= ")
+                    .push_bind(now_us)
+                    .push(" AND id IN (");
+                let mut sep = q.separated(", ");
+                for id in ids {
+                    sep.push_bind(*id);
+                }
+                q.push(") RETURNING id");
+                q.build()
+                    .fetch_all($pool)
+                    .await?
+                    .into_iter()
+                    .map(|r| r.try_get::<i64, _>(0))
+                    .collect()
+            }};
+        }
+        match self.backend() {
+            Backend::Postgres(p) => lease!(sqlx::Postgres, p),
+            Backend::Sqlite(p) => lease!(sqlx::Sqlite, p),
+        }
     }
 
     /// Pending entries, for one endpoint or all.
