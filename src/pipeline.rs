@@ -84,7 +84,7 @@ struct Outcome {
     /// The claimed duplicate key.
     guard: Option<Guard>,
     /// An acquirer approval: reversed if it cannot be recorded.
-    reversal_if_unrecorded: Option<SafEntry>,
+    reversal_if_unrecorded: Option<(Arc<Endpoint>, u32)>,
     /// The transaction id, once one was given.
     txn_id: Option<i64>,
 }
@@ -316,7 +316,20 @@ impl Pipeline {
                     .reply
                     .set_response_code(Failure::JournalUnavailable.response_code());
                 outcome.reply.remove(38);
-                if let Some(rev) = outcome.reversal_if_unrecorded.take() {
+                // Built only now: the hot path does not pay for it.
+                let rev = outcome
+                    .reversal_if_unrecorded
+                    .take()
+                    .and_then(|(endpoint, stan)| {
+                        let pan = request
+                            .pan()
+                            .or_else(|| request.track2().and_then(|t| t.pan()));
+                        let msg =
+                            auto_reversal(&request, pan.as_ref(), stan, endpoint.acquirer_id());
+                        let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
+                        self.saf_entry(&endpoint, SafKind::Reversal, &msg, Some(txn_id), order_key)
+                    });
+                if let Some(rev) = rev {
                     self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
                     self.journal
                         .submit_later(Change {
@@ -445,14 +458,7 @@ impl Pipeline {
                     let state = state_of(&reply);
                     let mut o = Outcome::new(reply, DecidedBy::Acquirer, state);
                     if state == TxnState::Approved {
-                        let rev = auto_reversal(request, Some(pan), stan, endpoint.acquirer_id());
-                        o.reversal_if_unrecorded = self.saf_entry(
-                            endpoint,
-                            SafKind::Reversal,
-                            &rev,
-                            Some(txn_id),
-                            Some(self.journal.pan_hmac(pan)),
-                        );
+                        o.reversal_if_unrecorded = Some((Arc::clone(endpoint), stan));
                     }
                     o.link = Some(link);
                     o.upstream_stan = Some(stan);
