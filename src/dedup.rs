@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cardswitch_codec::{Message, Pan};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::journal::claims::Claim;
@@ -171,18 +170,15 @@ impl Dedup {
         )
     }
 
-    /// The content hash: DE2 (as its keyed HMAC), DE3, DE4.
+    /// The content hash: a keyed hash of DE2, DE3 and DE4.
     #[must_use]
     pub fn content_hash(&self, request: &Message, pan: Option<&Pan>) -> String {
-        let mut h = Sha256::new();
-        if let Some(p) = pan {
-            h.update(self.journal.pan_hmac(p).as_bytes());
-        }
-        for f in [3u8, 4] {
-            h.update(b"|");
-            h.update(request.get(f).unwrap_or_default());
-        }
-        hex::encode(h.finalize().get(..16).unwrap_or_default())
+        let pan = pan.map(|p| p.expose().as_bytes()).unwrap_or_default();
+        self.journal.keyed_hash(&[
+            pan,
+            request.get(3).unwrap_or_default(),
+            request.get(4).unwrap_or_default(),
+        ])
     }
 
     /// Checks a request; `Go` claims its key. A key left in flight by a request that never

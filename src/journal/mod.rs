@@ -671,7 +671,8 @@ pub struct JournalStats {
 pub struct Journal {
     tx: mpsc::Sender<Job>,
     durable: bool,
-    key: Arc<Vec<u8>>,
+    /// HMAC-SHA256 keyed once: each use clones it instead of hashing the key again.
+    mac: Hmac<Sha256>,
     next_id: Arc<AtomicI64>,
     node_bits: i64,
     /// The writer's counters.
@@ -732,7 +733,7 @@ impl Journal {
         let journal = Self {
             tx,
             durable: config.mode == "durable",
-            key: Arc::new(key),
+            mac: Hmac::<Sha256>::new_from_slice(&key).context("journal.pan_hmac_key")?,
             next_id: Arc::new(AtomicI64::new(0)),
             node_bits: node_hash << 12,
             stats: Arc::clone(&stats),
@@ -827,11 +828,20 @@ impl Journal {
     /// Keyed HMAC-SHA256 of a PAN, hex.
     #[must_use]
     pub fn pan_hmac(&self, pan: &Pan) -> String {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else {
-            return String::new();
-        };
+        let mut mac = self.mac.clone();
         mac.update(pan.expose().as_bytes());
         hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// Keyed HMAC-SHA256 of the parts, each followed by `|`; the first 16 bytes, hex.
+    #[must_use]
+    pub fn keyed_hash(&self, parts: &[&[u8]]) -> String {
+        let mut mac = self.mac.clone();
+        for p in parts {
+            mac.update(p);
+            mac.update(b"|");
+        }
+        hex::encode(mac.finalize().into_bytes().get(..16).unwrap_or_default())
     }
 
     /// Builds the row for a transaction: card data masked and hashed here, nowhere else.
