@@ -119,6 +119,11 @@ fn now_us() -> i64 {
     Journal::now_us()
 }
 
+/// The card number: DE2, or the PAN of track 2.
+fn card_pan(m: &Message) -> Option<Pan> {
+    m.pan().or_else(|| m.track2().and_then(|t| t.pan()))
+}
+
 fn state_of(reply: &Message) -> TxnState {
     if reply.response_code().is_some_and(|c| c.is_approved()) {
         TxnState::Approved
@@ -303,7 +308,7 @@ impl Pipeline {
                 row.set_id(id);
             }
             let txn_id = row.id();
-            let decision = Decision::of(&outcome.reply);
+            let mut decision = Decision::of(&outcome.reply);
             let mut change = std::mem::take(&mut outcome.change);
             change.rows.push(row);
             if let Some(g) = &outcome.guard {
@@ -316,14 +321,13 @@ impl Pipeline {
                     .reply
                     .set_response_code(Failure::JournalUnavailable.response_code());
                 outcome.reply.remove(38);
+                decision = Decision::of(&outcome.reply);
                 // Built only now: the hot path does not pay for it.
                 let rev = outcome
                     .reversal_if_unrecorded
                     .take()
                     .and_then(|(endpoint, stan)| {
-                        let pan = request
-                            .pan()
-                            .or_else(|| request.track2().and_then(|t| t.pan()));
+                        let pan = card_pan(&request);
                         let msg =
                             auto_reversal(&request, pan.as_ref(), stan, endpoint.acquirer_id());
                         let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
@@ -348,7 +352,7 @@ impl Pipeline {
                 }
             }
             if let Some(g) = outcome.guard.take() {
-                g.complete(&Decision::of(&outcome.reply));
+                g.complete(&decision);
             }
         }
         let out = dialect.encode_to_vec(&outcome.reply).ok().map(Bytes::from);
@@ -378,10 +382,7 @@ impl Pipeline {
             1 | 2 | 4 => {}
             _ => return fail(Failure::Unsupported),
         }
-        let Some(pan) = request
-            .pan()
-            .or_else(|| request.track2().and_then(|t| t.pan()))
-        else {
+        let Some(pan) = card_pan(request) else {
             return fail(Failure::InvalidCard);
         };
         if !pan.luhn_valid() {
@@ -624,7 +625,8 @@ impl Pipeline {
             o.original_id = Some(original.id);
             Some(o)
         };
-        if !original.state.is_reversible() {
+        // Only money that stands can be reversed.
+        if !original.state.is_charged() {
             // Reversed already, declined, or its reversal is queued: nothing changes.
             return ok(TxnState::Duplicate);
         }

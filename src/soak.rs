@@ -312,30 +312,10 @@ endpoint = "acq"
     // The switch's queue drains (reversals of timeouts, late and lost replies).
     let backend = Backend::connect(&url).await?;
     let drain_deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let pending = saf_counts(&backend)
-            .await?
-            .get("pending")
-            .copied()
-            .unwrap_or(0);
-        if pending == 0 || Instant::now() > drain_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    drain(&backend, drain_deadline).await?;
     // Replies that may still be on their way late have had their time.
     tokio::time::sleep(Duration::from_millis(ENDPOINT_TIMEOUT_MS + 1_000)).await;
-    loop {
-        let pending = saf_counts(&backend)
-            .await?
-            .get("pending")
-            .copied()
-            .unwrap_or(0);
-        if pending == 0 || Instant::now() > drain_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    drain(&backend, drain_deadline).await?;
     switch.stop(Restart::Term);
 
     // The three views.
@@ -429,6 +409,17 @@ async fn wait_listening(target: SocketAddr, within: Duration) -> Result<()> {
             bail!("the switch did not start listening on {target}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the store-and-forward queue is empty, or `deadline`.
+async fn drain(backend: &Backend, deadline: Instant) -> Result<()> {
+    loop {
+        let counts = saf_counts(backend).await?;
+        if counts.get("pending").copied().unwrap_or(0) == 0 || Instant::now() > deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

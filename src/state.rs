@@ -98,12 +98,6 @@ impl TxnState {
             Self::Approved | Self::PartiallyReversed | Self::AdvicePending | Self::Advised
         )
     }
-
-    /// Whether a terminal reversal may still change this transaction.
-    #[must_use]
-    pub fn is_reversible(self) -> bool {
-        self.is_charged()
-    }
 }
 
 impl fmt::Display for TxnState {
