@@ -85,6 +85,42 @@ pub enum SimCommand {
     Acquirer(AcquirerArgs),
     /// A terminal load generator: closed loop, open loop or one connection per transaction.
     Terminal(TerminalArgs),
+    /// A payShield-style HSM with the public Thales test LMK: PIN translation, MACs, CVV,
+    /// PVV, key generation, import and export; injects latency, errors and disconnects.
+    Hsm(HsmArgs),
+}
+
+/// `cardswitch sim hsm`.
+#[derive(Debug, Args)]
+pub struct HsmArgs {
+    /// Address to listen on (payShield's default port is 1500).
+    #[arg(long, default_value = "127.0.0.1:1500")]
+    pub listen: std::net::SocketAddr,
+    /// Header length in characters.
+    #[arg(long, default_value_t = 4)]
+    pub header_len: usize,
+    /// Faults file (TOML: latency_min_ms, latency_max_ms, error, error_code, no_reply,
+    /// disconnect; percentages); reloaded on SIGHUP.
+    #[arg(long)]
+    pub faults: Option<std::path::PathBuf>,
+    /// Latency for every command, in milliseconds (a range: 2..10).
+    #[arg(long)]
+    pub latency_ms: Option<String>,
+    /// Percentage of commands answered with --error-code.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_pct: f64,
+    /// The error code injected.
+    #[arg(long, default_value = "15")]
+    pub error_code: String,
+    /// Percentage of commands never answered.
+    #[arg(long, default_value_t = 0.0)]
+    pub no_reply_pct: f64,
+    /// Percentage of commands that close the connection.
+    #[arg(long, default_value_t = 0.0)]
+    pub disconnect_pct: f64,
+    /// Print the test keys (clear, and under the test LMK with check values) and exit.
+    #[arg(long)]
+    pub print_test_keys: bool,
 }
 
 /// `cardswitch sim acquirer`.

@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -18,6 +19,7 @@ use cardswitch_codec::Dialect;
 use cardswitch_routing::{BinTable, Route, Strategy};
 use serde::Deserialize;
 
+use crate::security::{EndpointSecurity, ListenerSecurity};
 use crate::tls::{Acceptor, ClientTls, Connector, ServerTls};
 
 /// Prefix of environment overrides.
@@ -42,6 +44,9 @@ pub struct Config {
     /// Card ranges.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The HSMs (needed when any listener or endpoint has security keys).
+    #[serde(default)]
+    pub hsm: Option<crate::hsm::HsmSection>,
 }
 
 /// `[switch]`.
@@ -168,6 +173,9 @@ pub struct ListenerConfig {
     /// TLS: server certificate and key, optional client CA.
     #[serde(default)]
     pub tls: Option<ServerTls>,
+    /// Terminal keys: PIN translation and MAC verification.
+    #[serde(default)]
+    pub security: Option<crate::security::TerminalSecurityConfig>,
 }
 
 fn default_dialect() -> String {
@@ -233,6 +241,9 @@ pub struct EndpointConfig {
     /// Stand-in processing when this endpoint cannot answer.
     #[serde(default)]
     pub stand_in: StandInConfig,
+    /// Keys shared with the acquirer: PIN translation, MACs, key exchange, CVV.
+    #[serde(default)]
+    pub security: Option<crate::security::EndpointSecurityConfig>,
 }
 
 /// `[endpoints.saf]`: how queued reversals and advices are sent.
@@ -295,6 +306,12 @@ pub struct StandInConfig {
     pub negative_ranges: Vec<String>,
     /// Decline expired cards (DE14 or the track's expiry).
     pub check_expiry: bool,
+    /// Verify the CVV in track 2 through the HSM (needs `security.cvk`); a wrong one declines
+    /// with 05, an HSM that cannot answer leaves the transaction to 91.
+    pub verify_cvv: bool,
+    /// Where the CVV starts in track 2's discretionary data (after the service code); 5
+    /// skips a PVKI and PVV.
+    pub cvv_offset: usize,
 }
 
 impl Default for StandInConfig {
@@ -308,6 +325,8 @@ impl Default for StandInConfig {
             negative_pan_hmacs: Vec::new(),
             negative_ranges: Vec::new(),
             check_expiry: true,
+            verify_cvv: false,
+            cvv_offset: 5,
         }
     }
 }
@@ -375,6 +394,10 @@ pub struct Validated {
     pub endpoints: Vec<(Dialect, Framing, Strategy, Option<Connector>)>,
     /// The routing table.
     pub bins: BinTable,
+    /// Terminal keys per listener, in listener order.
+    pub listener_security: Vec<Option<ListenerSecurity>>,
+    /// Acquirer keys per endpoint, in endpoint order.
+    pub endpoint_security: Vec<Option<Arc<EndpointSecurity>>>,
 }
 
 impl EndpointConfig {
@@ -544,11 +567,49 @@ impl Config {
                 })
                 .collect(),
         )?;
+        let listener_security = self
+            .listeners
+            .iter()
+            .map(|l| {
+                l.security
+                    .as_ref()
+                    .map(|s| ListenerSecurity::from_config(s, &l.name))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let endpoint_security = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                let sec = e
+                    .security
+                    .as_ref()
+                    .map(|s| EndpointSecurity::from_config(s, &e.name).map(Arc::new))
+                    .transpose()?;
+                if e.stand_in.verify_cvv && sec.as_ref().is_none_or(|s| s.cvk.is_none()) {
+                    bail!(
+                        "endpoint {}: stand_in.verify_cvv needs security.cvk",
+                        e.name
+                    );
+                }
+                Ok(sec)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let keys = listener_security.iter().any(Option::is_some)
+            || endpoint_security.iter().any(Option::is_some);
+        match &self.hsm {
+            None if keys => bail!("security keys are configured: an [hsm] section is needed"),
+            Some(h) if h.addresses.is_empty() => bail!("hsm.addresses: at least one address"),
+            Some(h) if !(1..=8).contains(&h.header_len) => bail!("hsm.header_len: 1 to 8"),
+            _ => {}
+        }
         Ok(Validated {
             config: self,
             listeners,
             endpoints,
             bins,
+            listener_security,
+            endpoint_security,
         })
     }
 }

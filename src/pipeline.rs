@@ -8,6 +8,7 @@
 //! reversal or advice it queues, the state of the original it reverses, its duplicate key) is
 //! written in one database transaction before the reply goes out (durable mode).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +19,16 @@ use cardswitch_routing::{check_mandatory, BinTable, Failure};
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::dedup::{Decision, Dedup, Guard, Verdict};
+use crate::hsm::Hsm;
 use crate::journal::{
     Change, DecidedBy, Journal, Original, OriginalKeys, SafEntry, SafKind, StateChange,
 };
+use crate::security::ListenerSecurity;
 use crate::stand_in;
 use crate::state::TxnState;
 use crate::upstream::{Endpoint, Stray, Upstream};
+use cardswitch_simulators::hsm::commands::account_field;
+use cardswitch_simulators::hsm::KeyType;
 
 /// Counters of what the pipeline did.
 #[derive(Debug, Default)]
@@ -63,6 +68,20 @@ pub struct Pipeline {
     dedup: Dedup,
     /// The pipeline's counters.
     pub counters: Counters,
+    /// Terminal keys by listener name.
+    security: HashMap<String, ListenerSecurity>,
+    hsm: Option<Arc<Hsm>>,
+}
+
+/// What a CVV check said, when stand-in needs one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cvv {
+    /// Not configured: stand-in decides without it.
+    NotAsked,
+    /// Right.
+    Good,
+    /// Wrong, missing or unverifiable: no stand-in approval.
+    Refused,
 }
 
 /// How one request ended, before it is journaled.
@@ -205,6 +224,161 @@ impl Pipeline {
             dedup: Dedup::new(journal.clone(), longest + Duration::from_secs(2)),
             journal,
             counters: Counters::default(),
+            security: HashMap::new(),
+            hsm: None,
+        }
+    }
+
+    /// Adds card security: the HSM pool and the terminal keys of each listener.
+    #[must_use]
+    pub fn with_security(
+        mut self,
+        hsm: Option<Arc<Hsm>>,
+        listeners: HashMap<String, ListenerSecurity>,
+    ) -> Self {
+        self.hsm = hsm;
+        self.security = listeners;
+        self
+    }
+
+    /// The HSM pool, when one is configured.
+    #[must_use]
+    pub fn hsm(&self) -> Option<&Arc<Hsm>> {
+        self.hsm.as_ref()
+    }
+
+    /// Verifies a terminal's MAC over the frame as received; `Err` with the failure to answer.
+    async fn check_mac(
+        &self,
+        listener: &str,
+        dialect: &Dialect,
+        body: &[u8],
+        request: &Message,
+    ) -> Result<(), Failure> {
+        let Some(sec) = self.security.get(listener) else {
+            return Ok(());
+        };
+        if !sec.verify_mac || !matches!(request.mti().class(), 1 | 2 | 4) {
+            return Ok(());
+        }
+        let (_, tak) = sec.keys_for(request.terminal_id());
+        let (Some(tak), Some(hsm)) = (tak, &self.hsm) else {
+            warn!(listener, "no TAK for this terminal: MAC cannot be verified");
+            return Err(Failure::BadMac);
+        };
+        let Some((data, mac)) = dialect.mac_span(body, request) else {
+            debug!("MAC missing");
+            return Err(Failure::BadMac);
+        };
+        match hsm.verify_mac(KeyType::TAK, &tak.key, data, mac).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                debug!("MAC does not verify");
+                Err(Failure::BadMac)
+            }
+            Err(e) => {
+                warn!(error = %e, "MAC verification failed at the HSM");
+                Err(Failure::HsmUnavailable)
+            }
+        }
+    }
+
+    /// The request as it goes to `endpoint`: its PIN block translated from the terminal's TPK
+    /// to the endpoint's ZPK. `Ok(None)` when there is nothing to translate.
+    async fn translate_pin(
+        &self,
+        listener: &str,
+        request: &Message,
+        pan: &Pan,
+        endpoint: &Endpoint,
+    ) -> Result<Option<Message>, Failure> {
+        let Some(block) = request.get(52) else {
+            return Ok(None);
+        };
+        let terminal = self.security.get(listener);
+        let zone = endpoint.security();
+        if terminal.is_none() && zone.is_none() {
+            // No keys on either side: the PIN block passes as it came.
+            return Ok(None);
+        }
+        let tpk = terminal.and_then(|t| t.keys_for(request.terminal_id()).0.as_ref());
+        let zpk = zone.and_then(|z| z.keys.zpk());
+        let (Some(tpk), Some(zpk), Some(hsm), Some(t), Some(z)) =
+            (tpk, zpk, &self.hsm, terminal, zone)
+        else {
+            warn!(
+                listener,
+                endpoint = endpoint.name(),
+                "PIN block present but a TPK or ZPK is not configured"
+            );
+            return Err(Failure::HsmUnavailable);
+        };
+        let Some(account) = account_field(pan.expose()) else {
+            return Err(Failure::BadPinBlock);
+        };
+        match hsm
+            .translate_pin(
+                &tpk.key,
+                &zpk.key,
+                block,
+                &t.pin_format,
+                &z.keys.pin_format,
+                &account,
+            )
+            .await
+        {
+            Ok(translated) => {
+                let mut out = request.clone();
+                out.set(52, &translated);
+                Ok(Some(out))
+            }
+            Err(e) if e.is_bad_pin_block() => {
+                debug!(error = %e, "PIN block refused by the HSM");
+                Err(Failure::BadPinBlock)
+            }
+            Err(e) => {
+                warn!(error = %e, "PIN translation failed at the HSM");
+                Err(Failure::HsmUnavailable)
+            }
+        }
+    }
+
+    /// The CVV check stand-in asks for: track 2's CVV through the HSM.
+    async fn cvv_for_stand_in(&self, request: &Message, endpoint: &Endpoint) -> Cvv {
+        let cfg = &endpoint.config().stand_in;
+        if !cfg.enabled || !cfg.verify_cvv {
+            return Cvv::NotAsked;
+        }
+        let (Some(keys), Some(track)) = (endpoint.security(), request.get_str(35)) else {
+            return Cvv::Refused;
+        };
+        let Some(cvk) = &keys.keys.cvk else {
+            return Cvv::Refused;
+        };
+        let Some((pan, rest)) = track.split_once(['=', 'D']) else {
+            return Cvv::Refused;
+        };
+        let (Some(expiry), Some(service), Some(cvv)) = (
+            rest.get(..4),
+            rest.get(4..7),
+            rest.get(7 + cfg.cvv_offset..10 + cfg.cvv_offset),
+        ) else {
+            return Cvv::Refused;
+        };
+        match keys
+            .hsm
+            .verify_cvv(&cvk.key, cvv, pan, expiry, service)
+            .await
+        {
+            Ok(true) => Cvv::Good,
+            Ok(false) => {
+                debug!("stand-in: CVV wrong");
+                Cvv::Refused
+            }
+            Err(e) => {
+                warn!(error = %e, "stand-in: CVV not verified");
+                Cvv::Refused
+            }
         }
     }
 
@@ -260,10 +434,16 @@ impl Pipeline {
         let (request, outcome) = match decoded {
             Ok(request) => {
                 let span = info_span!("txn", mti = %request.mti(), stan = request.get_str(11).unwrap_or(""), rrn = request.rrn().unwrap_or(""), rc = tracing::field::Empty);
-                let outcome = self
-                    .process(listener, &request)
-                    .instrument(span.clone())
-                    .await;
+                let outcome = async {
+                    match self.check_mac(listener, dialect, body, &request).await {
+                        Ok(()) => self.process(listener, &request).await,
+                        Err(f) => request
+                            .response_with(f.response_code())
+                            .map(Outcome::switch),
+                    }
+                }
+                .instrument(span.clone())
+                .await;
                 if let Some(rc) = outcome.as_ref().and_then(|o| o.reply.response_code()) {
                     span.record("rc", rc.as_str());
                 }
@@ -423,7 +603,10 @@ impl Pipeline {
         };
         let mut outcome = match mti.class() {
             4 => self.reversal(request, txn_id, &pan, began).await?,
-            _ => self.authorize(request, txn_id, &pan, began).await?,
+            _ => {
+                self.authorize(listener, request, txn_id, &pan, began)
+                    .await?
+            }
         };
         outcome.guard = Some(guard);
         outcome.txn_id = Some(txn_id);
@@ -433,6 +616,7 @@ impl Pipeline {
     /// An authorization or financial request (or advice): to the acquirer, or stand-in.
     async fn authorize(
         &self,
+        listener: &str,
         request: &Message,
         txn_id: i64,
         pan: &Pan,
@@ -451,7 +635,18 @@ impl Pipeline {
             };
             first.get_or_insert(endpoint);
             let asked = Instant::now();
-            let result = endpoint.exchange(request, txn_id).await;
+            let translated = match self.translate_pin(listener, request, pan, endpoint).await {
+                Ok(t) => t,
+                Err(f) => {
+                    let mut o = Outcome::switch(request.response_with(f.response_code())?);
+                    o.route = Some(route.prefix.clone());
+                    o.endpoint = Some(name.clone());
+                    return Some(o);
+                }
+            };
+            let result = endpoint
+                .exchange(translated.as_ref().unwrap_or(request), txn_id)
+                .await;
             let waited = Some(asked.elapsed());
             let mut outcome = match result {
                 Upstream::Reply(reply, link, stan) => {
@@ -467,12 +662,18 @@ impl Pipeline {
                 }
                 // Never written: the fallback may take it.
                 Upstream::NotSent => continue,
+                // Never written either, for want of a MAC.
+                Upstream::Unsigned => {
+                    Outcome::switch(request.response_with(Failure::HsmUnavailable.response_code())?)
+                }
                 // Outcome unknown: never sent again; reversed, and perhaps stood in for.
                 Upstream::Lost(link, stan) => {
-                    self.unknown_outcome(request, txn_id, pan, endpoint, link, stan, false)?
+                    let cvv = self.cvv_for_stand_in(request, endpoint).await;
+                    self.unknown_outcome(request, txn_id, pan, endpoint, (link, stan), false, cvv)?
                 }
                 Upstream::TimedOut(link, stan) => {
-                    self.unknown_outcome(request, txn_id, pan, endpoint, link, stan, true)?
+                    let cvv = self.cvv_for_stand_in(request, endpoint).await;
+                    self.unknown_outcome(request, txn_id, pan, endpoint, (link, stan), true, cvv)?
                 }
             };
             outcome.route = Some(route.prefix.clone());
@@ -484,7 +685,8 @@ impl Pipeline {
         // No link of any candidate could take it.
         let mut out = match first {
             Some(e) if e.config().stand_in.enabled && e.config().stand_in.on_unavailable => {
-                match self.stand_in(request, txn_id, pan, e) {
+                let cvv = self.cvv_for_stand_in(request, e).await;
+                match self.stand_in(request, txn_id, pan, e, cvv) {
                     Some(o) => o,
                     None => Outcome::switch(
                         request.response_with(Failure::Unavailable.response_code())?,
@@ -505,7 +707,12 @@ impl Pipeline {
         txn_id: i64,
         pan: &Pan,
         endpoint: &Endpoint,
+        cvv: Cvv,
     ) -> Option<Outcome> {
+        if cvv == Cvv::Refused {
+            debug!(reason = "CVV", "stand-in declines");
+            return None;
+        }
         let hmac = self.journal.pan_hmac(pan);
         let cfg = &endpoint.config().stand_in;
         if let Err(why) = stand_in::decide(cfg, request, pan, &hmac, &stand_in::this_month()) {
@@ -539,9 +746,9 @@ impl Pipeline {
         txn_id: i64,
         pan: &Pan,
         endpoint: &Endpoint,
-        link: Arc<str>,
-        stan: u32,
+        (link, stan): (Arc<str>, u32),
         timed_out: bool,
+        cvv: Cvv,
     ) -> Option<Outcome> {
         let rev = auto_reversal(request, Some(pan), stan, endpoint.acquirer_id());
         let entry = self.saf_entry(
@@ -559,7 +766,7 @@ impl Pipeline {
             } else {
                 cfg.on_unavailable
             }))
-        .then(|| self.stand_in(request, txn_id, pan, endpoint))
+        .then(|| self.stand_in(request, txn_id, pan, endpoint, cvv))
         .flatten();
         let mut o = match stood_in {
             Some(o) => o,

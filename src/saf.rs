@@ -112,7 +112,8 @@ async fn send(journal: &Journal, endpoint: &Endpoint, q: Queued) {
                     .response_code()
                     .map_or_else(|| "--".to_owned(), |c| c.to_string()),
             ),
-            Upstream::NotSent => None,
+            // Not transmitted (no link ready, or no MAC from the HSM): again soon.
+            Upstream::NotSent | Upstream::Unsigned => None,
             Upstream::Lost(..) | Upstream::TimedOut(..) => Some("ZZ".to_owned()),
         };
         match code {

@@ -10,6 +10,7 @@
 //! Shutdown: stop accepting, stop reading, let in-flight transactions finish (up to the grace
 //! period), then stop the links (which sign off).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
+use cardswitch_simulators::hsm::{KeyType, WrappedKey};
+
 use crate::config::{ListenerConfig, Validated};
+use crate::hsm::Hsm;
 use crate::journal::Journal;
 use crate::pipeline::Pipeline;
+use crate::security::{Key, ListenerSecurity};
 use crate::tls::Acceptor;
-use crate::upstream::Endpoint;
+use crate::upstream::{Endpoint, EndpointKeys};
 
 /// A started switch.
 #[derive(Debug)]
@@ -57,6 +62,57 @@ struct ListenerCtx {
 }
 
 impl Switch {
+    /// Loads keys received in earlier key exchanges, then has the HSM confirm every key's
+    /// check value; the switch does not start on a mismatch.
+    async fn verify_keys(config: &Validated, hsm: &Hsm, journal: &Journal) -> Result<()> {
+        let wait = Duration::from_millis(
+            config
+                .config
+                .hsm
+                .as_ref()
+                .map_or(1_000, |h| h.timeout_ms)
+                .max(2_000),
+        );
+        if !hsm.wait_ready(wait).await {
+            anyhow::bail!("no HSM reachable: key check values cannot be verified");
+        }
+        for (l, sec) in config
+            .config
+            .listeners
+            .iter()
+            .zip(&config.listener_security)
+        {
+            if let Some(sec) = sec {
+                sec.verify(hsm, &l.name).await?;
+            }
+        }
+        for (e, sec) in config
+            .config
+            .endpoints
+            .iter()
+            .zip(&config.endpoint_security)
+        {
+            let Some(sec) = sec else { continue };
+            if let Some((key, check)) = journal
+                .load_key(&e.name, "zpk")
+                .await
+                .with_context(|| format!("endpoint {}: reading its last ZPK", e.name))?
+            {
+                let key = WrappedKey::parse(&key)
+                    .map_err(|_| anyhow::anyhow!("endpoint {}: stored ZPK unreadable", e.name))?;
+                info!(endpoint = %e.name, check_value = %check, "using the ZPK from the last key exchange");
+                sec.set_zpk(Key {
+                    key,
+                    check,
+                    kind: KeyType::ZPK,
+                });
+            }
+            sec.verify(hsm, &e.name).await?;
+        }
+        info!("key check values verified by the HSM");
+        Ok(())
+    }
+
     /// Binds every listener and starts every link.
     ///
     /// # Errors
@@ -68,11 +124,26 @@ impl Switch {
         let sessions = TaskTracker::new();
         let writer = TaskTracker::new();
         let cfg = &config.config;
+        let journal = Journal::start(&cfg.journal, &cfg.switch.node, &writer).await?;
+        let hsm = cfg.hsm.as_ref().map(|h| Hsm::start(h, &stop_links, &links));
+        let (key_changes, mut key_rx) = mpsc::channel::<(String, Key)>(64);
+        if let Some(hsm) = &hsm {
+            Self::verify_keys(&config, hsm, &journal).await?;
+        }
         let (endpoints, strays): (Vec<Arc<Endpoint>>, Vec<_>) = cfg
             .endpoints
             .iter()
             .zip(&config.endpoints)
-            .map(|(e, (dialect, framing, strategy, tls))| {
+            .zip(&config.endpoint_security)
+            .map(|((e, (dialect, framing, strategy, tls)), sec)| {
+                let keys = match (sec, &hsm) {
+                    (Some(keys), Some(hsm)) => Some(EndpointKeys {
+                        keys: Arc::clone(keys),
+                        hsm: Arc::clone(hsm),
+                        changes: key_changes.clone(),
+                    }),
+                    _ => None,
+                };
                 Endpoint::start(
                     e,
                     dialect.clone(),
@@ -80,17 +151,39 @@ impl Switch {
                     *strategy,
                     tls.clone(),
                     cfg.switch.acquirer_id.clone(),
+                    keys,
                     &stop_links,
                     &links,
                 )
             })
             .unzip();
-        let journal = Journal::start(&cfg.journal, &cfg.switch.node, &writer).await?;
-        let pipeline = Arc::new(Pipeline::new(
-            config.bins.clone(),
-            endpoints,
-            journal.clone(),
-        ));
+        // Keys received in key exchanges are kept (under the LMK) for the next start.
+        {
+            let (j, stop) = (journal.clone(), stop_links.clone());
+            links.spawn(async move {
+                while let Some((endpoint, key)) = tokio::select! {
+                    () = stop.cancelled() => None,
+                    k = key_rx.recv() => k,
+                } {
+                    if let Err(e) = j
+                        .save_key(&endpoint, "zpk", &key.key.to_field(), &key.check)
+                        .await
+                    {
+                        tracing::error!(endpoint = %endpoint, error = %e, "new ZPK not saved: a restart would use the previous one");
+                    }
+                }
+            });
+        }
+        let listener_security: HashMap<String, ListenerSecurity> = cfg
+            .listeners
+            .iter()
+            .zip(&config.listener_security)
+            .filter_map(|(l, s)| s.clone().map(|s| (l.name.clone(), s)))
+            .collect();
+        let pipeline = Arc::new(
+            Pipeline::new(config.bins.clone(), endpoints, journal.clone())
+                .with_security(hsm, listener_security),
+        );
         // Per endpoint: the store-and-forward sender, and the handler of replies nobody waited
         // for. Both stop with the links.
         for (endpoint, mut rx) in pipeline.endpoints().iter().zip(strays) {

@@ -5,11 +5,13 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use cardswitch_codec::framing::Framing;
 use cardswitch_codec::Dialect;
+use cardswitch_simulators::hsm::KeyType;
 use cardswitch_simulators::{
-    terminal, Acquirer, AcquirerConfig, Load, Rules, Stop, TerminalConfig,
+    terminal, Acquirer, AcquirerConfig, HsmConfig, HsmFaults, HsmSim, Load, Rules, Stop,
+    TerminalConfig, TestKeys,
 };
 
-use crate::cli::{AcquirerArgs, SimCommand, TerminalArgs};
+use crate::cli::{AcquirerArgs, HsmArgs, SimCommand, TerminalArgs};
 
 /// Runs a simulator until it finishes (terminal) or Ctrl-C (acquirer).
 ///
@@ -19,7 +21,89 @@ pub async fn run(cmd: SimCommand, out: &mut dyn Write) -> Result<()> {
     match cmd {
         SimCommand::Acquirer(args) => acquirer(args, out).await,
         SimCommand::Terminal(args) => terminal_run(args, out).await,
+        SimCommand::Hsm(args) => hsm(args, out).await,
     }
+}
+
+fn hsm_faults(args: &HsmArgs) -> Result<HsmFaults> {
+    if let Some(path) = &args.faults {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        return toml::from_str(&text).with_context(|| format!("HSM faults {}", path.display()));
+    }
+    let (min, max) = match args.latency_ms.as_deref() {
+        None => (0, 0),
+        Some(r) => match r.split_once("..") {
+            Some((a, b)) => (a.trim().parse()?, b.trim().parse()?),
+            None => {
+                let v = r.trim().parse()?;
+                (v, v)
+            }
+        },
+    };
+    anyhow::ensure!(
+        args.error_code.len() == 2,
+        "--error-code must be two characters"
+    );
+    Ok(HsmFaults {
+        latency_min_ms: min,
+        latency_max_ms: max,
+        error: args.error_pct,
+        error_code: args.error_code.clone(),
+        no_reply: args.no_reply_pct,
+        disconnect: args.disconnect_pct,
+    })
+}
+
+async fn hsm(args: HsmArgs, out: &mut dyn Write) -> Result<()> {
+    if args.print_test_keys {
+        let keys = TestKeys::fixed();
+        for (name, key, kt) in [
+            ("TPK", &keys.tpk, KeyType::TPK),
+            ("TAK", &keys.tak, KeyType::TAK),
+            ("ZPK", &keys.zpk, KeyType::ZPK),
+            ("ZAK", &keys.zak, KeyType::ZAK),
+            ("ZMK", &keys.zmk, KeyType::ZMK),
+        ] {
+            writeln!(
+                out,
+                "{name}  clear {}  under LMK {}  check value {}",
+                hex::encode_upper(key.as_bytes()),
+                TestKeys::under_lmk(key, kt),
+                key.kcv6()
+            )?;
+        }
+        return Ok(());
+    }
+    let sim = HsmSim::start(HsmConfig {
+        listen: args.listen,
+        header_len: args.header_len,
+        faults: hsm_faults(&args)?,
+    })
+    .await?;
+    writeln!(
+        out,
+        "HSM simulator on {} (Thales test LMK, check value {}); Ctrl-C to stop",
+        sim.local_addr(),
+        cardswitch_simulators::hsm::Lmk::test_set().check_value()
+    )?;
+    out.flush()?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => { r?; break; }
+            _ = hup.recv() => match hsm_faults(&args) {
+                Ok(f) => {
+                    tracing::info!(?f, "HSM simulator: faults reloaded");
+                    sim.set_faults(f);
+                }
+                Err(e) => tracing::error!(error = %e, "HSM simulator: faults not reloaded"),
+            },
+        }
+    }
+    writeln!(out, "{}", serde_json::to_string_pretty(&sim.stats())?)?;
+    sim.stop().await;
+    Ok(())
 }
 
 async fn acquirer(args: AcquirerArgs, out: &mut dyn Write) -> Result<()> {

@@ -36,7 +36,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use cardswitch_simulators::hsm::KeyType;
+
 use crate::config::EndpointConfig;
+use crate::hsm::Hsm;
+use crate::security::{EndpointSecurity, Key};
 use crate::tls::Connector;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -76,6 +80,19 @@ pub enum Upstream {
     /// Written on this link (with this STAN), no reply within the endpoint's timeout: outcome
     /// unknown.
     TimedOut(Arc<str>, u32),
+    /// The request needs a MAC and the HSM could not give one; never written anywhere.
+    Unsigned,
+}
+
+/// The card-security side of an endpoint: its keys, the HSM, and where key changes are kept.
+#[derive(Debug, Clone)]
+pub struct EndpointKeys {
+    /// The keys.
+    pub keys: Arc<EndpointSecurity>,
+    /// The HSM pool.
+    pub hsm: Arc<Hsm>,
+    /// A new ZPK, under the LMK, to be kept in the database.
+    pub changes: mpsc::Sender<(String, Key)>,
 }
 
 /// A reply from an acquirer that no request was waiting for.
@@ -184,26 +201,25 @@ impl Link {
         self.stan.fetch_add(1, Ordering::Relaxed) % 999_999 + 1
     }
 
-    /// Registers a request under a fresh link STAN and queues it; `None` when not sent.
+    /// Registers an encoded request under its link STAN (from [`Link::next_stan`]) and queues
+    /// it; `None` when not sent.
     fn submit(
         &self,
-        dialect: &Dialect,
-        mut msg: Message,
+        stan: u32,
+        mti: Mti,
+        body: Vec<u8>,
         txn_id: i64,
-    ) -> Option<(u32, oneshot::Receiver<Message>)> {
+    ) -> Option<oneshot::Receiver<Message>> {
         if self.state() != LinkState::Ready {
             return None;
         }
-        let stan = self.next_stan();
-        msg.set_stan(stan);
-        let body = dialect.encode_to_vec(&msg).ok()?;
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.pending.lock().ok()?;
             pending.insert(
                 stan,
                 Pending {
-                    mti: msg.mti(),
+                    mti,
                     txn_id,
                     reply: tx,
                 },
@@ -214,7 +230,7 @@ impl Link {
             return None;
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Some((stan, rx))
+        Some(rx)
     }
 
     /// Gives up waiting for a request; its reply, if it comes, is late.
@@ -292,6 +308,7 @@ pub struct Endpoint {
     timeout: Duration,
     acquirer_id: Option<String>,
     config: Arc<EndpointConfig>,
+    security: Option<EndpointKeys>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -317,6 +334,7 @@ impl Endpoint {
         strategy: Strategy,
         tls: Option<Connector>,
         default_acquirer_id: Option<String>,
+        security: Option<EndpointKeys>,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> (Arc<Self>, mpsc::Receiver<Stray>) {
@@ -351,6 +369,7 @@ impl Endpoint {
                 shutdown: shutdown.clone(),
                 tls: tls.clone(),
                 strays: strays.clone(),
+                security: security.clone(),
             };
             tracker.spawn(task.run(rx));
             links.push(link);
@@ -364,6 +383,7 @@ impl Endpoint {
             timeout: config.request_timeout(),
             acquirer_id: config.acquirer_id.clone().or(default_acquirer_id),
             config: Arc::new(config.clone()),
+            security,
         });
         (endpoint, strays_rx)
     }
@@ -384,6 +404,41 @@ impl Endpoint {
     #[must_use]
     pub fn acquirer_id(&self) -> Option<&str> {
         self.acquirer_id.as_deref()
+    }
+
+    /// Keys and HSM, when the endpoint has security configured.
+    #[must_use]
+    pub fn security(&self) -> Option<&EndpointKeys> {
+        self.security.as_ref()
+    }
+
+    /// Encodes a request for the wire, with a MAC under the ZAK when configured. A MAC the
+    /// terminal sent is never passed on.
+    async fn seal(&self, msg: &mut Message) -> Result<Option<Vec<u8>>, ()> {
+        match &self.security {
+            Some(s) if s.keys.generate_mac => {
+                let Some(zak) = &s.keys.zak else {
+                    return Err(());
+                };
+                msg.remove(64);
+                msg.remove(128);
+                let Ok((field, data)) = self.dialect.mac_input(msg) else {
+                    return Ok(None);
+                };
+                let mac = s
+                    .hsm
+                    .generate_mac(KeyType::ZAK, &zak.key, &data)
+                    .await
+                    .map_err(|e| warn!(endpoint = %self.name, error = %e, "MAC not generated"))?;
+                msg.set(field, &mac);
+                Ok(self.dialect.encode_to_vec(msg).ok())
+            }
+            _ => {
+                msg.remove(64);
+                msg.remove(128);
+                Ok(self.dialect.encode_to_vec(msg).ok())
+            }
+        }
     }
 
     /// The endpoint's name.
@@ -421,7 +476,18 @@ impl Endpoint {
             let Some(link) = self.links.get(i) else {
                 return Upstream::NotSent;
             };
-            let Some((stan, rx)) = link.submit(&self.dialect, outgoing.clone(), txn_id) else {
+            if link.state() != LinkState::Ready {
+                continue;
+            }
+            let stan = link.next_stan();
+            let mut msg = outgoing.clone();
+            msg.set_stan(stan);
+            let body = match self.seal(&mut msg).await {
+                Ok(Some(body)) => body,
+                Ok(None) => continue,
+                Err(()) => return Upstream::Unsigned,
+            };
+            let Some(rx) = link.submit(stan, msg.mti(), body, txn_id) else {
                 continue;
             };
             return match tokio::time::timeout(self.timeout, rx).await {
@@ -471,6 +537,7 @@ struct LinkTask {
     shutdown: CancellationToken,
     tls: Option<Connector>,
     strays: mpsc::Sender<Stray>,
+    security: Option<EndpointKeys>,
 }
 
 /// Why a connection ended.
@@ -544,6 +611,69 @@ impl LinkTask {
             }
             backoff = (backoff * 2).min(self.reconnect.1);
         }
+    }
+
+    /// An acquirer's key change: the new ZPK arrives under the ZMK with its check value. The
+    /// HSM imports it under the LMK; when the check values agree it replaces the ZPK in use and
+    /// is kept in the database; the 0810 says 00, or 63 (check value differs) or 96 (no ZMK,
+    /// unreadable field, HSM failure). Runs beside the link so that traffic keeps flowing.
+    fn key_exchange(&self, request: Message) {
+        let Some(sec) = self.security.clone() else {
+            return;
+        };
+        let (endpoint, dialect, queue) = (
+            self.endpoint.clone(),
+            self.dialect.clone(),
+            self.link.queue.clone(),
+        );
+        tokio::spawn(async move {
+            let code = match (
+                &sec.keys.zmk,
+                request
+                    .get(sec.keys.key_field)
+                    .and_then(EndpointSecurity::parse_key_field),
+            ) {
+                (Some(zmk), Some((under_zmk, check))) => {
+                    match sec.hsm.import_key(KeyType::ZPK, &zmk.key, &under_zmk).await {
+                        Ok((under_lmk, kcv))
+                            if kcv.starts_with(&check) || check.starts_with(&kcv) =>
+                        {
+                            let key = Key {
+                                key: under_lmk,
+                                check: kcv.clone(),
+                                kind: KeyType::ZPK,
+                            };
+                            sec.keys.set_zpk(key.clone());
+                            let _ = sec.changes.send((endpoint.clone(), key)).await;
+                            info!(endpoint = %endpoint, check_value = %kcv, "ZPK changed by key exchange");
+                            ResponseCode::APPROVED
+                        }
+                        Ok((_, kcv)) => {
+                            warn!(endpoint = %endpoint, sent = %check, computed = %kcv, "key exchange: check values differ; key refused");
+                            ResponseCode::SECURITY_VIOLATION
+                        }
+                        Err(e) => {
+                            warn!(endpoint = %endpoint, error = %e, "key exchange: HSM import failed");
+                            ResponseCode::SYSTEM_MALFUNCTION
+                        }
+                    }
+                }
+                (None, _) => {
+                    warn!(endpoint = %endpoint, "key exchange but no ZMK configured");
+                    ResponseCode::SYSTEM_MALFUNCTION
+                }
+                (_, None) => {
+                    warn!(endpoint = %endpoint, "key exchange: key field missing or unreadable");
+                    ResponseCode::SYSTEM_MALFUNCTION
+                }
+            };
+            if let Some(mut rsp) = request.response_with(code) {
+                rsp.remove(sec.keys.key_field);
+                if let Ok(body) = dialect.encode_to_vec(&rsp) {
+                    let _ = queue.send(Frame::new(Bytes::from(body))).await;
+                }
+            }
+        });
     }
 
     async fn handshake(
@@ -677,6 +807,14 @@ impl LinkTask {
                     if reply.mti() == Mti::NETWORK_RESPONSE && reply.stan().is_some() && reply.stan() == echo_stan {
                         missed = 0;
                         echo_stan = None;
+                        continue;
+                    }
+                    if reply.mti() == Mti::NETWORK_REQUEST
+                        && self.security.as_ref().is_some_and(|s| {
+                            reply.network_code() == Some(s.keys.key_exchange_code)
+                        })
+                    {
+                        self.key_exchange(reply);
                         continue;
                     }
                     if reply.mti() == Mti::NETWORK_REQUEST {

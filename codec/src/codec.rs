@@ -539,6 +539,64 @@ impl Dialect {
         Ok(out)
     }
 
+    /// The MAC field a message uses: 128 when it has a secondary bitmap (any field above 64),
+    /// 64 otherwise. Either way the MAC is the message's last field.
+    #[must_use]
+    pub fn mac_field(msg: &Message) -> u8 {
+        if msg.field_numbers().any(|f| f > 64 && f != 128) {
+            128
+        } else {
+            64
+        }
+    }
+
+    /// Bytes on the wire of an 8-byte MAC in `field` (fixed `b` 8), if the dialect defines it so.
+    fn mac_width(&self, field: u8) -> Option<usize> {
+        let spec = self.field(field)?;
+        if spec.format != crate::Format::B
+            || spec.kind != crate::LengthKind::Fixed
+            || spec.length != 8
+        {
+            return None;
+        }
+        Some(match spec.value {
+            crate::spec::ValueCoding::Hex(..) => 16,
+            _ => 8,
+        })
+    }
+
+    /// What a MAC covers in a received frame body: everything before the MAC field (the MTI,
+    /// bitmaps with the MAC bit set, and every other field), and the MAC itself. `None` when
+    /// the message carries no MAC in its last field.
+    #[must_use]
+    pub fn mac_span<'a>(&self, body: &'a [u8], msg: &'a Message) -> Option<(&'a [u8], &'a [u8])> {
+        let field = Self::mac_field(msg);
+        let mac = msg.get(field)?;
+        let width = self.mac_width(field)?;
+        let data = body.get(..body.len().checked_sub(width)?)?;
+        Some((data, mac))
+    }
+
+    /// Puts a zero MAC in the message's MAC field (64, or 128 with a secondary bitmap) and
+    /// returns the field number and the bytes the MAC must cover. Set the real MAC with
+    /// `msg.set(field, mac)` afterwards; the covered bytes do not change.
+    ///
+    /// # Errors
+    /// As [`Dialect::encode`], or a dialect whose MAC field is not fixed `b` 8.
+    pub fn mac_input(&self, msg: &mut Message) -> Result<(u8, Vec<u8>), EncodeError> {
+        let field = Self::mac_field(msg);
+        msg.set(field, &[0; 8]);
+        let width = self
+            .mac_width(field)
+            .ok_or_else(|| EncodeError::UnknownField {
+                element: Element::Field(field),
+                dialect: self.name().into(),
+            })?;
+        let mut out = self.encode_to_vec(msg)?;
+        out.truncate(out.len().saturating_sub(width));
+        Ok((field, out))
+    }
+
     fn encode_inner(&self, msg: &Message, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         let d = self.inner();
         match d.mti {
@@ -703,4 +761,38 @@ fn encode_field(
 #[inline(always)]
 fn digit(n: usize) -> u8 {
     u8::try_from(n % 10).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod mac_tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use crate::{Dialect, Message, Mti};
+
+    #[test]
+    fn mac_input_is_the_frame_without_its_mac() {
+        for name in ["iso87-ascii", "iso87-bcd", "iso87-ascii-hexbitmap"] {
+            let d = Dialect::load(name).unwrap();
+            let mut m = Message::builder(Mti::AUTH_REQUEST)
+                .field(2, "4761739001010010")
+                .field(3, "000000")
+                .field(4, "000000001000")
+                .field(11, "000001")
+                .build();
+            let (field, data) = d.mac_input(&mut m).unwrap();
+            assert_eq!(field, 64);
+            m.set(field, &[1, 2, 3, 4, 5, 6, 7, 8]);
+            let body = d.encode_to_vec(&m).unwrap();
+            let decoded = d.decode(&body).unwrap();
+            let (covered, mac) = d.mac_span(&body, &decoded).unwrap();
+            assert_eq!(covered, &data[..], "{name}");
+            assert_eq!(mac, &[1, 2, 3, 4, 5, 6, 7, 8]);
+            // With a secondary bitmap the MAC goes in 128.
+            let mut m2 = m.clone();
+            m2.remove(64);
+            m2.set(90, b"010000000107010000000000000000000000000000");
+            assert_eq!(d.mac_input(&mut m2).unwrap().0, 128);
+            assert!(!m2.has(64));
+        }
+    }
 }

@@ -20,8 +20,12 @@ pub enum Failure {
     Timeout,
     /// The journal cannot record the transaction (durable mode).
     JournalUnavailable,
-    /// The HSM could not be reached.
+    /// The HSM could not be reached, or a key needed for the request is not configured.
     HsmUnavailable,
+    /// The PIN block cannot be translated: it does not decode under the terminal's key.
+    BadPinBlock,
+    /// The MAC is missing or wrong.
+    BadMac,
     /// Same keys as an earlier request with different content.
     Duplicate,
     /// A reversal whose original is unknown.
@@ -41,6 +45,8 @@ impl Failure {
             Self::Unavailable | Self::Timeout => ResponseCode::ISSUER_INOPERATIVE,
             Self::JournalUnavailable | Self::HsmUnavailable => ResponseCode::SYSTEM_MALFUNCTION,
             Self::Duplicate => ResponseCode::DUPLICATE,
+            Self::BadPinBlock => ResponseCode::INCORRECT_PIN,
+            Self::BadMac => ResponseCode::SECURITY_VIOLATION,
             Self::OriginalNotFound => ResponseCode::RECORD_NOT_FOUND,
             Self::Unsupported => ResponseCode::INVALID_TRANSACTION,
         }
@@ -62,10 +68,16 @@ mod tests {
             Failure::JournalUnavailable,
             Failure::Duplicate,
             Failure::OriginalNotFound,
+            Failure::HsmUnavailable,
+            Failure::BadPinBlock,
+            Failure::BadMac,
         ]
         .iter()
         .map(|f| f.response_code().to_string())
         .collect();
-        assert_eq!(codes, ["30", "14", "15", "91", "91", "96", "94", "25"]);
+        assert_eq!(
+            codes,
+            ["30", "14", "15", "91", "91", "96", "94", "25", "96", "55", "63"]
+        );
     }
 }

@@ -31,6 +31,7 @@ use crate::seal::Sealer;
 use crate::state::TxnState;
 
 pub mod claims;
+mod keys;
 pub mod saf;
 use cardswitch_codec::{Dialect, Message, Pan};
 
