@@ -141,6 +141,13 @@ pub struct AcquirerArgs {
     /// Print the ledger as JSON on exit (Ctrl-C).
     #[arg(long)]
     pub ledger: bool,
+    /// Share the test keys with the switch (`cardswitch sim hsm --print-test-keys`): PIN
+    /// blocks must decrypt under the ZPK to --pin (else 55), MACs verify under the ZAK (else 63).
+    #[arg(long)]
+    pub test_keys: bool,
+    /// The PIN every card has.
+    #[arg(long, default_value = "1234")]
+    pub pin: String,
 }
 
 /// `cardswitch sim terminal`.
@@ -182,6 +189,19 @@ pub struct TerminalArgs {
     /// Only authorization and financial requests (no echo tests, no reversals).
     #[arg(long)]
     pub card_only: bool,
+    /// Use the test keys (`cardswitch sim hsm --print-test-keys`): PIN blocks under the TPK,
+    /// MACs under the TAK.
+    #[arg(long)]
+    pub test_keys: bool,
+    /// Terminal PIN key, clear hex (instead of the test key).
+    #[arg(long, env = "CARDSWITCH_TERMINAL_TPK", hide_env_values = true)]
+    pub tpk: Option<String>,
+    /// Terminal MAC key, clear hex (instead of the test key).
+    #[arg(long, env = "CARDSWITCH_TERMINAL_TAK", hide_env_values = true)]
+    pub tak: Option<String>,
+    /// The PIN in every PIN block.
+    #[arg(long, default_value = "1234")]
+    pub pin: String,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,

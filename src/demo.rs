@@ -36,6 +36,7 @@ pub async fn run(out: &mut dyn Write) -> Result<()> {
                 framing: Framing::with_prefix(prefix),
                 rules: Rules::default_rules(),
                 tls: None,
+                security: None,
             })
             .await
         }
@@ -98,6 +99,7 @@ endpoint = "acquirer-b"
             timeout: Duration::from_secs(5),
             bins: vec!["476173".into(), "541333".into()],
             card_only: false,
+            security: None,
         });
         tokio::select! {
             _ = &mut stop => break,

@@ -325,10 +325,12 @@ impl Hsm {
     }
 
     fn mac_body(kt: KeyType, key: &WrappedKey, data: &[u8]) -> Result<Vec<u8>, HsmError> {
-        // Single part, binary input, 8-byte MAC, X9.19, ISO 9797 padding method 1.
-        let len = u16::try_from(data.len()).map_err(|_| HsmError::Malformed)?;
-        let mut body = format!("00131{}{}{len:04X}", kt.code(), key.to_field()).into_bytes();
-        body.extend_from_slice(data);
+        // Single part, hex input (the request stays printable: binary data could hold the
+        // trailer byte 0x19), 8-byte MAC, X9.19, ISO 9797 padding method 1.
+        let hex_data = hex::encode_upper(data);
+        let len = u16::try_from(hex_data.len()).map_err(|_| HsmError::Malformed)?;
+        let mut body = format!("01131{}{}{len:04X}", kt.code(), key.to_field()).into_bytes();
+        body.extend_from_slice(hex_data.as_bytes());
         Ok(body)
     }
 

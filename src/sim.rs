@@ -5,7 +5,9 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use cardswitch_codec::framing::Framing;
 use cardswitch_codec::Dialect;
-use cardswitch_simulators::hsm::KeyType;
+use cardswitch_simulators::acquirer::AcquirerSecurity;
+use cardswitch_simulators::hsm::{ClearKey, KeyType, PinFormat};
+use cardswitch_simulators::terminal::TerminalSecurity;
 use cardswitch_simulators::{
     terminal, Acquirer, AcquirerConfig, HsmConfig, HsmFaults, HsmSim, Load, Rules, Stop,
     TerminalConfig, TestKeys,
@@ -120,6 +122,16 @@ async fn acquirer(args: AcquirerArgs, out: &mut dyn Write) -> Result<()> {
         framing: Framing::with_prefix(args.framing),
         rules,
         tls: None,
+        security: args.test_keys.then(|| {
+            let k = TestKeys::fixed();
+            AcquirerSecurity {
+                zpk: Some(k.zpk),
+                zak: Some(k.zak),
+                zmk: Some(k.zmk),
+                pin: args.pin.clone(),
+                pin_format: PinFormat::Iso0,
+            }
+        }),
     })
     .await?;
     writeln!(
@@ -136,6 +148,29 @@ async fn acquirer(args: AcquirerArgs, out: &mut dyn Write) -> Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&acquirer.ledger())?)?;
     }
     Ok(())
+}
+
+fn terminal_security(args: &TerminalArgs) -> Result<Option<TerminalSecurity>> {
+    let key = |hex: &Option<String>, test: &ClearKey, what: &str| -> Result<Option<ClearKey>> {
+        match hex {
+            Some(h) => ClearKey::from_hex(h)
+                .map(Some)
+                .map_err(|_| anyhow::anyhow!("--{what}: 16, 32 or 48 hex digits")),
+            None => Ok(args.test_keys.then(|| test.clone())),
+        }
+    };
+    let test = TestKeys::fixed();
+    let tpk = key(&args.tpk, &test.tpk, "tpk")?;
+    let tak = key(&args.tak, &test.tak, "tak")?;
+    if tpk.is_none() && tak.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(TerminalSecurity {
+        tpk,
+        tak,
+        pin: args.pin.clone(),
+        pin_format: PinFormat::Iso0,
+    }))
 }
 
 async fn terminal_run(args: TerminalArgs, out: &mut dyn Write) -> Result<()> {
@@ -157,6 +192,7 @@ async fn terminal_run(args: TerminalArgs, out: &mut dyn Write) -> Result<()> {
         (None, Some(d)) => Stop::After(d),
         (None, None) => Stop::After(std::time::Duration::from_secs(10)),
     };
+    let security = terminal_security(&args)?;
     let report = terminal::run(TerminalConfig {
         target: args.target,
         dialect: Dialect::load(&args.dialect)?,
@@ -166,6 +202,7 @@ async fn terminal_run(args: TerminalArgs, out: &mut dyn Write) -> Result<()> {
         timeout: args.timeout,
         bins: args.bins,
         card_only: args.card_only,
+        security,
     })
     .await?;
     if args.json {

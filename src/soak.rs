@@ -229,6 +229,7 @@ async fn soak(args: &SoakArgs) -> Result<SoakReport> {
         framing: Framing::default(),
         rules,
         tls: None,
+        security: None,
     })
     .await?;
     let port = free_port()?;

@@ -47,6 +47,7 @@ async fn acquirer_at(listen: SocketAddr, rules: Rules) -> Acquirer {
         framing: Framing::default(),
         rules,
         tls: None,
+        security: None,
     })
     .await
     .unwrap()

@@ -55,6 +55,7 @@ async fn acquirer() -> Acquirer {
         framing: Framing::default(),
         rules: Rules::default_rules(),
         tls: None,
+        security: None,
     })
     .await
     .unwrap()

@@ -23,6 +23,7 @@ async fn acquirer(rules: Rules) -> Acquirer {
         framing: Framing::default(),
         rules,
         tls: None,
+        security: None,
     })
     .await
     .unwrap()
@@ -494,6 +495,7 @@ fallback = "b"
         framing: Framing::default(),
         rules: Rules::default_rules(),
         tls: None,
+        security: None,
     })
     .await
     .unwrap();

@@ -77,6 +77,7 @@ async fn acquirer(tls: Option<tokio_rustls::TlsAcceptor>) -> Acquirer {
         framing: Framing::default(),
         rules: Rules::default_rules(),
         tls,
+        security: None,
     })
     .await
     .unwrap()

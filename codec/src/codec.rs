@@ -577,13 +577,16 @@ impl Dialect {
         Some((data, mac))
     }
 
-    /// Puts a zero MAC in the message's MAC field (64, or 128 with a secondary bitmap) and
+    /// Replaces any MAC by a zero MAC in the message's MAC field (64, or 128 with a secondary bitmap) and
     /// returns the field number and the bytes the MAC must cover. Set the real MAC with
     /// `msg.set(field, mac)` afterwards; the covered bytes do not change.
     ///
     /// # Errors
     /// As [`Dialect::encode`], or a dialect whose MAC field is not fixed `b` 8.
     pub fn mac_input(&self, msg: &mut Message) -> Result<(u8, Vec<u8>), EncodeError> {
+        // Any MAC already there (a copy of another message's) goes first.
+        msg.remove(64);
+        msg.remove(128);
         let field = Self::mac_field(msg);
         msg.set(field, &[0; 8]);
         let width = self

@@ -19,6 +19,8 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
 use cardswitch_codec::{Dialect, Message, ResponseCode};
+
+use crate::hsm::crypto::{self, account_of, ClearKey, MacAlgorithm, MacPadding, PinFormat, Scheme};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -292,8 +294,38 @@ impl LedgerSummary {
     }
 }
 
+/// The keys a host shares with the switch, clear (a host keeps them in its own HSM), and the
+/// PIN it expects. With a ZAK, card messages must carry a valid X9.19 MAC (else 63, nothing
+/// recorded); with a ZPK, a PIN block must decrypt to the expected PIN (else 55).
+#[derive(Debug, Clone)]
+pub struct AcquirerSecurity {
+    /// Zone PIN key.
+    pub zpk: Option<ClearKey>,
+    /// Zone MAC key.
+    pub zak: Option<ClearKey>,
+    /// Zone master key, for key exchange.
+    pub zmk: Option<ClearKey>,
+    /// The PIN every card has.
+    pub pin: String,
+    /// PIN block format expected.
+    pub pin_format: PinFormat,
+}
+
+/// How security checks ended for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checked {
+    Passed,
+    BadMac,
+    BadPin,
+}
+
 struct State {
     dialect: Dialect,
+    security: RwLock<Option<AcquirerSecurity>>,
+    /// Key changes sent and not yet answered: STAN -> the new ZPK.
+    key_changes: Mutex<HashMap<String, (ClearKey, Option<String>)>>,
+    /// Each connection's writer, for messages the host starts (key changes).
+    writers: Mutex<Vec<mpsc::Sender<Frame>>>,
     rules: RwLock<Arc<Rules>>,
     ledger: Mutex<Ledger>,
     reversals: Mutex<Vec<ReversalSeen>>,
@@ -314,6 +346,8 @@ pub struct AcquirerConfig {
     pub rules: Rules,
     /// Serve TLS with this acceptor instead of plain TCP.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Keys shared with the switch.
+    pub security: Option<AcquirerSecurity>,
 }
 
 impl std::fmt::Debug for AcquirerConfig {
@@ -355,6 +389,9 @@ impl Acquirer {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             dialect: config.dialect,
+            security: RwLock::new(config.security),
+            key_changes: Mutex::new(HashMap::new()),
+            writers: Mutex::new(Vec::new()),
             rules: RwLock::new(Arc::new(config.rules)),
             ledger: Mutex::new(Ledger::default()),
             reversals: Mutex::new(Vec::new()),
@@ -445,6 +482,75 @@ impl Acquirer {
         &self.state.stats
     }
 
+    /// Sends a key change (0800, DE70 `code`) on every connection: a fresh ZPK under the ZMK
+    /// in DE48 with its check value. The host uses the new key once a switch answers 00; the
+    /// response code (or `None` when no answer came within `wait`) is returned.
+    ///
+    /// # Errors
+    /// No ZMK configured, or no connection to send it on.
+    pub async fn change_zpk(&self, code: u16, wait: Duration) -> Result<Option<String>> {
+        let zmk = self
+            .state
+            .security
+            .read()
+            .ok()
+            .and_then(|s| s.as_ref().and_then(|s| s.zmk.clone()))
+            .context("key change: the acquirer has no ZMK")?;
+        let new = ClearKey::random(16);
+        let under_zmk = crypto::wrap(&zmk, Scheme::DoubleVariant, &new)
+            .map_err(|e| anyhow::anyhow!("key change: {e}"))?;
+        let stan = format!("{:06}", fastrand::u32(1..999_999));
+        let (de7, _, _) = cardswitch_codec::clock::now_fields();
+        let msg = Message::builder(cardswitch_codec::Mti::NETWORK_REQUEST)
+            .field(7, de7)
+            .field(11, &stan)
+            .field(48, format!("{}{}", under_zmk.to_field(), new.kcv6()))
+            .field(70, format!("{code:03}"))
+            .build();
+        let body = Bytes::from(self.state.dialect.encode_to_vec(&msg)?);
+        if let Ok(mut k) = self.state.key_changes.lock() {
+            k.insert(stan.clone(), (new, None));
+        }
+        let writers: Vec<_> = self
+            .state
+            .writers
+            .lock()
+            .map(|w| w.iter().filter(|t| !t.is_closed()).cloned().collect())
+            .unwrap_or_default();
+        anyhow::ensure!(!writers.is_empty(), "key change: no connection");
+        for w in writers {
+            let _ = w
+                .send(Frame {
+                    tpdu: None,
+                    body: body.clone(),
+                })
+                .await;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let answer = self
+                .state
+                .key_changes
+                .lock()
+                .ok()
+                .and_then(|k| k.get(&stan).and_then(|(_, a)| a.clone()));
+            if answer.is_some() || tokio::time::Instant::now() >= deadline {
+                return Ok(answer);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The ZPK the host uses now (tests compare it with what the switch translates to).
+    #[must_use]
+    pub fn zpk(&self) -> Option<ClearKey> {
+        self.state
+            .security
+            .read()
+            .ok()
+            .and_then(|s| s.as_ref().and_then(|s| s.zpk.clone()))
+    }
+
     /// Stops accepting, closes every connection and waits for the tasks.
     pub async fn stop(&self) {
         self.shutdown.cancel();
@@ -458,6 +564,10 @@ impl Acquirer {
     {
         let (mut sink, mut frames) = Framed::new(stream, FrameCodec::new(framing)).split();
         let (tx, mut rx) = mpsc::channel::<Frame>(4096);
+        if let Ok(mut w) = self.state.writers.lock() {
+            w.retain(|t| !t.is_closed());
+            w.push(tx.clone());
+        }
         let closed = CancellationToken::new();
         let writer_closed = closed.clone();
         let writer = self.tracker.spawn(async move {
@@ -484,7 +594,13 @@ impl Acquirer {
                 stats.undecodable.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if request.mti() == cardswitch_codec::Mti::NETWORK_RESPONSE {
+                // The answer to a key change this host sent.
+                self.state.key_change_answered(&request);
+                continue;
+            }
             stats.requests.fetch_add(1, Ordering::Relaxed);
+            let checked = self.state.check(&frame.body, &request);
             let rules = self.rules_now();
             // Faults hit card transactions; network management (sign-on, echo) is answered.
             let faults = if request.mti().class() == 8 {
@@ -523,7 +639,7 @@ impl Acquirer {
                     state.stats.late.fetch_add(1, Ordering::Relaxed);
                     delay += Duration::from_millis(faults.late_ms);
                 }
-                let reply = state.answer(&request, &rules);
+                let reply = state.answer(&request, &rules, checked);
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
@@ -570,13 +686,83 @@ fn chance(percent: f64) -> bool {
 }
 
 impl State {
+    /// The MAC (over the frame as received) and PIN checks of a card message.
+    fn check(&self, body: &[u8], request: &Message) -> Checked {
+        if !matches!(request.mti().class(), 1 | 2 | 4) {
+            return Checked::Passed;
+        }
+        let Ok(guard) = self.security.read() else {
+            return Checked::Passed;
+        };
+        let Some(sec) = guard.as_ref() else {
+            return Checked::Passed;
+        };
+        if let Some(zak) = &sec.zak {
+            let ok = self
+                .dialect
+                .mac_span(body, request)
+                .is_some_and(|(data, mac)| {
+                    crypto::mac(zak, MacAlgorithm::X919, MacPadding::Method1, data)
+                        .is_ok_and(|m| m.as_slice() == mac)
+                });
+            if !ok {
+                return Checked::BadMac;
+            }
+        }
+        if let (Some(zpk), Some(block)) = (&sec.zpk, request.get(52)) {
+            let pan = request
+                .pan()
+                .or_else(|| request.track2().and_then(|t| t.pan()));
+            let block: Option<crypto::Block> = block.try_into().ok();
+            let ok = match (pan, block) {
+                (Some(pan), Some(block)) => account_of(pan.expose()).is_some_and(|acct| {
+                    crypto::pin_of(sec.pin_format, zpk.decrypt(block), &acct)
+                        .is_ok_and(|p| *p == sec.pin)
+                }),
+                _ => false,
+            };
+            if !ok {
+                return Checked::BadPin;
+            }
+        }
+        Checked::Passed
+    }
+
+    /// Records a switch's answer to a key change; on 00 the new ZPK takes over.
+    fn key_change_answered(&self, reply: &Message) {
+        let stan = text(reply, 11);
+        let code = text(reply, 39);
+        let Ok(mut changes) = self.key_changes.lock() else {
+            return;
+        };
+        let Some((key, answer)) = changes.get_mut(&stan) else {
+            return;
+        };
+        if answer.is_some() {
+            return;
+        }
+        *answer = Some(code.clone());
+        if code == "00" {
+            if let Ok(mut sec) = self.security.write() {
+                if let Some(s) = sec.as_mut() {
+                    s.zpk = Some(key.clone());
+                }
+            }
+        }
+    }
+
     /// The reply to a request, recording approvals and reversals in the ledger.
-    fn answer(&self, request: &Message, rules: &Rules) -> Option<Message> {
+    fn answer(&self, request: &Message, rules: &Rules, checked: Checked) -> Option<Message> {
         let mti = request.mti();
         let mut reply = request.response()?;
         // Fields a host adds or returns beyond the echo.
-        for f in [14, 18, 22, 25] {
+        for f in [14, 18, 22, 25, 52, 64, 128] {
             reply.remove(f);
+        }
+        if checked == Checked::BadMac {
+            // Not authentic: answered, never recorded.
+            reply.set_response_code(ResponseCode::SECURITY_VIOLATION);
+            return Some(reply);
         }
         match mti.class() {
             8 => reply.set_response_code(ResponseCode::APPROVED),
@@ -611,7 +797,11 @@ impl State {
                 }
             }
             1 | 2 => {
-                let code = rules.code_for(request);
+                let code = if checked == Checked::BadPin {
+                    "55".to_owned()
+                } else {
+                    rules.code_for(request)
+                };
                 reply.set(39, code.as_bytes());
                 let approved = ResponseCode::new(code.as_bytes().try_into().unwrap_or(*b"96"))
                     .is_some_and(|c| c.is_approved());

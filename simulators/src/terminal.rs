@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
 use cardswitch_codec::{sample, Dialect, Message, Mti};
+
+use crate::hsm::crypto::{self, account_of, ClearKey, MacAlgorithm, MacPadding, PinFormat};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -79,6 +81,42 @@ pub struct TerminalConfig {
     pub bins: Vec<String>,
     /// Only authorization and financial requests (no echo tests or reversals).
     pub card_only: bool,
+    /// Terminal keys: PIN blocks under the TPK and MACs under the TAK.
+    pub security: Option<TerminalSecurity>,
+}
+
+/// What a terminal with keys does to each request: the PIN block (DE52, where the request has
+/// one) built for its card and encrypted under the TPK, and an X9.19 MAC under the TAK in DE64
+/// (DE128 with a secondary bitmap) on every card message.
+#[derive(Debug, Clone)]
+pub struct TerminalSecurity {
+    /// Terminal PIN key, clear (a terminal holds it in its PIN pad).
+    pub tpk: Option<ClearKey>,
+    /// Terminal MAC key, clear.
+    pub tak: Option<ClearKey>,
+    /// The PIN the cardholder types.
+    pub pin: String,
+    /// PIN block format.
+    pub pin_format: PinFormat,
+}
+
+impl TerminalSecurity {
+    /// PIN block and MAC for one request; `None` when the message cannot be encoded.
+    #[must_use]
+    pub fn apply(&self, dialect: &Dialect, msg: &mut Message) -> Option<()> {
+        if let (Some(tpk), true) = (&self.tpk, msg.has(52)) {
+            let pan = msg.pan().or_else(|| msg.track2().and_then(|t| t.pan()))?;
+            let account = account_of(pan.expose())?;
+            let clear = crypto::pin_block(self.pin_format, &self.pin, &account).ok()?;
+            msg.set(52, &tpk.encrypt(clear));
+        }
+        if let (Some(tak), true) = (&self.tak, matches!(msg.mti().class(), 1 | 2 | 4)) {
+            let (field, data) = dialect.mac_input(msg).ok()?;
+            let mac = crypto::mac(tak, MacAlgorithm::X919, MacPadding::Method1, &data).ok()?;
+            msg.set(field, &mac);
+        }
+        Some(())
+    }
 }
 
 /// What a run measured.
@@ -470,8 +508,11 @@ impl Budget {
     }
 }
 
-fn encode(dialect: &Dialect, msg: &Message) -> Option<Frame> {
-    dialect.encode_to_vec(msg).ok().map(Frame::new)
+fn encode(cfg: &TerminalConfig, msg: &mut Message) -> Option<Frame> {
+    if let Some(sec) = &cfg.security {
+        sec.apply(&cfg.dialect, msg)?;
+    }
+    cfg.dialect.encode_to_vec(msg).ok().map(Frame::new)
 }
 
 async fn closed_connection(
@@ -500,8 +541,8 @@ async fn closed_connection(
                 exhausted = true;
                 break;
             }
-            let (stan, msg) = gen.next_request();
-            let Some(frame) = encode(&cfg.dialect, &msg) else {
+            let (stan, mut msg) = gen.next_request();
+            let Some(frame) = encode(&cfg, &mut msg) else {
                 continue;
             };
             if framed.feed(frame).await.is_err() {
@@ -562,8 +603,8 @@ async fn per_transaction(cfg: TerminalConfig, index: usize, budget: Arc<Budget>)
     );
     while budget.take() {
         let started = Instant::now();
-        let (stan, msg) = gen.next_request();
-        let Some(frame) = encode(&cfg.dialect, &msg) else {
+        let (stan, mut msg) = gen.next_request();
+        let Some(frame) = encode(&cfg, &mut msg) else {
             continue;
         };
         let Ok(stream) = TcpStream::connect(cfg.target).await else {
@@ -691,8 +732,8 @@ async fn open_connection(
         cfg.card_only,
     );
     while let Some(intended) = schedule.recv().await {
-        let (stan, msg) = gen.next_request();
-        let Some(frame) = encode(&cfg.dialect, &msg) else {
+        let (stan, mut msg) = gen.next_request();
+        let Some(frame) = encode(&cfg, &mut msg) else {
             continue;
         };
         if let Ok(mut m) = in_flight.lock() {

@@ -19,6 +19,7 @@ async fn acquirer(dialect: &str, framing: Framing) -> Acquirer {
         framing,
         rules: Rules::default_rules(),
         tls: None,
+        security: None,
     })
     .await
     .unwrap()
@@ -40,6 +41,7 @@ fn config(
         timeout: Duration::from_millis(500),
         bins: vec!["476173".into()],
         card_only: true,
+        security: None,
     }
 }
 

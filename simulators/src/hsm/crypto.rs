@@ -682,8 +682,9 @@ pub fn pin_block(format: PinFormat, pin: &str, account: &str) -> Result<Block, C
                 PinFormat::Iso1 => (1, || fastrand::u8(0..16)),
                 _ => (3, || fastrand::u8(10..16)),
             };
-            n[0] = code;
-            n[1] = u8::try_from(pin.len()).map_err(|_| CryptoError::PinLength)?;
+            let head: &mut [u8; 16] = &mut n;
+            head[0] = code;
+            head[1] = u8::try_from(pin.len()).map_err(|_| CryptoError::PinLength)?;
             for o in n.iter_mut().skip(2) {
                 *o = fill();
             }
@@ -771,8 +772,9 @@ pub fn iso4_encrypt(key: &[u8; 16], pin: &str, pan: &str) -> Result<[u8; 16], Cr
         return Err(CryptoError::PinLength);
     }
     let mut field = Zeroizing::new([0u8; 32]);
-    field[0] = 4;
-    field[1] = u8::try_from(pin.len()).map_err(|_| CryptoError::PinLength)?;
+    let head: &mut [u8; 32] = &mut field;
+    head[0] = 4;
+    head[1] = u8::try_from(pin.len()).map_err(|_| CryptoError::PinLength)?;
     for (i, o) in field.iter_mut().enumerate().skip(2) {
         *o = if i < 16 { 0xA } else { fastrand::u8(0..16) };
     }

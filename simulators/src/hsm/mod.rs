@@ -271,10 +271,6 @@ fn reply(shared: &Shared, frame: &[u8], injected: Option<[u8; 2]>) -> Option<Byt
     let (header, rest) = frame.split_at_checked(shared.header_len)?;
     let (cmd, body) = rest.split_at_checked(2)?;
     let cmd: [u8; 2] = cmd.try_into().ok()?;
-    let (body, trailer) = match body.iter().position(|b| *b == TRAILER) {
-        Some(at) => body.split_at(at),
-        None => (body, &[][..]),
-    };
     let fields = match injected {
         Some(code) => code.to_vec(),
         None => {
@@ -283,7 +279,22 @@ fn reply(shared: &Shared, frame: &[u8], injected: Option<[u8; 2]>) -> Option<Byt
                     n.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            commands::execute(&shared.lmk, cmd, body)
+            Vec::new()
+        }
+    };
+    // A 0x19 starts the trailer, unless it is a byte of binary data (M6/M8 input format 0):
+    // when the command fails on the part before it, it is run on the whole body instead.
+    let (fields, trailer) = match (injected, body.iter().position(|b| *b == TRAILER)) {
+        (Some(_), at) => (fields, at.map_or(&[][..], |at| body.split_at(at).1)),
+        (None, None) => (commands::execute(&shared.lmk, cmd, body), &[][..]),
+        (None, Some(at)) => {
+            let (head, trailer) = body.split_at(at);
+            let first = commands::execute(&shared.lmk, cmd, head);
+            if first.get(..2) == Some(commands::code::INPUT.as_bytes()) {
+                (commands::execute(&shared.lmk, cmd, body), &[][..])
+            } else {
+                (first, trailer)
+            }
         }
     };
     if !matches!(fields.get(..2), Some(b"00" | b"01")) {
@@ -417,6 +428,11 @@ mod tests {
         let r = reply(&shared, b"0002CA", Some(*b"96")).unwrap();
         assert_eq!(&r[..], b"0002CB96");
         assert!(reply(&shared, b"000", None).is_none());
+        // Binary MAC data holding 0x19 is data, not a trailer.
+        let mut m6 = b"0004M60013100316161616161616160008".to_vec();
+        m6.extend_from_slice(&[0x19, 1, 2, 3, 4, 5, 6, 7]);
+        let r = reply(&shared, &m6, None).unwrap();
+        assert_ne!(&r[6..8], b"15", "{r:?}");
         let nc = reply(&shared, b"0003NC", None).unwrap();
         assert_eq!(&nc[..8], b"0003ND00");
         assert_eq!(nc.len(), 8 + 16 + 9);
