@@ -202,6 +202,9 @@ pub struct TerminalArgs {
     /// The PIN in every PIN block.
     #[arg(long, default_value = "1234")]
     pub pin: String,
+    /// A PIN block on every request (default: chip and swipe only, as cards are used).
+    #[arg(long)]
+    pub pin_every: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,

@@ -170,6 +170,7 @@ fn terminal_security(args: &TerminalArgs) -> Result<Option<TerminalSecurity>> {
         tak,
         pin: args.pin.clone(),
         pin_format: PinFormat::Iso0,
+        pin_on_every: args.pin_every,
     }))
 }
 

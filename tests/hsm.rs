@@ -153,6 +153,7 @@ impl Terminal {
                 tak: Some(k.tak),
                 pin: pin.into(),
                 pin_format: PinFormat::Iso0,
+                pin_on_every: false,
             },
         }
     }
@@ -412,6 +413,7 @@ fn pin_blocks_round_trip_through_the_simulators_keys() {
         tak: None,
         pin: "4321".into(),
         pin_format: PinFormat::Iso0,
+        pin_on_every: false,
     };
     let d = Dialect::builtin("iso87-ascii").unwrap();
     let mut m = sample::auth_request();

@@ -98,13 +98,19 @@ pub struct TerminalSecurity {
     pub pin: String,
     /// PIN block format.
     pub pin_format: PinFormat,
+    /// Put a PIN block on every authorization and financial request (not only chip and swipe).
+    pub pin_on_every: bool,
 }
 
 impl TerminalSecurity {
     /// PIN block and MAC for one request; `None` when the message cannot be encoded.
     #[must_use]
     pub fn apply(&self, dialect: &Dialect, msg: &mut Message) -> Option<()> {
-        if let (Some(tpk), true) = (&self.tpk, msg.has(52)) {
+        let wants_pin = msg.has(52)
+            || (self.pin_on_every
+                && matches!(msg.mti().class(), 1 | 2)
+                && msg.mti().function() == 0);
+        if let (Some(tpk), true) = (&self.tpk, wants_pin) {
             let pan = msg.pan().or_else(|| msg.track2().and_then(|t| t.pan()))?;
             let account = account_of(pan.expose())?;
             let clear = crypto::pin_block(self.pin_format, &self.pin, &account).ok()?;
