@@ -111,7 +111,13 @@ struct Conn {
     header: AtomicU32,
     pending: Mutex<HashMap<u32, oneshot::Sender<Bytes>>>,
     queue: mpsc::Sender<Bytes>,
+    /// Timeouts in a row; at [`STRIKES`] the connection is dropped and made again.
+    strikes: AtomicU32,
+    reset: tokio::sync::Notify,
 }
+
+/// Timeouts in a row after which a connection is taken for hung and reconnected.
+const STRIKES: u32 = 3;
 
 /// A pool of HSM connections.
 pub struct Hsm {
@@ -152,6 +158,8 @@ impl Hsm {
                     header: AtomicU32::new(fastrand::u32(0..10_000)),
                     pending: Mutex::new(HashMap::new()),
                     queue: tx,
+                    strikes: AtomicU32::new(0),
+                    reset: tokio::sync::Notify::new(),
                 });
                 tracker.spawn(run(
                     Arc::clone(&conn),
@@ -256,11 +264,18 @@ impl Hsm {
         let reply = tokio::time::timeout(self.timeout, rx).await;
         conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         let reply = match reply {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                conn.strikes.store(0, Ordering::Relaxed);
+                r
+            }
             // The connection dropped while waiting.
             Ok(Err(_)) => return Err(HsmError::Unavailable),
             Err(_) => {
                 forget(conn, header);
+                if conn.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES {
+                    conn.strikes.store(0, Ordering::Relaxed);
+                    conn.reset.notify_one();
+                }
                 return Err(HsmError::Timeout);
             }
         };
@@ -487,6 +502,10 @@ async fn serve(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return true,
+            () = conn.reset.notified() => {
+                warn!(hsm = %conn.addr, "HSM connection not answering; reconnecting");
+                return false;
+            }
             out = queue.recv() => {
                 let Some(out) = out else { return true };
                 if framed.feed(out).await.is_err() {

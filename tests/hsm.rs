@@ -426,3 +426,49 @@ fn pin_blocks_round_trip_through_the_simulators_keys() {
         "4321"
     );
 }
+
+#[test]
+fn a_hung_hsm_connection_is_made_again() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use cardswitch::hsm::{Hsm, HsmError, HsmSection};
+        let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let hsm = Hsm::start(
+            &HsmSection {
+                addresses: vec![sim.local_addr().to_string()],
+                connections: 1,
+                timeout_ms: 100,
+                header_len: 4,
+                max_in_flight_per_connection: 16,
+                reconnect_min_ms: 20,
+            },
+            &stop,
+            &tracker,
+        );
+        assert!(hsm.wait_ready(Duration::from_secs(5)).await);
+        sim.set_faults(HsmFaults {
+            no_reply: 100.0,
+            ..HsmFaults::default()
+        });
+        for _ in 0..3 {
+            assert_eq!(hsm.call(b"NC", b"").await.unwrap_err(), HsmError::Timeout);
+        }
+        sim.set_faults(HsmFaults::default());
+        // The third timeout dropped the connection; a new one answers.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while sim.stats().connections < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sim.stats().connections, 2);
+        assert!(hsm.wait_ready(Duration::from_secs(5)).await);
+        let (ok, fields) = hsm.call(b"NC", b"").await.unwrap();
+        assert!(ok);
+        assert_eq!(fields.len(), 16 + 9);
+        assert_eq!(hsm.health().failures, 3);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        sim.stop().await;
+    });
+}
