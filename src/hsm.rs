@@ -340,12 +340,16 @@ impl Hsm {
     }
 
     fn mac_body(kt: KeyType, key: &WrappedKey, data: &[u8]) -> Result<Vec<u8>, HsmError> {
-        // Single part, hex input (the request stays printable: binary data could hold the
-        // trailer byte 0x19), 8-byte MAC, X9.19, ISO 9797 padding method 1.
-        let hex_data = hex::encode_upper(data);
-        let len = u16::try_from(hex_data.len()).map_err(|_| HsmError::Malformed)?;
-        let mut body = format!("01131{}{}{len:04X}", kt.code(), key.to_field()).into_bytes();
-        body.extend_from_slice(hex_data.as_bytes());
+        // Single part, binary input (the declared length delimits it, so a 0x19 inside is
+        // data, not a trailer), 8-byte MAC, X9.19, ISO 9797 padding method 1.
+        let len = u16::try_from(data.len()).map_err(|_| HsmError::Malformed)?;
+        let field = key.to_field();
+        let mut body = Vec::with_capacity(16 + field.len() + data.len() + 16);
+        body.extend_from_slice(b"00131");
+        body.extend_from_slice(kt.code().as_bytes());
+        body.extend_from_slice(field.as_bytes());
+        body.extend_from_slice(format!("{len:04X}").as_bytes());
+        body.extend_from_slice(data);
         Ok(body)
     }
 

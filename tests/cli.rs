@@ -150,3 +150,32 @@ fn dialects_lists_and_validates() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn hsm_test_keys_are_printed_with_check_values_the_lmk_confirms() {
+    use cardswitch_simulators::hsm::{KeyType, Lmk, WrappedKey};
+    let out = cardswitch(&["sim", "hsm", "--print-test-keys"], "");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    let lmk = Lmk::test_set();
+    for (name, kt) in [
+        ("TPK", KeyType::TPK),
+        ("TAK", KeyType::TAK),
+        ("ZPK", KeyType::ZPK),
+        ("ZAK", KeyType::ZAK),
+        ("ZMK", KeyType::ZMK),
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing: {listing}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // NAME clear HEX under LMK FIELD check value KCV
+        let (clear, field, kcv) = (words[2], words[5], words[8]);
+        let key = lmk
+            .decrypt_key(kt, &WrappedKey::parse(field).unwrap())
+            .unwrap();
+        assert_eq!(hex::encode_upper(key.as_bytes()), clear);
+        assert_eq!(key.kcv6(), kcv);
+    }
+}

@@ -4,12 +4,63 @@
 //! after the response code letters: the two-digit error code and the reply fields. It never
 //! panics and never echoes a field value in an error.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use zeroize::Zeroizing;
 
 use super::crypto::{
     self, account_of, ClearKey, CryptoError, KeyType, Lmk, MacAlgorithm, MacChain, MacPadding,
-    PinFormat, Scheme, WrappedKey,
+    PinFormat, PreparedKey, Scheme, WrappedKey,
 };
+
+/// Most keys kept decrypted and scheduled; the cache starts again when full.
+const CACHE_CAP: usize = 4096;
+
+/// The LMK and a cache of keys already decrypted under it: a switch sends the same few keys
+/// (its zone and terminal keys) with every command, so each is decrypted, parity-checked and
+/// scheduled once. Only keys that passed their parity check are kept.
+#[derive(Debug)]
+pub struct KeyStore {
+    lmk: Lmk,
+    cache: Mutex<HashMap<(KeyType, Vec<u8>), Arc<PreparedKey>>>,
+}
+
+impl KeyStore {
+    /// A store over an LMK.
+    #[must_use]
+    pub fn new(lmk: Lmk) -> Self {
+        Self {
+            lmk,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The LMK.
+    #[must_use]
+    pub fn lmk(&self) -> &Lmk {
+        &self.lmk
+    }
+
+    /// A key under the LMK, decrypted (or from the cache).
+    fn key(&self, kt: KeyType, key: &WrappedKey) -> Result<Arc<PreparedKey>, CryptoError> {
+        let mut id = Vec::with_capacity(key.bytes.len() + 1);
+        id.push(key.scheme.letter() as u8);
+        id.extend_from_slice(&key.bytes);
+        let id = (kt, id);
+        if let Some(k) = self.cache.lock().ok().and_then(|c| c.get(&id).cloned()) {
+            return Ok(k);
+        }
+        let prepared = Arc::new(PreparedKey::new(self.lmk.decrypt_key(kt, key)?)?);
+        if let Ok(mut c) = self.cache.lock() {
+            if c.len() >= CACHE_CAP {
+                c.clear();
+            }
+            c.insert(id, Arc::clone(&prepared));
+        }
+        Ok(prepared)
+    }
+}
 
 /// The firmware string NC reports.
 pub const FIRMWARE: &str = "0007-E000";
@@ -69,12 +120,13 @@ pub fn is_known(cmd: [u8; 2]) -> bool {
 
 /// Runs one command; returns the error code and reply fields.
 #[must_use]
-pub fn execute(lmk: &Lmk, cmd: [u8; 2], body: &[u8]) -> Vec<u8> {
+pub fn execute(keys: &KeyStore, cmd: [u8; 2], body: &[u8]) -> Vec<u8> {
+    let lmk = keys;
     let mut out = Vec::with_capacity(48);
     let result = match &cmd {
         b"NC" => {
             out.extend_from_slice(code::OK.as_bytes());
-            out.extend_from_slice(lmk.check_value().as_bytes());
+            out.extend_from_slice(keys.lmk().check_value().as_bytes());
             out.extend_from_slice(FIRMWARE.as_bytes());
             return out;
         }
@@ -190,12 +242,12 @@ impl<'a> Cursor<'a> {
 
 /// An LMK-encrypted key with the parity error reported as the given code.
 fn lmk_key(
-    lmk: &Lmk,
+    lmk: &KeyStore,
     kt: KeyType,
     key: &WrappedKey,
     parity: &'static str,
-) -> Result<ClearKey, Failure> {
-    lmk.decrypt_key(kt, key).map_err(|e| match e {
+) -> Result<Arc<PreparedKey>, Failure> {
+    lmk.key(kt, key).map_err(|e| match e {
         CryptoError::Parity => Failure(parity),
         e => e.into(),
     })
@@ -218,7 +270,7 @@ fn echo(body: &[u8]) -> Vec<u8> {
 }
 
 /// BU: key type code (2H), length flag (1N), key -> 16-digit check value.
-fn check_value(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
+fn check_value(lmk: &KeyStore, body: &[u8], out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let pp = u8::from_str_radix(c.text(2)?, 16).map_err(|_| Failure(code::INPUT))?;
     let kt = KeyType::from_pair_code(pp)?;
@@ -231,7 +283,7 @@ fn check_value(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
     let key = c.key(bare)?;
     let clear = lmk_key(lmk, kt, &key, code::SOURCE_PARITY)?;
     out.extend_from_slice(code::OK.as_bytes());
-    out.extend_from_slice(hex::encode_upper(clear.check_value()).as_bytes());
+    out.extend_from_slice(hex::encode_upper(clear.encrypt([0; 8])).as_bytes());
     Ok(())
 }
 
@@ -244,13 +296,13 @@ fn scheme_len(s: Scheme) -> usize {
 }
 
 /// A0: mode (0 generate, 1 generate and export), key type, LMK scheme, [ZMK, ZMK scheme].
-fn generate_key(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
+fn generate_key(lmk: &KeyStore, body: &[u8], out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let mode = c.byte()?;
     let kt = c.key_type()?;
     let scheme = Scheme::from_flag(c.byte()?)?;
     let clear = ClearKey::random(scheme_len(scheme));
-    let under_lmk = lmk.encrypt_key(kt, scheme, &clear)?;
+    let under_lmk = lmk.lmk().encrypt_key(kt, scheme, &clear)?;
     out.extend_from_slice(code::OK.as_bytes());
     out.extend_from_slice(under_lmk.to_field().as_bytes());
     match mode {
@@ -259,7 +311,7 @@ fn generate_key(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
             let zmk = c.key(16)?;
             let zmk = lmk_key(lmk, KeyType::ZMK, &zmk, code::DEST_PARITY)?;
             let zmk_scheme = Scheme::from_flag(c.byte()?)?;
-            let under_zmk = crypto::wrap(&zmk, zmk_scheme, &clear)?;
+            let under_zmk = crypto::wrap(zmk.key(), zmk_scheme, &clear)?;
             out.extend_from_slice(under_zmk.to_field().as_bytes());
         }
         _ => return Err(Failure(code::INPUT)),
@@ -269,18 +321,20 @@ fn generate_key(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
 }
 
 /// A6: key type, ZMK, key under ZMK, LMK scheme -> key under LMK and check value.
-fn import_key(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
+fn import_key(lmk: &KeyStore, body: &[u8], out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let kt = c.key_type()?;
     let zmk = c.key(16)?;
     let zmk = lmk_key(lmk, KeyType::ZMK, &zmk, code::SOURCE_PARITY)?;
     let key = c.key(16)?;
     let scheme = Scheme::from_flag(c.byte()?)?;
-    let clear = crypto::unwrap(&zmk, &key)?;
+    let clear = crypto::unwrap(zmk.key(), &key)?;
     if !clear.has_odd_parity() {
         return Err(Failure(code::DEST_PARITY));
     }
-    let under_lmk = lmk.encrypt_key(kt, scheme_for(scheme, &clear), &clear)?;
+    let under_lmk = lmk
+        .lmk()
+        .encrypt_key(kt, scheme_for(scheme, &clear), &clear)?;
     out.extend_from_slice(code::OK.as_bytes());
     out.extend_from_slice(under_lmk.to_field().as_bytes());
     out.extend_from_slice(clear.kcv6().as_bytes());
@@ -297,15 +351,16 @@ fn scheme_for(flag: Scheme, clear: &ClearKey) -> Scheme {
 }
 
 /// A8: key type, ZMK, key under LMK, ZMK scheme -> key under ZMK and check value.
-fn export_key(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
+fn export_key(lmk: &KeyStore, body: &[u8], out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let kt = c.key_type()?;
     let zmk = c.key(16)?;
     let zmk = lmk_key(lmk, KeyType::ZMK, &zmk, code::SOURCE_PARITY)?;
     let key = c.key(16)?;
     let clear = lmk_key(lmk, kt, &key, code::DEST_PARITY)?;
+    let clear = clear.key();
     let scheme = Scheme::from_flag(c.byte()?)?;
-    let under_zmk = crypto::wrap(&zmk, scheme_for(scheme, &clear), &clear)?;
+    let under_zmk = crypto::wrap(zmk.key(), scheme_for(scheme, clear), clear)?;
     out.extend_from_slice(code::OK.as_bytes());
     out.extend_from_slice(under_zmk.to_field().as_bytes());
     out.extend_from_slice(clear.kcv6().as_bytes());
@@ -314,7 +369,7 @@ fn export_key(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
 
 /// CA (TPK to ZPK) and CC (ZPK to ZPK): source key, destination ZPK, maximum PIN length,
 /// PIN block, source format, destination format, account.
-fn translate_pin(lmk: &Lmk, body: &[u8], source_type: KeyType, out: &mut Vec<u8>) -> Outcome {
+fn translate_pin(lmk: &KeyStore, body: &[u8], source_type: KeyType, out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let src = c.key(16)?;
     let dst = c.key(16)?;
@@ -339,7 +394,7 @@ fn translate_pin(lmk: &Lmk, body: &[u8], source_type: KeyType, out: &mut Vec<u8>
 }
 
 /// DC (TPK) and EC (ZPK): key, PVK pair, PIN block, format, account, PVKI, PVV -> 00 or 01.
-fn verify_pvv(lmk: &Lmk, body: &[u8], key_type: KeyType, out: &mut Vec<u8>) -> Outcome {
+fn verify_pvv(lmk: &KeyStore, body: &[u8], key_type: KeyType, out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let pin_key = c.key(16)?;
     let pvk = c.key(32)?;
@@ -351,7 +406,7 @@ fn verify_pvv(lmk: &Lmk, body: &[u8], key_type: KeyType, out: &mut Vec<u8>) -> O
     let pin_key = lmk_key(lmk, key_type, &pin_key, code::SOURCE_PARITY)?;
     let pvk = lmk_key(lmk, KeyType::TPK, &pvk, code::DEST_PARITY)?;
     let pin = crypto::pin_of(fmt, pin_key.decrypt(block), account)?;
-    let pvv = crypto::pvv(&pvk, account, pvki, &pin)?;
+    let pvv = crypto::pvv(pvk.key(), account, pvki, &pin)?;
     let ok: bool = subtle::ConstantTimeEq::ct_eq(pvv.as_bytes(), expected.as_bytes()).into();
     out.extend_from_slice(if ok { code::OK } else { code::FAILED }.as_bytes());
     Ok(())
@@ -368,25 +423,25 @@ fn card_fields<'a>(c: &mut Cursor<'a>) -> Result<(&'a str, &'a str, &'a str), Fa
 }
 
 /// CW: CVK pair, PAN, ';', expiry, service code -> CVV.
-fn generate_cvv(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
+fn generate_cvv(lmk: &KeyStore, body: &[u8], out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let cvk = c.key(32)?;
     let (pan, expiry, service) = card_fields(&mut c)?;
     let cvk = lmk_key(lmk, KeyType::CVK, &cvk, code::SOURCE_PARITY)?;
-    let cvv = crypto::cvv(&cvk, pan, expiry, service)?;
+    let cvv = crypto::cvv(cvk.key(), pan, expiry, service)?;
     out.extend_from_slice(code::OK.as_bytes());
     out.extend_from_slice(cvv.as_bytes());
     Ok(())
 }
 
 /// CY: CVK pair, CVV, PAN, ';', expiry, service code -> 00 or 01.
-fn verify_cvv(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
+fn verify_cvv(lmk: &KeyStore, body: &[u8], out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let cvk = c.key(32)?;
     let given = c.digits(3)?;
     let (pan, expiry, service) = card_fields(&mut c)?;
     let cvk = lmk_key(lmk, KeyType::CVK, &cvk, code::SOURCE_PARITY)?;
-    let cvv = crypto::cvv(&cvk, pan, expiry, service)?;
+    let cvv = crypto::cvv(cvk.key(), pan, expiry, service)?;
     let ok: bool = subtle::ConstantTimeEq::ct_eq(cvv.as_bytes(), given.as_bytes()).into();
     out.extend_from_slice(if ok { code::OK } else { code::FAILED }.as_bytes());
     Ok(())
@@ -395,7 +450,7 @@ fn verify_cvv(lmk: &Lmk, body: &[u8], out: &mut Vec<u8>) -> Outcome {
 /// M6 (generate) and M8 (verify): mode, input format, MAC size, algorithm, padding, key type
 /// (003 TAK, 008 ZAK), key, [IV for modes 2 and 3], message length (4H, in characters as
 /// sent), message, [MAC for M8].
-fn mac_command(lmk: &Lmk, body: &[u8], verify: bool, out: &mut Vec<u8>) -> Outcome {
+fn mac_command(lmk: &KeyStore, body: &[u8], verify: bool, out: &mut Vec<u8>) -> Outcome {
     let mut c = Cursor::new(body);
     let mode = c.byte()?;
     let input = c.byte()?;
@@ -424,7 +479,7 @@ fn mac_command(lmk: &Lmk, body: &[u8], verify: bool, out: &mut Vec<u8>) -> Outco
         _ => return Err(Failure(code::INPUT)),
     };
     let key = lmk_key(lmk, kt, &key, code::SOURCE_PARITY)?;
-    let mut chain = MacChain::new(&key, algorithm, iv);
+    let mut chain = MacChain::new(key.key(), algorithm, iv);
     let mac = match mode {
         b'1' | b'2' => {
             chain.update(&data)?;
@@ -462,9 +517,15 @@ mod tests {
     use super::*;
 
     fn run(cmd: &str, body: &str) -> String {
-        let lmk = Lmk::test_set();
+        let keys = KeyStore::new(Lmk::test_set());
         let c: [u8; 2] = cmd.as_bytes().try_into().unwrap();
-        String::from_utf8(execute(&lmk, c, body.as_bytes())).unwrap()
+        // Twice: the second answer comes from the key cache and must be the same.
+        let first = String::from_utf8(execute(&keys, c, body.as_bytes())).unwrap();
+        let second = String::from_utf8(execute(&keys, c, body.as_bytes())).unwrap();
+        if cmd != "A0" {
+            assert_eq!(first, second);
+        }
+        first
     }
 
     #[test]

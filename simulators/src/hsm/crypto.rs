@@ -199,6 +199,76 @@ impl ClearKey {
     }
 }
 
+/// A clear key with its key schedule built once: what the simulator keeps in its key cache so
+/// that a key used by every transaction is not decrypted and scheduled again each time.
+pub struct PreparedKey {
+    key: ClearKey,
+    cipher: Cipher,
+}
+
+/// The RustCrypto cipher for a key's length (key schedules zeroize on drop).
+enum Cipher {
+    Single(Des),
+    Double(TdesEde2),
+    Triple(TdesEde3),
+}
+
+impl fmt::Debug for PreparedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PreparedKey({:?})", self.key)
+    }
+}
+
+impl PreparedKey {
+    /// Schedules a key.
+    ///
+    /// # Errors
+    /// Never for a [`ClearKey`] (its length is always 8, 16 or 24).
+    pub fn new(key: ClearKey) -> Result<Self, CryptoError> {
+        let bytes = key.as_bytes();
+        let cipher = match key.len() {
+            8 => Cipher::Single(Des::new_from_slice(bytes).map_err(|_| CryptoError::KeyLength)?),
+            16 => {
+                Cipher::Double(TdesEde2::new_from_slice(bytes).map_err(|_| CryptoError::KeyLength)?)
+            }
+            _ => {
+                Cipher::Triple(TdesEde3::new_from_slice(bytes).map_err(|_| CryptoError::KeyLength)?)
+            }
+        };
+        Ok(Self { key, cipher })
+    }
+
+    /// The clear key.
+    #[must_use]
+    pub fn key(&self) -> &ClearKey {
+        &self.key
+    }
+
+    /// Encrypts one block.
+    #[must_use]
+    pub fn encrypt(&self, block: Block) -> Block {
+        let mut b = block.into();
+        match &self.cipher {
+            Cipher::Single(c) => c.encrypt_block(&mut b),
+            Cipher::Double(c) => c.encrypt_block(&mut b),
+            Cipher::Triple(c) => c.encrypt_block(&mut b),
+        }
+        b.into()
+    }
+
+    /// Decrypts one block.
+    #[must_use]
+    pub fn decrypt(&self, block: Block) -> Block {
+        let mut b = block.into();
+        match &self.cipher {
+            Cipher::Single(c) => c.decrypt_block(&mut b),
+            Cipher::Double(c) => c.decrypt_block(&mut b),
+            Cipher::Triple(c) => c.decrypt_block(&mut b),
+        }
+        b.into()
+    }
+}
+
 fn block_of(bytes: &[u8]) -> Block {
     let mut b = [0u8; 8];
     for (d, s) in b.iter_mut().zip(bytes) {
@@ -247,7 +317,7 @@ const TEST_LMK: [&str; 20] = [
 ];
 
 /// A payShield key type `VPP`: variant digit and LMK pair code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KeyType {
     variant: u8,
     pair: u8,

@@ -118,7 +118,7 @@ const KNOWN: [&[u8; 2]; 14] = [
 ];
 
 struct Shared {
-    lmk: Lmk,
+    keys: commands::KeyStore,
     header_len: usize,
     faults: RwLock<HsmFaults>,
     counts: [AtomicU64; 14],
@@ -155,7 +155,7 @@ impl HsmSim {
             .with_context(|| format!("HSM simulator: binding {}", config.listen))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            lmk: Lmk::test_set(),
+            keys: commands::KeyStore::new(Lmk::test_set()),
             header_len: config.header_len,
             faults: RwLock::new(config.faults),
             counts: Default::default(),
@@ -286,12 +286,12 @@ fn reply(shared: &Shared, frame: &[u8], injected: Option<[u8; 2]>) -> Option<Byt
     // when the command fails on the part before it, it is run on the whole body instead.
     let (fields, trailer) = match (injected, body.iter().position(|b| *b == TRAILER)) {
         (Some(_), at) => (fields, at.map_or(&[][..], |at| body.split_at(at).1)),
-        (None, None) => (commands::execute(&shared.lmk, cmd, body), &[][..]),
+        (None, None) => (commands::execute(&shared.keys, cmd, body), &[][..]),
         (None, Some(at)) => {
             let (head, trailer) = body.split_at(at);
-            let first = commands::execute(&shared.lmk, cmd, head);
+            let first = commands::execute(&shared.keys, cmd, head);
             if first.get(..2) == Some(commands::code::INPUT.as_bytes()) {
-                (commands::execute(&shared.lmk, cmd, body), &[][..])
+                (commands::execute(&shared.keys, cmd, body), &[][..])
             } else {
                 (first, trailer)
             }
@@ -413,7 +413,7 @@ mod tests {
     #[test]
     fn header_is_echoed_and_trailer_kept() {
         let shared = Shared {
-            lmk: Lmk::test_set(),
+            keys: commands::KeyStore::new(Lmk::test_set()),
             header_len: 4,
             faults: RwLock::new(HsmFaults::default()),
             counts: Default::default(),
