@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -321,43 +321,73 @@ async fn serve(stream: TcpStream, shared: Arc<Shared>, shutdown: CancellationTok
                 }
             }
             incoming = framed.next() => {
-                let Some(Ok(frame)) = incoming else { return };
-                let (latency, injected) = match fate(&shared) {
-                    Fate::Disconnect => {
-                        shared.faulted.fetch_add(1, Ordering::Relaxed);
-                        return;
+                let Some(Ok(first)) = incoming else { return };
+                // Answer every request already read before flushing once: one write for many
+                // replies when a client pipelines.
+                let mut next = Some(first);
+                while let Some(frame) = next.take() {
+                    match handle(&shared, &frame, &tx) {
+                        Handled::Close => return,
+                        Handled::Later | Handled::Nothing => {}
+                        Handled::Now(out) => {
+                            if framed.feed(out).await.is_err() {
+                                return;
+                            }
+                        }
                     }
-                    Fate::Drop => {
-                        shared.faulted.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                    if let Some(Some(Ok(more))) = framed.next().now_or_never() {
+                        next = Some(more);
                     }
-                    Fate::Error(l, code) => {
-                        shared.faulted.fetch_add(1, Ordering::Relaxed);
-                        (l, Some(code))
-                    }
-                    Fate::Answer(l) => (l, None),
-                };
-                let Some(out) = reply(&shared, &frame, injected) else {
-                    tracing::debug!("HSM simulator: request shorter than header and command");
-                    continue;
-                };
-                if latency.is_zero() {
-                    if framed.feed(out).await.is_err() {
-                        return;
-                    }
-                    if SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
-                        return;
-                    }
-                } else {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(latency).await;
-                        let _ = tx.send(out).await;
-                    });
+                }
+                if SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
+                    return;
                 }
             }
         }
     }
+}
+
+/// What became of one request.
+enum Handled {
+    /// The reply, to write now.
+    Now(Bytes),
+    /// The reply goes out after its injected latency.
+    Later,
+    /// No reply (dropped, or too short to answer).
+    Nothing,
+    /// The connection is to be closed (injected fault).
+    Close,
+}
+
+fn handle(shared: &Arc<Shared>, frame: &[u8], tx: &mpsc::Sender<Bytes>) -> Handled {
+    let (latency, injected) = match fate(shared) {
+        Fate::Disconnect => {
+            shared.faulted.fetch_add(1, Ordering::Relaxed);
+            return Handled::Close;
+        }
+        Fate::Drop => {
+            shared.faulted.fetch_add(1, Ordering::Relaxed);
+            return Handled::Nothing;
+        }
+        Fate::Error(l, code) => {
+            shared.faulted.fetch_add(1, Ordering::Relaxed);
+            (l, Some(code))
+        }
+        Fate::Answer(l) => (l, None),
+    };
+    let Some(out) = reply(shared, frame, injected) else {
+        tracing::debug!("HSM simulator: request shorter than header and command");
+        return Handled::Nothing;
+    };
+    if latency.is_zero() {
+        return Handled::Now(out);
+    }
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(latency).await;
+        let _ = tx.send(out).await;
+    });
+    Handled::Later
 }
 
 /// Test keys for the demo, the tests and the simulators: clear values a terminal or acquirer
