@@ -17,13 +17,16 @@ use super::crypto::{
 /// Most keys kept decrypted and scheduled; the cache starts again when full.
 const CACHE_CAP: usize = 4096;
 
+/// Keys by type and field (scheme letter and encrypted bytes).
+type KeyCache = HashMap<(KeyType, Vec<u8>), Arc<PreparedKey>>;
+
 /// The LMK and a cache of keys already decrypted under it: a switch sends the same few keys
 /// (its zone and terminal keys) with every command, so each is decrypted, parity-checked and
 /// scheduled once. Only keys that passed their parity check are kept.
 #[derive(Debug)]
 pub struct KeyStore {
     lmk: Lmk,
-    cache: Mutex<HashMap<(KeyType, Vec<u8>), Arc<PreparedKey>>>,
+    cache: Mutex<KeyCache>,
 }
 
 impl KeyStore {
