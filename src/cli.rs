@@ -32,6 +32,49 @@ pub enum Command {
     /// The ledger check: mixed traffic against a faulty acquirer with a switch restart in the
     /// middle, then the journal, the acquirer's ledger and the terminals' view compared.
     Soak(SoakArgs),
+    /// Transaction look-up through the admin API: a filtered list, or one transaction's story.
+    Txn(TxnArgs),
+}
+
+/// `cardswitch txn`.
+#[derive(Debug, Args)]
+pub struct TxnArgs {
+    /// A transaction id: print its whole story (request, route, reply, reversals, events).
+    pub id: Option<i64>,
+    /// The switch's admin address.
+    #[arg(
+        long,
+        env = "CARDSWITCH_ADMIN",
+        default_value = "http://127.0.0.1:9090"
+    )]
+    pub admin: String,
+    /// The admin bearer token.
+    #[arg(long, env = "CARDSWITCH_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// DE37.
+    #[arg(long)]
+    pub rrn: Option<String>,
+    /// DE11.
+    #[arg(long)]
+    pub stan: Option<String>,
+    /// DE41.
+    #[arg(long)]
+    pub terminal: Option<String>,
+    /// DE42.
+    #[arg(long)]
+    pub merchant: Option<String>,
+    /// Response code.
+    #[arg(long)]
+    pub rc: Option<String>,
+    /// Only transactions received in the last (e.g. 10m, 2h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<std::time::Duration>,
+    /// Most rows.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How the switch is restarted in the middle of a soak.

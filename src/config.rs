@@ -47,6 +47,9 @@ pub struct Config {
     /// The HSMs (needed when any listener or endpoint has security keys).
     #[serde(default)]
     pub hsm: Option<crate::hsm::HsmSection>,
+    /// The admin side: metrics, dashboard, transaction look-up.
+    #[serde(default)]
+    pub admin: Option<crate::admin::AdminSection>,
 }
 
 /// `[switch]`.
@@ -597,6 +600,11 @@ impl Config {
             .collect::<Result<Vec<_>>>()?;
         let keys = listener_security.iter().any(Option::is_some)
             || endpoint_security.iter().any(Option::is_some);
+        if let Some(a) = &self.admin {
+            if a.token.len() < 16 {
+                bail!("admin.token: at least 16 characters");
+            }
+        }
         match &self.hsm {
             None if keys => bail!("security keys are configured: an [hsm] section is needed"),
             Some(h) if h.addresses.is_empty() => bail!("hsm.addresses: at least one address"),

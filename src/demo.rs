@@ -36,6 +36,8 @@ const RATE: u64 = 200;
 /// When a port cannot be bound or the journal cannot be created.
 pub async fn run(out: &mut dyn Write) -> Result<()> {
     crate::run::init_logs(false);
+    crate::telemetry::install()?;
+    let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     let keys = TestKeys::fixed();
     let hsm = HsmSim::start(HsmConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -89,6 +91,9 @@ node = "demo"
 url = "sqlite://{journal}"
 [hsm]
 addresses = ["{hsm}"]
+[admin]
+address = "127.0.0.1:0"
+token = "{token}"
 [[listeners]]
 name = "pos"
 address = "127.0.0.1:0"
@@ -120,6 +125,7 @@ endpoint = "acquirer-b"
         a = acquirer_a.local_addr(),
         b = acquirer_b.local_addr(),
         hsm = hsm.local_addr(),
+        token = token,
         tpk = key(&keys.tpk, KeyType::TPK),
         tak = key(&keys.tak, KeyType::TAK),
     );
@@ -136,6 +142,17 @@ endpoint = "acquirer-b"
         "HSM simulator {} (Thales test LMK): PIN blocks translated, MACs verified and made",
         hsm.local_addr()
     )?;
+    if let Some(admin) = switch.admin_addr() {
+        writeln!(out, "dashboard: http://{admin}/?token={token}")?;
+        writeln!(
+            out,
+            "metrics:   http://{admin}/metrics (Grafana dashboard: specs/grafana/cardswitch.json)"
+        )?;
+        writeln!(
+            out,
+            "look-up:   cardswitch txn --admin http://{admin} --token {token} --rc 51"
+        )?;
+    }
     writeln!(out, "journal: {} | Ctrl-C to stop", journal.display())?;
     out.flush()?;
     let stop = tokio::signal::ctrl_c();

@@ -234,6 +234,7 @@ impl Hsm {
             Err(HsmError::Unavailable | HsmError::Timeout | HsmError::Malformed)
         ) {
             self.failures.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::telemetry::HSM_FAILURES).increment(1);
         }
         result
     }

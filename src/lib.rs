@@ -4,6 +4,7 @@
 //! acquirer links, plus the command line and tester tools. The codec, the routing decisions and
 //! the simulators are crates of their own.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dedup;
@@ -20,6 +21,7 @@ pub mod sim;
 pub mod soak;
 pub mod stand_in;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod tools;
 pub mod upstream;

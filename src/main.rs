@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Command::Soak(args) => {
             runtime().and_then(|rt| rt.block_on(cardswitch::soak::run(args, &mut out)))
         }
+        Command::Txn(args) => cardswitch::tools::txn(&args, &mut out),
         Command::Sim(sim) => {
             runtime().and_then(|rt| rt.block_on(cardswitch::sim::run(sim, &mut out)))
         }

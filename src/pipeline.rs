@@ -18,6 +18,7 @@ use cardswitch_codec::{Dialect, Message, Mti, Pan, ResponseCode};
 use cardswitch_routing::{check_mandatory, BinTable, Failure};
 use tracing::{debug, info_span, warn, Instrument};
 
+use crate::admin::live::{Decline, Live};
 use crate::dedup::{Decision, Dedup, Guard, Verdict};
 use crate::hsm::Hsm;
 use crate::journal::{
@@ -26,6 +27,7 @@ use crate::journal::{
 use crate::security::ListenerSecurity;
 use crate::stand_in;
 use crate::state::TxnState;
+use crate::telemetry;
 use crate::upstream::{Endpoint, Stray, Upstream};
 use cardswitch_simulators::hsm::commands::account_field;
 use cardswitch_simulators::hsm::KeyType;
@@ -49,6 +51,30 @@ pub struct Counters {
     pub unmatched_replies: AtomicU64,
     /// Stand-in approvals.
     pub stand_in_approvals: AtomicU64,
+    /// Requests being processed now.
+    pub in_flight: AtomicU64,
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a Counters);
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a Counters) -> Self {
+        c.in_flight.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
+        Self(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
+    }
+}
+
+fn stage(name: &'static str, d: Duration) {
+    metrics::histogram!(telemetry::STAGE_SECONDS, "stage" => name).record(d.as_secs_f64());
 }
 
 /// States a terminal reversal may change.
@@ -71,6 +97,7 @@ pub struct Pipeline {
     /// Terminal keys by listener name.
     security: HashMap<String, ListenerSecurity>,
     hsm: Option<Arc<Hsm>>,
+    live: Arc<Live>,
 }
 
 /// What a CVV check said, when stand-in needs one.
@@ -98,6 +125,8 @@ struct Outcome {
     /// Decoded to the acquirer asked (checks, routing).
     routing: Option<Duration>,
     upstream: Option<Duration>,
+    /// Time spent on the HSM (PIN translation) inside the pipeline.
+    hsm: Option<Duration>,
     /// What else the transaction writes.
     change: Change,
     /// The claimed duplicate key.
@@ -122,6 +151,7 @@ impl Outcome {
             amount_reversed: None,
             routing: None,
             upstream: None,
+            hsm: None,
             change: Change::default(),
             guard: None,
             reversal_if_unrecorded: None,
@@ -226,7 +256,14 @@ impl Pipeline {
             counters: Counters::default(),
             security: HashMap::new(),
             hsm: None,
+            live: Arc::new(Live::default()),
         }
+    }
+
+    /// The live numbers (dashboard).
+    #[must_use]
+    pub fn live(&self) -> &Live {
+        &self.live
     }
 
     /// Adds card security: the HSM pool and the terminal keys of each listener.
@@ -429,13 +466,18 @@ impl Pipeline {
         let started = Instant::now();
         let received_us = Journal::now_us();
         self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight::new(&self.counters);
         let decoded = dialect.decode(body);
         let decode_time = started.elapsed();
+        let mut mac_time = Duration::ZERO;
         let (request, outcome) = match decoded {
             Ok(request) => {
-                let span = info_span!("txn", mti = %request.mti(), stan = request.get_str(11).unwrap_or(""), rrn = request.rrn().unwrap_or(""), rc = tracing::field::Empty);
+                let span = info_span!("txn", mti = %request.mti(), stan = request.get_str(11).unwrap_or(""), rrn = request.rrn().unwrap_or(""), route = tracing::field::Empty, rc = tracing::field::Empty);
                 let outcome = async {
-                    match self.check_mac(listener, dialect, body, &request).await {
+                    let asked = Instant::now();
+                    let mac = self.check_mac(listener, dialect, body, &request).await;
+                    mac_time = asked.elapsed();
+                    match mac {
                         Ok(()) => self.process(listener, &request).await,
                         Err(f) => request
                             .response_with(f.response_code())
@@ -446,6 +488,9 @@ impl Pipeline {
                 .await;
                 if let Some(rc) = outcome.as_ref().and_then(|o| o.reply.response_code()) {
                     span.record("rc", rc.as_str());
+                }
+                if let Some(route) = outcome.as_ref().and_then(|o| o.endpoint.as_deref()) {
+                    span.record("route", route);
                 }
                 (request, outcome)
             }
@@ -494,7 +539,9 @@ impl Pipeline {
             if let Some(g) = &outcome.guard {
                 change.dedup_done = Some((g.key().to_owned(), decision.seal(&self.journal)));
             }
+            let journal_started = Instant::now();
             let committed = self.journal.submit(change).await;
+            stage("journal", journal_started.elapsed());
             if !committed.ok && self.journal.is_durable() {
                 // Never approve what is not recorded; an acquirer's approval is reversed.
                 outcome
@@ -539,7 +586,63 @@ impl Pipeline {
         if out.is_some() {
             self.counters.replied.fetch_add(1, Ordering::Relaxed);
         }
+        self.observe(
+            listener,
+            &request,
+            &outcome,
+            decode_time,
+            mac_time,
+            started.elapsed(),
+        );
         out
+    }
+
+    /// Metrics and the live view for one answered message.
+    fn observe(
+        &self,
+        listener: &str,
+        request: &Message,
+        outcome: &Outcome,
+        decode: Duration,
+        mac: Duration,
+        total: Duration,
+    ) {
+        let rc = outcome
+            .reply
+            .response_code()
+            .map_or_else(|| "--".to_owned(), |c| c.to_string());
+        metrics::counter!(telemetry::MESSAGES, "listener" => listener.to_owned(), "mti" => request.mti().to_string(), "rc" => rc.clone()).increment(1);
+        if let (Some(e), DecidedBy::Acquirer) = (&outcome.endpoint, outcome.decided_by) {
+            metrics::counter!(telemetry::ENDPOINT_MESSAGES, "endpoint" => e.clone(), "rc" => rc.clone()).increment(1);
+        }
+        stage("decode", decode);
+        if let Some(d) = outcome.routing {
+            stage("route", d);
+        }
+        if let Some(d) = outcome.upstream {
+            stage("upstream", d);
+        }
+        let hsm = mac + outcome.hsm.unwrap_or_default();
+        if !hsm.is_zero() {
+            stage("hsm", hsm);
+        }
+        stage("total", total);
+        let card = matches!(request.mti().class(), 1 | 2);
+        let approved = outcome
+            .reply
+            .response_code()
+            .is_some_and(|c| c.is_approved());
+        let decline = (card && !approved).then(|| Decline {
+            at_ms: u64::try_from(Journal::now_us() / 1000).unwrap_or(0),
+            mti: request.mti().to_string(),
+            rc,
+            pan: card_pan(request)
+                .map(|p| p.masked().to_string())
+                .unwrap_or_default(),
+            terminal: request.terminal_id().unwrap_or("").trim_end().to_owned(),
+            amount: request.amount(),
+        });
+        self.live.record(card, approved, total, decline);
     }
 
     async fn process(&self, listener: &str, request: &Message) -> Option<Outcome> {
@@ -634,16 +737,20 @@ impl Pipeline {
                 continue;
             };
             first.get_or_insert(endpoint);
-            let asked = Instant::now();
-            let translated = match self.translate_pin(listener, request, pan, endpoint).await {
+            let hsm_started = Instant::now();
+            let translated = self.translate_pin(listener, request, pan, endpoint).await;
+            let hsm_time = request.has(52).then(|| hsm_started.elapsed());
+            let translated = match translated {
                 Ok(t) => t,
                 Err(f) => {
                     let mut o = Outcome::switch(request.response_with(f.response_code())?);
                     o.route = Some(route.prefix.clone());
                     o.endpoint = Some(name.clone());
+                    o.hsm = hsm_time;
                     return Some(o);
                 }
             };
+            let asked = Instant::now();
             let result = endpoint
                 .exchange(translated.as_ref().unwrap_or(request), txn_id)
                 .await;
@@ -678,8 +785,9 @@ impl Pipeline {
             };
             outcome.route = Some(route.prefix.clone());
             outcome.endpoint = Some(name.clone());
-            outcome.routing = Some(asked.duration_since(began));
+            outcome.routing = Some(hsm_started.duration_since(began));
             outcome.upstream = waited;
+            outcome.hsm = hsm_time;
             return Some(outcome);
         }
         // No link of any candidate could take it.

@@ -40,6 +40,9 @@ pub async fn run(args: RunArgs, out: &mut dyn Write) -> Result<()> {
         return Ok(());
     }
     init_logs(args.json_logs);
+    if config.config.admin.is_some() {
+        crate::telemetry::install()?;
+    }
     let switch = Switch::start(config).await?;
     wait_for_stop().await;
     switch.shutdown().await;

@@ -40,6 +40,7 @@ use crate::upstream::{Endpoint, EndpointKeys};
 #[derive(Debug)]
 pub struct Switch {
     pipeline: Arc<Pipeline>,
+    admin: Option<SocketAddr>,
     listeners: Vec<SocketAddr>,
     /// Cancelled to stop accepting and reading.
     stop_intake: CancellationToken,
@@ -245,8 +246,17 @@ impl Switch {
                 sessions.clone(),
             ));
         }
+        let admin = match &cfg.admin {
+            Some(a) => Some(
+                crate::admin::start(a, Arc::clone(&pipeline), stop_links.clone(), &links)
+                    .await
+                    .with_context(|| format!("admin: binding {}", a.address))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             pipeline,
+            admin,
             listeners: bound,
             stop_intake,
             stop_links,
@@ -256,6 +266,12 @@ impl Switch {
             journal,
             grace: Duration::from_millis(cfg.switch.shutdown_grace_ms),
         })
+    }
+
+    /// The admin address (metrics, dashboard, look-up), when configured.
+    #[must_use]
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
     }
 
     /// The bound address of each listener, in configured order.
@@ -353,6 +369,9 @@ async fn accept_loop(
         let span = info_span!("conn", listener = %ctx.name, %peer);
         sessions.spawn(
             async move {
+                let gauge =
+                    metrics::gauge!(crate::telemetry::CONNECTIONS, "listener" => ctx.name.clone());
+                gauge.increment(1.0);
                 match &ctx.tls {
                     None => session(stream, &ctx, pipeline, stop, tracker).await,
                     Some(acceptor) => match tokio::time::timeout(
@@ -366,6 +385,7 @@ async fn accept_loop(
                         Err(_) => warn!("TLS handshake timed out"),
                     },
                 }
+                gauge.decrement(1.0);
                 drop(permit);
             }
             .instrument(span),

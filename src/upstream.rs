@@ -41,6 +41,7 @@ use cardswitch_simulators::hsm::KeyType;
 use crate::config::EndpointConfig;
 use crate::hsm::Hsm;
 use crate::security::{EndpointSecurity, Key};
+use crate::telemetry;
 use crate::tls::Connector;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -57,6 +58,16 @@ pub enum LinkState {
 }
 
 impl LinkState {
+    /// Lower-case name, as the dashboard and logs show it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disconnected => "down",
+            Self::Connected => "connected",
+            Self::Ready => "ready",
+        }
+    }
+
     fn from_u8(v: u8) -> Self {
         match v {
             2 => Self::Ready,
@@ -547,6 +558,12 @@ enum Ended {
 }
 
 impl LinkTask {
+    fn set_state(&self, state: LinkState) {
+        self.link.state.store(state as u8, Ordering::Release);
+        metrics::gauge!(telemetry::LINK_STATE, "endpoint" => self.endpoint.clone(), "link" => self.link.addr.to_string())
+            .set(f64::from(state as u8));
+    }
+
     async fn run(self, mut queue: mpsc::Receiver<Frame>) {
         let mut backoff = self.reconnect.0;
         loop {
@@ -563,9 +580,7 @@ impl LinkTask {
                     let ended = match &self.tls {
                         None => {
                             backoff = self.reconnect.0;
-                            self.link
-                                .state
-                                .store(LinkState::Connected as u8, Ordering::Release);
+                            self.set_state(LinkState::Connected);
                             info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected");
                             self.serve(
                                 Framed::new(stream, FrameCodec::new(self.framing)),
@@ -576,9 +591,7 @@ impl LinkTask {
                         Some(tls) => match self.handshake(tls, stream).await {
                             Some(secure) => {
                                 backoff = self.reconnect.0;
-                                self.link
-                                    .state
-                                    .store(LinkState::Connected as u8, Ordering::Release);
+                                self.set_state(LinkState::Connected);
                                 info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected (TLS)");
                                 self.serve(
                                     Framed::new(secure, FrameCodec::new(self.framing)),
@@ -589,9 +602,7 @@ impl LinkTask {
                             None => Ended::Broken,
                         },
                     };
-                    self.link
-                        .state
-                        .store(LinkState::Disconnected as u8, Ordering::Release);
+                    self.set_state(LinkState::Disconnected);
                     self.link.fail_all();
                     // Requests queued but not written: their waiters were just failed.
                     while queue.try_recv().is_ok() {}
@@ -762,9 +773,7 @@ impl LinkTask {
                 }
             }
         }
-        self.link
-            .state
-            .store(LinkState::Ready as u8, Ordering::Release);
+        self.set_state(LinkState::Ready);
         info!(endpoint = %self.endpoint, link = %self.link.addr, "link ready");
         let mut missed = 0u32;
         let mut echo_stan: Option<u32> = None;

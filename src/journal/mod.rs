@@ -32,6 +32,7 @@ use crate::state::TxnState;
 
 pub mod claims;
 mod keys;
+pub mod lookup;
 pub mod saf;
 use cardswitch_codec::{Dialect, Message, Pan};
 
@@ -1106,7 +1107,12 @@ impl Writer {
     async fn commit(&self, changes: &mut [Change]) -> Option<Vec<bool>> {
         let rows: usize = changes.iter().map(|c| c.rows.len()).sum();
         let saf = changes.iter().any(|c| !c.saf.is_empty());
-        match self.backend.apply(&self.node, changes).await {
+        let started = std::time::Instant::now();
+        let result = self.backend.apply(&self.node, changes).await;
+        metrics::histogram!(crate::telemetry::JOURNAL_COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(crate::telemetry::JOURNAL_BATCH_ROWS).record(rows as f64);
+        match result {
             Ok(applied) => {
                 self.stats
                     .committed

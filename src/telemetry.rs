@@ -1,0 +1,112 @@
+//! Metric names, labels and histogram buckets, in one place.
+//!
+//! The switch records through the `metrics` facade; with no recorder installed every call is a
+//! no-op. `cardswitch run` (and the demo) install the Prometheus recorder when an `[admin]`
+//! section is configured ([`install`]) and the admin server renders it at `/metrics`.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `cardswitch_messages_total` | counter | listener, mti, rc |
+//! | `cardswitch_endpoint_messages_total` | counter | endpoint, rc |
+//! | `cardswitch_stage_seconds` | histogram | stage: decode, route, hsm, upstream, journal, total |
+//! | `cardswitch_requests_in_flight` | gauge | |
+//! | `cardswitch_connections` | gauge | listener |
+//! | `cardswitch_link_state` | gauge (0 down, 1 connected, 2 ready) | endpoint, link |
+//! | `cardswitch_journal_batch_rows` | histogram | |
+//! | `cardswitch_journal_commit_seconds` | histogram | |
+//! | `cardswitch_journal_backlog` | gauge | |
+//! | `cardswitch_saf_depth` | gauge | endpoint |
+//! | `cardswitch_hsm_connections_up` | gauge | |
+//! | `cardswitch_hsm_failures_total` | counter | |
+//! | `cardswitch_fraud_rule_hits_total` | counter | rule, mode |
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Messages answered to terminals.
+pub const MESSAGES: &str = "cardswitch_messages_total";
+/// Replies from endpoints, by endpoint and response code.
+pub const ENDPOINT_MESSAGES: &str = "cardswitch_endpoint_messages_total";
+/// Time per pipeline stage.
+pub const STAGE_SECONDS: &str = "cardswitch_stage_seconds";
+/// Requests being processed.
+pub const IN_FLIGHT: &str = "cardswitch_requests_in_flight";
+/// Terminal connections open.
+pub const CONNECTIONS: &str = "cardswitch_connections";
+/// Link state per link.
+pub const LINK_STATE: &str = "cardswitch_link_state";
+/// Rows per journal commit.
+pub const JOURNAL_BATCH_ROWS: &str = "cardswitch_journal_batch_rows";
+/// Time per journal commit (the lag a durable reply waits for).
+pub const JOURNAL_COMMIT_SECONDS: &str = "cardswitch_journal_commit_seconds";
+/// Rows waiting for the database.
+pub const JOURNAL_BACKLOG: &str = "cardswitch_journal_backlog";
+/// Store-and-forward entries pending, per endpoint.
+pub const SAF_DEPTH: &str = "cardswitch_saf_depth";
+/// HSM connections up.
+pub const HSM_UP: &str = "cardswitch_hsm_connections_up";
+/// HSM commands that failed (no connection, timeout, unreadable reply).
+pub const HSM_FAILURES: &str = "cardswitch_hsm_failures_total";
+/// Fraud rules that fired (reserved for the fraud rules).
+pub const FRAUD_HITS: &str = "cardswitch_fraud_rule_hits_total";
+
+/// Latency buckets, seconds: 50 us to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+/// Journal batch-size buckets, rows.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+///
+/// # Errors
+/// Another recorder is already installed.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALLING.lock();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(STAGE_SECONDS.into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(JOURNAL_COMMIT_SECONDS.into()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full(JOURNAL_BATCH_ROWS.into()), BATCH_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    let _ = HANDLE.set(handle.clone());
+    Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+/// The installed recorder's handle, if [`install`] ran.
+#[must_use]
+pub fn handle() -> Option<PrometheusHandle> {
+    HANDLE.get().cloned()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(MESSAGES, "Messages answered to terminals");
+    describe_counter!(ENDPOINT_MESSAGES, "Replies received from endpoints");
+    describe_histogram!(STAGE_SECONDS, Unit::Seconds, "Time per pipeline stage");
+    describe_gauge!(IN_FLIGHT, "Requests being processed");
+    describe_gauge!(CONNECTIONS, "Terminal connections open");
+    describe_gauge!(LINK_STATE, "Link state: 0 down, 1 connected, 2 ready");
+    describe_histogram!(JOURNAL_BATCH_ROWS, "Rows per journal commit");
+    describe_histogram!(
+        JOURNAL_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Time per journal commit"
+    );
+    describe_gauge!(JOURNAL_BACKLOG, "Journal rows waiting for the database");
+    describe_gauge!(SAF_DEPTH, "Store-and-forward entries pending");
+    describe_gauge!(HSM_UP, "HSM connections up");
+    describe_counter!(HSM_FAILURES, "HSM commands failed");
+    describe_counter!(FRAUD_HITS, "Fraud rules fired");
+}

@@ -1,0 +1,336 @@
+//! The admin side over real HTTP: Prometheus metrics after a known sequence of transactions,
+//! the token, the transaction look-up (API and CLI) with PANs masked. PostgreSQL journal.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)] // tests: a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cardswitch::config::Config;
+use cardswitch::server::Switch;
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{sample, Dialect, Message, Mti};
+use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use futures_util::{SinkExt, StreamExt};
+use sqlx::PgPool;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+fn pg_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn pg_schema(name: &str) -> (String, PgPool) {
+    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
+    let pool = PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sep = if pg_url().contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
+    let pool = PgPool::connect(&url).await.unwrap();
+    (url, pool)
+}
+
+async fn start(listener: &str) -> (Acquirer, Switch, PgPool) {
+    cardswitch::telemetry::install().unwrap();
+    let (url, pool) = pg_schema("admin").await;
+    let acq = Acquirer::start(AcquirerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        framing: Framing::default(),
+        rules: Rules::default_rules(),
+        tls: None,
+        security: None,
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        r#"
+[journal]
+url = "{url}"
+pan_hmac_key = "{k}"
+[admin]
+address = "127.0.0.1:0"
+token = "{TOKEN}"
+[[listeners]]
+name = "{listener}"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "acq"
+links = ["{link}"]
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#,
+        k = "ab".repeat(32),
+        link = acq.local_addr()
+    );
+    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
+        .await
+        .unwrap();
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    (acq, sw, pool)
+}
+
+struct Terminal(Framed<TcpStream, FrameCodec>, Dialect);
+
+impl Terminal {
+    async fn connect(addr: SocketAddr) -> Self {
+        Self(
+            Framed::new(
+                TcpStream::connect(addr).await.unwrap(),
+                FrameCodec::new(Framing::default()),
+            ),
+            Dialect::builtin("iso87-ascii").unwrap(),
+        )
+    }
+
+    async fn exchange(&mut self, m: &Message) -> Message {
+        self.0
+            .send(Frame::new(self.1.encode_to_vec(m).unwrap()))
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(10), self.0.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        self.1.decode(&f.body).unwrap()
+    }
+}
+
+fn request(amount: u64, stan: u32, rrn: &str) -> Message {
+    let mut m = sample::auth_request();
+    m.set_amount(amount);
+    m.set_stan(stan);
+    m.set(37, rrn.as_bytes());
+    m
+}
+
+/// GET with an optional token: status and body.
+async fn get(url: String, token: Option<&str>) -> (u16, String) {
+    let token = token.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let mut req = ureq::get(&url);
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        match req.config().http_status_as_error(false).build().call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(e) => panic!("GET {url}: {e}"),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The value of one Prometheus sample line, by metric name and labels.
+fn sample_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.starts_with(&format!("{name}{{"))
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+#[test]
+fn metrics_after_a_known_sequence() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let listener = format!("pos{}", fastrand::u32(..));
+        let (acq, sw, _pool) = start(&listener).await;
+        let admin = sw.admin_addr().unwrap();
+        let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+        for i in 0..3 {
+            let r = t
+                .exchange(&request(1_000, 10 + i, &format!("R0000000000{i}")))
+                .await;
+            assert_eq!(r.get_str(39), Some("00"));
+        }
+        let r = t.exchange(&request(1_051, 20, "R00000000051")).await;
+        assert_eq!(r.get_str(39), Some("51"));
+        let mut bad = request(1_000, 21, "R00000000014");
+        bad.set(2, b"4761739001010011"); // Luhn fails
+        assert_eq!(t.exchange(&bad).await.get_str(39), Some("14"));
+        let echo = Message::builder(Mti::NETWORK_REQUEST)
+            .field(7, "1121120000")
+            .stan(22)
+            .field(70, "301")
+            .build();
+        assert_eq!(t.exchange(&echo).await.get_str(39), Some("00"));
+
+        // /metrics needs no token.
+        let (code, text) = get(format!("http://{admin}/metrics"), None).await;
+        assert_eq!(code, 200);
+        let m = |mti: &str, rc: &str| {
+            sample_value(
+                &text,
+                "cardswitch_messages_total",
+                &[("listener", &listener), ("mti", mti), ("rc", rc)],
+            )
+        };
+        assert_eq!(m("0100", "00"), Some(3.0), "{text}");
+        assert_eq!(m("0100", "51"), Some(1.0));
+        assert_eq!(m("0100", "14"), Some(1.0));
+        assert_eq!(m("0800", "00"), Some(1.0));
+        let link = acq.local_addr().to_string();
+        assert_eq!(
+            sample_value(
+                &text,
+                "cardswitch_link_state",
+                &[("endpoint", "acq"), ("link", &link)]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample_value(&text, "cardswitch_connections", &[("listener", &listener)]),
+            Some(1.0)
+        );
+        for stage in ["decode", "route", "upstream", "journal", "total"] {
+            let n = sample_value(&text, "cardswitch_stage_seconds_count", &[("stage", stage)]);
+            assert!(n.is_some_and(|n| n >= 4.0), "stage {stage}: {n:?}");
+        }
+        assert!(text.contains("cardswitch_journal_batch_rows_bucket"));
+        assert!(text.contains("cardswitch_journal_commit_seconds_bucket"));
+        sw.shutdown().await;
+        acq.stop().await;
+    });
+}
+
+#[test]
+fn look_up_answers_masks_and_wants_the_token() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (acq, sw, _pool) = start("pos").await;
+        let admin = sw.admin_addr().unwrap();
+        let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+        let rrn = format!("L{:011}", fastrand::u64(..100_000_000_000));
+        let original = request(2_500, 31, &rrn);
+        assert_eq!(t.exchange(&original).await.get_str(39), Some("00"));
+        assert_eq!(
+            t.exchange(&request(3_051, 32, "OTHER0000001"))
+                .await
+                .get_str(39),
+            Some("51")
+        );
+        // A reversal of the first.
+        let mut rev = original.clone();
+        rev.set_mti(Mti::REVERSAL_REQUEST);
+        rev.set_stan(33);
+        rev.remove(52);
+        rev.remove(55);
+        rev.set(
+            90,
+            format!("0100000031{}{:022}", original.get_str(7).unwrap(), 0).as_bytes(),
+        );
+        assert_eq!(t.exchange(&rev).await.get_str(39), Some("00"));
+
+        // Without a token, or with a wrong one: refused.
+        for path in ["/", "/api/status", "/api/transactions", "/api/live"] {
+            let (code, _) = get(format!("http://{admin}{path}"), None).await;
+            assert_eq!(code, 401, "{path}");
+            let (code, _) = get(format!("http://{admin}{path}"), Some("wrong-token-0000000")).await;
+            assert_eq!(code, 401, "{path}");
+        }
+        let (code, page) = get(format!("http://{admin}/?token={TOKEN}"), None).await;
+        assert_eq!(code, 200);
+        assert!(page.contains("EventSource"));
+
+        // By RRN: the original and its reversal, PAN masked, never in full.
+        let (code, body) = get(
+            format!("http://{admin}/api/transactions?rrn={rrn}"),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert!(!body.contains("4761739001010010"), "full PAN in {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rows = v["transactions"].as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{body}");
+        let auth = rows.iter().find(|r| r["mti"] == "0100").unwrap();
+        assert_eq!(auth["pan_masked"], "476173******0010");
+        assert_eq!(auth["state"], "reversed");
+        // By response code and terminal.
+        let (_, body) = get(
+            format!("http://{admin}/api/transactions?rc=51&terminal=TERM0001"),
+            Some(TOKEN),
+        )
+        .await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rows = v["transactions"].as_array().unwrap();
+        assert!(rows.iter().all(|r| r["response_code"] == "51"), "{body}");
+        assert_eq!(rows.len(), 1, "{body}");
+        // A bad filter is a 400.
+        let (code, _) = get(
+            format!("http://{admin}/api/transactions?colour=red"),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(code, 400);
+
+        // The story: request and reply summaries, the reversal, the state change.
+        let id = auth["id"].as_str().unwrap();
+        let (code, body) = get(format!("http://{admin}/api/transactions/{id}"), Some(TOKEN)).await;
+        assert_eq!(code, 200);
+        assert!(!body.contains("4761739001010010"), "full PAN in {body}");
+        let story: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(story["endpoint"], "acq");
+        assert_eq!(story["reply_summary"]["39"], "00");
+        assert_eq!(story["request_summary"]["52"], "[PIN block, 8 bytes]");
+        assert_eq!(story["reversals"].as_array().unwrap().len(), 1);
+        assert!(!story["events"].as_array().unwrap().is_empty());
+        let (code, _) = get(format!("http://{admin}/api/transactions/1"), Some(TOKEN)).await;
+        assert_eq!(code, 404);
+
+        // The CLI says the same.
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
+            .args([
+                "txn",
+                "--admin",
+                &format!("http://{admin}"),
+                "--token",
+                TOKEN,
+                "--rrn",
+                &rrn,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let table = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            table.contains("476173******0010") && table.contains("2 transaction(s)"),
+            "{table}"
+        );
+        assert!(!table.contains("4761739001010010"));
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
+            .args([
+                "txn",
+                "--admin",
+                &format!("http://{admin}"),
+                "--token",
+                "wrong-token-0000000",
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        sw.shutdown().await;
+        acq.stop().await;
+    });
+}
