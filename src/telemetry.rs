@@ -110,3 +110,46 @@ fn describe() {
     describe_counter!(HSM_FAILURES, "HSM commands failed");
     describe_counter!(FRAUD_HITS, "Fraud rules fired");
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+    use super::*;
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_metrics_that_exist() {
+        let known = [
+            MESSAGES,
+            ENDPOINT_MESSAGES,
+            STAGE_SECONDS,
+            IN_FLIGHT,
+            CONNECTIONS,
+            LINK_STATE,
+            JOURNAL_BATCH_ROWS,
+            JOURNAL_COMMIT_SECONDS,
+            JOURNAL_BACKLOG,
+            SAF_DEPTH,
+            HSM_UP,
+            HSM_FAILURES,
+            FRAUD_HITS,
+        ];
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../specs/grafana/cardswitch.json")).unwrap();
+        let text = dashboard.to_string();
+        let mut used = 0;
+        for (at, _) in text.match_indices("cardswitch_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_count")
+                .trim_end_matches("_sum");
+            assert!(known.contains(&base), "{name} is not a metric");
+            used += 1;
+        }
+        assert!(used >= known.len());
+    }
+}
