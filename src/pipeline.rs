@@ -27,7 +27,7 @@ use crate::journal::{
 use crate::security::ListenerSecurity;
 use crate::stand_in;
 use crate::state::TxnState;
-use crate::telemetry;
+use crate::telemetry::{PipelineMetrics, Stage};
 use crate::upstream::{Endpoint, Stray, Upstream};
 use cardswitch_simulators::hsm::commands::account_field;
 use cardswitch_simulators::hsm::KeyType;
@@ -61,7 +61,6 @@ struct InFlight<'a>(&'a Counters);
 impl<'a> InFlight<'a> {
     fn new(c: &'a Counters) -> Self {
         c.in_flight.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!(telemetry::IN_FLIGHT).increment(1.0);
         Self(c)
     }
 }
@@ -69,12 +68,7 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!(telemetry::IN_FLIGHT).decrement(1.0);
     }
-}
-
-fn stage(name: &'static str, d: Duration) {
-    metrics::histogram!(telemetry::STAGE_SECONDS, "stage" => name).record(d.as_secs_f64());
 }
 
 /// States a terminal reversal may change.
@@ -98,6 +92,7 @@ pub struct Pipeline {
     security: HashMap<String, ListenerSecurity>,
     hsm: Option<Arc<Hsm>>,
     live: Arc<Live>,
+    metrics: PipelineMetrics,
 }
 
 /// What a CVV check said, when stand-in needs one.
@@ -257,6 +252,7 @@ impl Pipeline {
             security: HashMap::new(),
             hsm: None,
             live: Arc::new(Live::default()),
+            metrics: PipelineMetrics::default(),
         }
     }
 
@@ -541,7 +537,8 @@ impl Pipeline {
             }
             let journal_started = Instant::now();
             let committed = self.journal.submit(change).await;
-            stage("journal", journal_started.elapsed());
+            self.metrics
+                .stage(Stage::Journal, journal_started.elapsed());
             if !committed.ok && self.journal.is_durable() {
                 // Never approve what is not recorded; an acquirer's approval is reversed.
                 outcome
@@ -607,26 +604,32 @@ impl Pipeline {
         mac: Duration,
         total: Duration,
     ) {
-        let rc = outcome
-            .reply
-            .response_code()
-            .map_or_else(|| "--".to_owned(), |c| c.to_string());
-        metrics::counter!(telemetry::MESSAGES, "listener" => listener.to_owned(), "mti" => request.mti().to_string(), "rc" => rc.clone()).increment(1);
+        let code = outcome.reply.response_code();
+        let rc_bytes = code.map_or(*b"--", |c| {
+            let mut b = [b'-'; 2];
+            for (o, i) in b.iter_mut().zip(c.as_str().bytes()) {
+                *o = i;
+            }
+            b
+        });
+        self.metrics
+            .message(listener, *request.mti().as_bytes(), rc_bytes);
         if let (Some(e), DecidedBy::Acquirer) = (&outcome.endpoint, outcome.decided_by) {
-            metrics::counter!(telemetry::ENDPOINT_MESSAGES, "endpoint" => e.clone(), "rc" => rc.clone()).increment(1);
+            self.metrics.endpoint_reply(e, rc_bytes);
         }
-        stage("decode", decode);
+        let m = &self.metrics;
+        m.stage(Stage::Decode, decode);
         if let Some(d) = outcome.routing {
-            stage("route", d);
+            m.stage(Stage::Route, d);
         }
         if let Some(d) = outcome.upstream {
-            stage("upstream", d);
+            m.stage(Stage::Upstream, d);
         }
         let hsm = mac + outcome.hsm.unwrap_or_default();
         if !hsm.is_zero() {
-            stage("hsm", hsm);
+            m.stage(Stage::Hsm, hsm);
         }
-        stage("total", total);
+        m.stage(Stage::Total, total);
         let card = matches!(request.mti().class(), 1 | 2);
         let approved = outcome
             .reply
@@ -635,7 +638,7 @@ impl Pipeline {
         let decline = (card && !approved).then(|| Decline {
             at_ms: u64::try_from(Journal::now_us() / 1000).unwrap_or(0),
             mti: request.mti().to_string(),
-            rc,
+            rc: String::from_utf8_lossy(&rc_bytes).into_owned(),
             pan: card_pan(request)
                 .map(|p| p.masked().to_string())
                 .unwrap_or_default(),

@@ -20,8 +20,11 @@
 //! | `cardswitch_hsm_failures_total` | counter | |
 //! | `cardswitch_fraud_rule_hits_total` | counter | rule, mode |
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Messages answered to terminals.
@@ -88,6 +91,116 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 #[must_use]
 pub fn handle() -> Option<PrometheusHandle> {
     HANDLE.get().cloned()
+}
+
+/// Message counters of one listener by (MTI, response code).
+type ByCode = HashMap<([u8; 4], [u8; 2]), Counter>;
+
+/// Metric handles the pipeline records into for every message, made once: a handle looks up
+/// the registry when made, not when used. Made after [`install`], they record; made without a
+/// recorder, they are no-ops.
+pub struct PipelineMetrics {
+    decode: Histogram,
+    route: Histogram,
+    hsm: Histogram,
+    upstream: Histogram,
+    journal: Histogram,
+    total: Histogram,
+    /// Per listener, per (MTI, response code).
+    messages: Mutex<HashMap<String, ByCode>>,
+    /// Per endpoint, per response code.
+    endpoints: Mutex<HashMap<String, HashMap<[u8; 2], Counter>>>,
+}
+
+impl std::fmt::Debug for PipelineMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineMetrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        let stage = |s: &'static str| metrics::histogram!(STAGE_SECONDS, "stage" => s);
+        Self {
+            decode: stage("decode"),
+            route: stage("route"),
+            hsm: stage("hsm"),
+            upstream: stage("upstream"),
+            journal: stage("journal"),
+            total: stage("total"),
+            messages: Mutex::new(HashMap::new()),
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// A pipeline stage with a latency histogram.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    /// Frame to message.
+    Decode,
+    /// Checks, duplicates, routing, up to the HSM or the acquirer.
+    Route,
+    /// MAC verification and PIN translation.
+    Hsm,
+    /// Waiting for the acquirer (including its MAC).
+    Upstream,
+    /// Waiting for the journal commit.
+    Journal,
+    /// Frame in to reply ready.
+    Total,
+}
+
+impl PipelineMetrics {
+    /// Records a stage's time.
+    pub fn stage(&self, stage: Stage, d: Duration) {
+        let h = match stage {
+            Stage::Decode => &self.decode,
+            Stage::Route => &self.route,
+            Stage::Hsm => &self.hsm,
+            Stage::Upstream => &self.upstream,
+            Stage::Journal => &self.journal,
+            Stage::Total => &self.total,
+        };
+        h.record(d.as_secs_f64());
+    }
+
+    /// Counts a message answered on `listener`.
+    pub fn message(&self, listener: &str, mti: [u8; 4], rc: [u8; 2]) {
+        let Ok(mut by_listener) = self.messages.lock() else {
+            return;
+        };
+        if !by_listener.contains_key(listener) {
+            by_listener.insert(listener.to_owned(), HashMap::new());
+        }
+        if let Some(m) = by_listener.get_mut(listener) {
+            m.entry((mti, rc))
+                .or_insert_with(|| {
+                    metrics::counter!(MESSAGES, "listener" => listener.to_owned(),
+                        "mti" => String::from_utf8_lossy(&mti).into_owned(),
+                        "rc" => String::from_utf8_lossy(&rc).into_owned())
+                })
+                .increment(1);
+        }
+    }
+
+    /// Counts an acquirer's reply.
+    pub fn endpoint_reply(&self, endpoint: &str, rc: [u8; 2]) {
+        let Ok(mut by_endpoint) = self.endpoints.lock() else {
+            return;
+        };
+        if !by_endpoint.contains_key(endpoint) {
+            by_endpoint.insert(endpoint.to_owned(), HashMap::new());
+        }
+        if let Some(m) = by_endpoint.get_mut(endpoint) {
+            m.entry(rc)
+                .or_insert_with(|| {
+                    metrics::counter!(ENDPOINT_MESSAGES, "endpoint" => endpoint.to_owned(),
+                        "rc" => String::from_utf8_lossy(&rc).into_owned())
+                })
+                .increment(1);
+        }
+    }
 }
 
 fn describe() {

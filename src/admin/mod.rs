@@ -117,6 +117,13 @@ async fn refresh(state: AdminState, shutdown: CancellationToken) {
         if let Ok(mut d) = state.saf_depth.lock() {
             *d = depths;
         }
+        metrics::gauge!(telemetry::IN_FLIGHT).set(
+            state
+                .pipeline
+                .counters
+                .in_flight
+                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+        );
         if let Some(h) = state.pipeline.hsm() {
             metrics::gauge!(telemetry::HSM_UP).set(h.health().up as f64);
         }
