@@ -180,7 +180,21 @@ fn dashboard_client(admin: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::Jo
     })
 }
 
-fn throughput_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usize) -> f64 {
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn throughput_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usize) -> (f64, f64) {
     let schema = format!("bench_admin_{}_{run}", std::process::id());
     exec(
         rt,
@@ -202,7 +216,10 @@ fn throughput_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usi
     std::thread::sleep(Duration::from_millis(500));
     let stop = Arc::new(AtomicBool::new(false));
     let client = admin.map(|a| dashboard_client(a, Arc::clone(&stop)));
+    let cpu_before = cpu_seconds(switch.0.id());
     let r = terminal(listen, seconds);
+    let cpu = cpu_seconds(switch.0.id()) - cpu_before;
+    let us_per_txn = cpu / r["received"].as_f64().unwrap_or(1.0).max(1.0) * 1e6;
     stop.store(true, Ordering::Relaxed);
     drop(switch);
     let streamed = client.map(|c| c.join().unwrap_or(0));
@@ -226,7 +243,7 @@ fn throughput_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usi
         &pg_url(),
         &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
     );
-    tps
+    (tps, us_per_txn)
 }
 
 fn main() {
@@ -244,23 +261,31 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     println!("switch throughput, closed loop 16 x 32, durable PG journal, {seconds} s per run, alternating");
-    let mut off = Vec::new();
-    let mut on = Vec::new();
-    for run in 0..4 {
+    let pairs: usize = std::env::var("BENCH_PAIRS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let (mut off, mut on, mut cpu_off, mut cpu_on) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for run in 0..pairs * 2 {
         let with = run % 2 == 1;
-        let tps = throughput_run(&rt, with, seconds, run);
+        let (tps, cpu) = throughput_run(&rt, with, seconds, run);
         if with {
-            on.push(tps)
+            on.push(tps);
+            cpu_on.push(cpu);
         } else {
-            off.push(tps)
+            off.push(tps);
+            cpu_off.push(cpu);
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     println!(
-        "  mean: off {:.0} TPS, on {:.0} TPS, ratio on/off {:.3}",
+        "  mean: off {:.0} TPS, on {:.0} TPS, ratio on/off {:.3}; switch CPU off {:.1} us/txn, on {:.1} us/txn",
         mean(&off),
         mean(&on),
-        mean(&on) / mean(&off).max(1.0)
+        mean(&on) / mean(&off).max(1.0),
+        mean(&cpu_off),
+        mean(&cpu_on)
     );
 
     // Look-up on a big journal.
@@ -303,7 +328,7 @@ fn main() {
                    'M' || lpad((g % 1000)::text, 14, '0'), '476173******0010', md5(g::text), g % 100000, '826', \
                    '476173', 'acq', '127.0.0.1:9583', CASE WHEN g % 10 = 0 THEN '05' ELSE '00' END, 'acquirer', \
                    '000001', '{{\"mti\":\"0100\"}}', '{{\"mti\":\"0110\"}}', 100, 500, 'approved' \
-                 FROM generate_series(1, {rows}) g; ANALYZE transactions;"
+                 FROM generate_series(1::bigint, {rows}::bigint) g; ANALYZE transactions;"
             ),
         );
         println!(

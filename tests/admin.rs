@@ -334,3 +334,42 @@ fn look_up_answers_masks_and_wants_the_token() {
         acq.stop().await;
     });
 }
+
+#[test]
+fn an_open_dashboard_streams_and_does_not_hold_up_shutdown() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (acq, sw, _pool) = start("pos").await;
+        let admin = sw.admin_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut r = ureq::get(&format!("http://{admin}/api/live?token={TOKEN}"))
+                .call()
+                .unwrap();
+            let mut reader = r.body_mut().as_reader();
+            let mut first = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !first.windows(2).any(|w| w == b"\n\n") {
+                let n = reader.read(&mut buf).unwrap();
+                first.extend_from_slice(&buf[..n]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&first).into_owned());
+            // Keep reading until the switch ends the stream.
+            while reader.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        let event = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(event.starts_with("event: status\ndata: {"), "{event}");
+        assert!(
+            event.contains("\"endpoints\":[{\"name\":\"acq\""),
+            "{event}"
+        );
+        tokio::time::timeout(Duration::from_secs(10), sw.shutdown())
+            .await
+            .expect("shutdown waited for the dashboard");
+        reader.join().unwrap();
+        acq.stop().await;
+    });
+}

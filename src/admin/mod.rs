@@ -58,6 +58,8 @@ struct AdminState {
     token: Arc<str>,
     prometheus: Option<PrometheusHandle>,
     saf_depth: Arc<Mutex<BTreeMap<String, i64>>>,
+    /// Ends the live streams, so that a shutdown does not wait for open dashboards.
+    shutdown: CancellationToken,
 }
 
 /// Binds the admin address and serves until `shutdown`; also refreshes the SAF depth gauge.
@@ -77,6 +79,7 @@ pub async fn start(
         token: Arc::from(cfg.token.as_str()),
         prometheus: telemetry::handle(),
         saf_depth: Arc::new(Mutex::new(BTreeMap::new())),
+        shutdown: shutdown.clone(),
     };
     tracker.spawn(refresh(state.clone(), shutdown.clone()));
     let protected = Router::new()
@@ -271,7 +274,10 @@ async fn live(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let stream = futures_util::stream::unfold((state, true), |(state, first)| async move {
         if !first {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                () = state.shutdown.cancelled() => return None,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         }
         let data = serde_json::to_string(&snapshot(&state)).unwrap_or_else(|_| "{}".into());
         Some((
