@@ -488,6 +488,8 @@ impl Pipeline {
                 if let Some(route) = outcome.as_ref().and_then(|o| o.endpoint.as_deref()) {
                     span.record("route", route);
                 }
+                // One line per transaction at debug level, carrying the span's fields.
+                debug!(parent: &span, us = started.elapsed().as_micros(), "answered");
                 (request, outcome)
             }
             Err(e) => {

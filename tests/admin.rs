@@ -373,3 +373,91 @@ fn an_open_dashboard_streams_and_does_not_hold_up_shutdown() {
         acq.stop().await;
     });
 }
+
+#[test]
+fn json_logs_carry_the_spans_and_never_a_pan() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let acq = Acquirer::start(AcquirerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dialect: Dialect::builtin("iso87-ascii").unwrap(),
+            framing: Framing::default(),
+            rules: Rules::default_rules(),
+            tls: None,
+            security: None,
+        })
+        .await
+        .unwrap();
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("cardswitch-logs-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("switch.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[journal]\nurl = \"sqlite://{}\"\n[[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
+                 [[endpoints]]\nname = \"acq\"\nlinks = [\"{}\"]\n[[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n",
+                dir.join("journal.db").display(),
+                acq.local_addr()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("switch.log")).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
+            .args(["run", "--json-logs", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "debug")
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut connected = None;
+        for _ in 0..200 {
+            if let Ok(s) = TcpStream::connect(listen).await {
+                connected = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        drop(connected);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut t = Terminal::connect(listen).await;
+        assert_eq!(t.exchange(&request(1_000, 1, "LOGRRN000001")).await.get_str(39), Some("00"));
+        assert_eq!(t.exchange(&request(1_051, 2, "LOGRRN000002")).await.get_str(39), Some("51"));
+        let mut bad = request(1_000, 3, "LOGRRN000003");
+        bad.set(2, b"4761739001010011");
+        assert_eq!(t.exchange(&bad).await.get_str(39), Some("14"));
+        drop(t);
+        let pid = child.id().unwrap().to_string();
+        let _ = std::process::Command::new("kill").args(["-INT", &pid]).status();
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        let text = std::fs::read_to_string(dir.join("switch.log")).unwrap();
+        assert!(!text.contains("4761739001010010"), "full PAN in the logs");
+        assert!(!text.contains("4761739001010011"), "full PAN in the logs");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+            .collect();
+        let answered: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["fields"]["message"] == "answered")
+            .collect();
+        assert_eq!(answered.len(), 3, "{text}");
+        let first = answered
+            .iter()
+            .find(|l| l["span"]["rrn"] == "LOGRRN000001")
+            .unwrap();
+        assert_eq!(first["span"]["name"], "txn");
+        assert_eq!(first["span"]["mti"], "0100");
+        assert_eq!(first["span"]["stan"], "000001");
+        assert_eq!(first["span"]["rc"], "00");
+        assert_eq!(first["span"]["route"], "acq");
+        let spans = first["spans"].as_array().unwrap();
+        assert!(
+            spans.iter().any(|s| s["name"] == "conn" && s["listener"] == "pos"),
+            "{first}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        acq.stop().await;
+    });
+}
