@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod dedup;
 pub mod demo;
+pub mod fraud;
 pub mod hsm;
 pub mod journal;
 pub mod pipeline;
