@@ -50,6 +50,18 @@ pub struct Config {
     /// The admin side: metrics, dashboard, transaction look-up.
     #[serde(default)]
     pub admin: Option<crate::admin::AdminSection>,
+    /// Inline fraud rules.
+    #[serde(default)]
+    pub fraud: Option<FraudSection>,
+}
+
+/// `[fraud]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FraudSection {
+    /// The rules file (see `specs/fraud-rules.toml`); reloaded on SIGHUP and
+    /// `POST /api/fraud/reload`.
+    pub rules: std::path::PathBuf,
 }
 
 /// `[switch]`.
@@ -401,6 +413,8 @@ pub struct Validated {
     pub listener_security: Vec<Option<ListenerSecurity>>,
     /// Acquirer keys per endpoint, in endpoint order.
     pub endpoint_security: Vec<Option<Arc<EndpointSecurity>>>,
+    /// The fraud rules, loaded and validated.
+    pub fraud: Option<Arc<crate::fraud::Rules>>,
 }
 
 impl EndpointConfig {
@@ -611,6 +625,12 @@ impl Config {
             Some(h) if !(1..=8).contains(&h.header_len) => bail!("hsm.header_len: 1 to 8"),
             _ => {}
         }
+        let fraud = self
+            .fraud
+            .as_ref()
+            .map(|f| crate::fraud::Rules::load(&f.rules).map(Arc::new))
+            .transpose()
+            .context("fraud.rules")?;
         Ok(Validated {
             config: self,
             listeners,
@@ -618,6 +638,7 @@ impl Config {
             bins,
             listener_security,
             endpoint_security,
+            fraud,
         })
     }
 }

@@ -20,6 +20,7 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::admin::live::{Decline, Live};
 use crate::dedup::{Decision, Dedup, Guard, Verdict};
+use crate::fraud::{Rules as FraudRules, Txn};
 use crate::hsm::Hsm;
 use crate::journal::{
     Change, DecidedBy, Journal, Original, OriginalKeys, SafEntry, SafKind, StateChange,
@@ -93,6 +94,7 @@ pub struct Pipeline {
     hsm: Option<Arc<Hsm>>,
     live: Arc<Live>,
     metrics: PipelineMetrics,
+    fraud: Option<Arc<FraudRules>>,
 }
 
 /// What a CVV check said, when stand-in needs one.
@@ -122,6 +124,10 @@ struct Outcome {
     upstream: Option<Duration>,
     /// Time spent on the HSM (PIN translation) inside the pipeline.
     hsm: Option<Duration>,
+    /// Time spent on the fraud rules.
+    fraud_time: Option<Duration>,
+    /// The fraud rules that fired, for the journal.
+    fraud: Option<String>,
     /// What else the transaction writes.
     change: Change,
     /// The claimed duplicate key.
@@ -147,6 +153,8 @@ impl Outcome {
             routing: None,
             upstream: None,
             hsm: None,
+            fraud_time: None,
+            fraud: None,
             change: Change::default(),
             guard: None,
             reversal_if_unrecorded: None,
@@ -253,7 +261,68 @@ impl Pipeline {
             hsm: None,
             live: Arc::new(Live::default()),
             metrics: PipelineMetrics::default(),
+            fraud: None,
         }
+    }
+
+    /// Adds the fraud rules.
+    #[must_use]
+    pub fn with_fraud(mut self, rules: Option<Arc<FraudRules>>) -> Self {
+        self.fraud = rules;
+        self
+    }
+
+    /// The fraud rules, when configured.
+    #[must_use]
+    pub fn fraud(&self) -> Option<&Arc<FraudRules>> {
+        self.fraud.as_ref()
+    }
+
+    /// Runs the fraud rules on an authorization or financial request: the decline, if any,
+    /// and what to journal.
+    fn screen(
+        &self,
+        request: &Message,
+        pan: &Pan,
+    ) -> (Option<ResponseCode>, Option<String>, Duration) {
+        let started = Instant::now();
+        let Some(engine) = self.fraud.as_ref().and_then(|f| f.engine()) else {
+            return (None, None, Duration::ZERO);
+        };
+        if engine.is_empty() {
+            return (None, None, Duration::ZERO);
+        }
+        let hmac = self.journal.pan_hmac(pan);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let month = crate::fraud::yymm(now);
+        let track_expiry = request.get_str(35).and_then(|t| {
+            let at = t.find(['=', 'D'])?;
+            t.get(at + 1..at + 5)
+        });
+        let txn = Txn {
+            pan: pan.expose(),
+            pan_hmac: &hmac,
+            terminal: request.terminal_id().unwrap_or(""),
+            merchant: request.merchant_id().unwrap_or(""),
+            amount: request.amount().unwrap_or(0),
+            mcc: request.mcc(),
+            currency: request.currency(),
+            country: request.get_str(19).and_then(|c| c.parse().ok()),
+            entry_mode: request.pos_entry_mode(),
+            expiry: request.expiry().or(track_expiry),
+            month: std::str::from_utf8(&month).unwrap_or("0000"),
+            now_s: u32::try_from(now).unwrap_or(u32::MAX),
+        };
+        let verdict = engine.evaluate(&txn);
+        let took = started.elapsed();
+        if !verdict.is_notable() {
+            return (None, None, took);
+        }
+        let why = engine.explain(&verdict).join("; ");
+        (verdict.decline.map(|(_, c)| c), Some(why), took)
     }
 
     /// The live numbers (dashboard).
@@ -527,6 +596,7 @@ impl Pipeline {
             row.upstream_stan = outcome.upstream_stan.map(|s| format!("{s:06}"));
             row.original_id = outcome.original_id;
             row.amount_reversed_minor = outcome.amount_reversed;
+            row.fraud = outcome.fraud.take();
             if let Some(id) = outcome.txn_id {
                 row.set_id(id);
             }
@@ -621,6 +691,9 @@ impl Pipeline {
         }
         let m = &self.metrics;
         m.stage(Stage::Decode, decode);
+        if let Some(d) = outcome.fraud_time {
+            m.stage(Stage::Fraud, d);
+        }
         if let Some(d) = outcome.routing {
             m.stage(Stage::Route, d);
         }
@@ -723,6 +796,41 @@ impl Pipeline {
 
     /// An authorization or financial request (or advice): to the acquirer, or stand-in.
     async fn authorize(
+        &self,
+        listener: &str,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        began: Instant,
+    ) -> Option<Outcome> {
+        // Fraud rules on requests (not on advices of what already happened).
+        let (fraud_decline, fraud, fraud_time) = if request.mti().function() <= 1 {
+            self.screen(request, pan)
+        } else {
+            (None, None, Duration::ZERO)
+        };
+        if let Some(code) = fraud_decline {
+            let mut o = Outcome::new(
+                request.response_with(code)?,
+                DecidedBy::Fraud,
+                TxnState::Declined,
+            );
+            o.fraud = fraud;
+            o.fraud_time = Some(fraud_time);
+            return Some(o);
+        }
+        let mut outcome = self.route(listener, request, txn_id, pan, began).await?;
+        if outcome.fraud.is_none() {
+            outcome.fraud = fraud;
+        }
+        if !fraud_time.is_zero() {
+            outcome.fraud_time = Some(fraud_time);
+        }
+        Some(outcome)
+    }
+
+    /// Routing, PIN translation and the acquirer (or stand-in) for a request.
+    async fn route(
         &self,
         listener: &str,
         request: &Message,

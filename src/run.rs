@@ -44,6 +44,25 @@ pub async fn run(args: RunArgs, out: &mut dyn Write) -> Result<()> {
         crate::telemetry::install()?;
     }
     let switch = Switch::start(config).await?;
+    #[cfg(unix)]
+    {
+        // SIGHUP reloads the fraud rules; a file that does not validate leaves them as they are.
+        let pipeline = std::sync::Arc::clone(switch.pipeline());
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    match pipeline.fraud().map(|f| f.reload()) {
+                        Some(Ok(n)) => tracing::info!(rules = n, "fraud rules reloaded"),
+                        Some(Err(e)) => {
+                            tracing::error!(error = %format!("{e:#}"), "fraud rules not reloaded; the running rules stay");
+                        }
+                        None => tracing::info!("SIGHUP: no fraud rules configured"),
+                    }
+                }
+            });
+        }
+    }
     wait_for_stop().await;
     switch.shutdown().await;
     Ok(())

@@ -183,7 +183,8 @@ impl Switch {
             .collect();
         let pipeline = Arc::new(
             Pipeline::new(config.bins.clone(), endpoints, journal.clone())
-                .with_security(hsm, listener_security),
+                .with_security(hsm, listener_security)
+                .with_fraud(config.fraud.clone()),
         );
         // Per endpoint: the store-and-forward sender, and the handler of replies nobody waited
         // for. Both stop with the links.

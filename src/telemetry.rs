@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | `cardswitch_messages_total` | counter | listener, mti, rc |
 //! | `cardswitch_endpoint_messages_total` | counter | endpoint, rc |
-//! | `cardswitch_stage_seconds` | histogram | stage: decode, route, hsm, upstream, journal, total |
+//! | `cardswitch_stage_seconds` | histogram | stage: decode, fraud, route, hsm, upstream, journal, total |
 //! | `cardswitch_requests_in_flight` | gauge | |
 //! | `cardswitch_connections` | gauge | listener |
 //! | `cardswitch_link_state` | gauge (0 down, 1 connected, 2 ready) | endpoint, link |
@@ -101,6 +101,7 @@ type ByCode = HashMap<([u8; 4], [u8; 2]), Counter>;
 /// recorder, they are no-ops.
 pub struct PipelineMetrics {
     decode: Histogram,
+    fraud: Histogram,
     route: Histogram,
     hsm: Histogram,
     upstream: Histogram,
@@ -123,6 +124,7 @@ impl Default for PipelineMetrics {
         let stage = |s: &'static str| metrics::histogram!(STAGE_SECONDS, "stage" => s);
         Self {
             decode: stage("decode"),
+            fraud: stage("fraud"),
             route: stage("route"),
             hsm: stage("hsm"),
             upstream: stage("upstream"),
@@ -139,6 +141,8 @@ impl Default for PipelineMetrics {
 pub enum Stage {
     /// Frame to message.
     Decode,
+    /// The fraud rules.
+    Fraud,
     /// Checks, duplicates, routing, up to the HSM or the acquirer.
     Route,
     /// MAC verification and PIN translation.
@@ -156,6 +160,7 @@ impl PipelineMetrics {
     pub fn stage(&self, stage: Stage, d: Duration) {
         let h = match stage {
             Stage::Decode => &self.decode,
+            Stage::Fraud => &self.fraud,
             Stage::Route => &self.route,
             Stage::Hsm => &self.hsm,
             Stage::Upstream => &self.upstream,

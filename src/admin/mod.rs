@@ -88,6 +88,8 @@ pub async fn start(
         .route("/api/live", get(live))
         .route("/api/transactions", get(transactions))
         .route("/api/transactions/{id}", get(transaction))
+        .route("/api/fraud", get(fraud_rules))
+        .route("/api/fraud/reload", axum::routing::post(fraud_reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let app = Router::new()
         .route("/metrics", get(prometheus))
@@ -129,6 +131,14 @@ async fn refresh(state: AdminState, shutdown: CancellationToken) {
         );
         if let Some(h) = state.pipeline.hsm() {
             metrics::gauge!(telemetry::HSM_UP).set(h.health().up as f64);
+        }
+        if let Some(engine) = state.pipeline.fraud().and_then(|f| f.engine()) {
+            for r in engine.stats() {
+                metrics::counter!(telemetry::FRAUD_HITS, "rule" => r.name.clone(), "mode" => "active")
+                    .absolute(r.hits);
+                metrics::counter!(telemetry::FRAUD_HITS, "rule" => r.name, "mode" => "shadow")
+                    .absolute(r.shadow_hits);
+            }
         }
         metrics::gauge!(telemetry::JOURNAL_BACKLOG).set(
             journal
@@ -326,6 +336,46 @@ async fn transaction(State(state): State<AdminState>, Path(id): Path<i64>) -> Re
         Err(e) => {
             warn!(error = %e, "transaction look-up failed");
             (StatusCode::SERVICE_UNAVAILABLE, "journal unavailable\n").into_response()
+        }
+    }
+}
+
+async fn fraud_rules(State(state): State<AdminState>) -> Response {
+    let Some(engine) = state.pipeline.fraud().and_then(|f| f.engine()) else {
+        return (StatusCode::NOT_FOUND, "no fraud rules configured\n").into_response();
+    };
+    let rules: Vec<Value> = engine
+        .stats()
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.name,
+                "mode": format!("{:?}", r.mode).to_lowercase(),
+                "hits": r.hits,
+                "shadow_hits": r.shadow_hits,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "rules": rules, "state_bytes": engine.state_bytes() })).into_response()
+}
+
+async fn fraud_reload(State(state): State<AdminState>) -> Response {
+    let Some(rules) = state.pipeline.fraud() else {
+        return (StatusCode::NOT_FOUND, "no fraud rules configured\n").into_response();
+    };
+    match rules.reload() {
+        Ok(n) => {
+            info!(rules = n, "fraud rules reloaded (admin)");
+            Json(serde_json::json!({ "reloaded": true, "rules": n })).into_response()
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            warn!(error = %why, "fraud rules not reloaded; the running rules stay");
+            (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "reloaded": false, "error": why })),
+            )
+                .into_response()
         }
     }
 }

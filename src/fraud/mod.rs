@@ -570,15 +570,20 @@ impl Engine {
                     )
                 }
             };
+            // Hit counters go on across reloads for a rule of the same name.
+            let before = previous.and_then(|p| p.rules.iter().find(|r| r.name == name));
+            let count = |f: fn(&Rule) -> &AtomicU64| {
+                AtomicU64::new(before.map_or(0, |r| f(r).load(Ordering::Relaxed)))
+            };
             rules.push(Rule {
+                hits: count(|r| &r.hits),
+                shadow_hits: count(|r| &r.shadow_hits),
                 name,
                 reason,
                 mode,
                 action,
                 weight,
                 check,
-                hits: AtomicU64::new(0),
-                shadow_hits: AtomicU64::new(0),
             });
         }
         if scores > 1 {
@@ -808,6 +813,73 @@ impl Engine {
         }
         v
     }
+}
+
+/// A rules file and the engine loaded from it; reloaded whole or not at all.
+#[derive(Debug)]
+pub struct Rules {
+    path: std::path::PathBuf,
+    engine: std::sync::RwLock<Arc<Engine>>,
+}
+
+impl Rules {
+    /// Loads the file.
+    ///
+    /// # Errors
+    /// The file cannot be read or does not validate.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let engine = Engine::from_toml(&text).with_context(|| format!("{}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            engine: std::sync::RwLock::new(Arc::new(engine)),
+        })
+    }
+
+    /// The engine in use.
+    #[must_use]
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.engine.read().ok().map(|e| Arc::clone(&e))
+    }
+
+    /// Reads the file again; a file that does not validate changes nothing. The state of
+    /// unchanged stateful rules is kept. Returns the number of rules now in use.
+    ///
+    /// # Errors
+    /// The file cannot be read or does not validate (the running rules stay).
+    pub fn reload(&self) -> Result<usize> {
+        let text = std::fs::read_to_string(&self.path)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        let current = self.engine();
+        let engine = Engine::from_toml_keeping(&text, current.as_deref())
+            .with_context(|| format!("{}", self.path.display()))?;
+        let n = engine.len();
+        if let Ok(mut e) = self.engine.write() {
+            *e = Arc::new(engine);
+        }
+        Ok(n)
+    }
+}
+
+/// YYMM of a Unix time (UTC), without allocating: days to civil date (H. Hinnant's algorithm).
+#[must_use]
+pub fn yymm(unix_s: u64) -> [u8; 4] {
+    let days = i64::try_from(unix_s / 86_400).unwrap_or(0) + 719_468;
+    let era = days.div_euclid(146_097);
+    let doe = days - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let digit = |v: i64| u8::try_from(v.rem_euclid(10)).map_or(b'0', |d| b'0' + d);
+    [
+        digit(year / 10),
+        digit(year),
+        digit(month / 10),
+        digit(month),
+    ]
 }
 
 #[cfg(test)]

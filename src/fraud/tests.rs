@@ -312,3 +312,11 @@ fn the_shipped_rules_file_loads() {
     let e = Engine::from_toml(include_str!("../../specs/fraud-rules.toml")).unwrap();
     assert!(e.len() >= 12);
 }
+
+#[test]
+fn yymm_of_known_dates() {
+    assert_eq!(&yymm(0), b"7001");
+    assert_eq!(&yymm(1_795_266_016), b"2611"); // 2026-11-21
+    assert_eq!(&yymm(951_782_400), b"0002"); // 2000-02-29
+    assert_eq!(&yymm(4_102_444_799), b"9912"); // 2099-12-31 23:59:59
+}

@@ -53,6 +53,7 @@ const TEXT: &[&str] = &[
     "upstream_stan",
     "request_summary",
     "reply_summary",
+    "fraud",
 ];
 const INT: &[&str] = &[
     "id",
@@ -240,8 +241,6 @@ impl Journal {
                 story.insert("reversals".into(), Value::Array(reversals));
                 story.insert("events".into(), Value::Array(events));
                 story.insert("store_and_forward".into(), Value::Array(saf));
-                // No fraud rules run yet: the decision is recorded here once they do.
-                story.insert("fraud".into(), Value::Null);
                 Some(Value::Object(story))
             }};
         }

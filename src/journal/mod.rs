@@ -51,6 +51,8 @@ pub enum DecidedBy {
     StandIn,
     /// The reply of an earlier copy of the same request.
     Duplicate,
+    /// A fraud rule declined it.
+    Fraud,
 }
 
 impl DecidedBy {
@@ -61,6 +63,7 @@ impl DecidedBy {
             Self::Timeout => "timeout",
             Self::StandIn => "stand_in",
             Self::Duplicate => "duplicate",
+            Self::Fraud => "fraud",
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct Row {
     /// Amount reversed so far, minor units.
     pub amount_reversed_minor: Option<i64>,
     acquirer_inst: Option<String>,
+    /// The fraud rules that fired (shadow ones marked), when any did.
+    pub fraud: Option<String>,
 }
 
 impl Row {
@@ -398,7 +403,8 @@ impl Backend {
                             .push_bind(&r.upstream_stan)
                             .push_bind(r.original_id)
                             .push_bind(r.amount_reversed_minor)
-                            .push_bind(&r.acquirer_inst);
+                            .push_bind(&r.acquirer_inst)
+                            .push_bind(&r.fraud);
                     });
                     q.build().execute(&mut *tx).await?;
                 }
@@ -419,7 +425,7 @@ const EVENT_LITE: &str =
 const COLUMNS: &str = "id, node, received_us, listener, mti, processing_code, stan, rrn, transmission_time, \
     terminal_id, merchant_id, pan_masked, pan_hmac, amount_minor, currency, route, endpoint, link, response_code, \
     decided_by, auth_code, request_summary, reply_summary, t_upstream_us, t_total_us, t_decode_us, t_route_us, state, upstream_stan, original_id, amount_reversed_minor, \
-    acquirer_inst";
+    acquirer_inst, fraud";
 
 /// One row in PostgreSQL's COPY text format: tab-separated, `\N` for NULL, backslash escapes.
 /// (Hand-written: sqlx has no COPY encoder, and the format is four escapes.)
@@ -490,6 +496,7 @@ fn copy_line(buf: &mut String, node: &str, r: &Row) {
     num(buf, r.original_id);
     num(buf, r.amount_reversed_minor);
     text(buf, r.acquirer_inst.as_deref());
+    text(buf, r.fraud.as_deref());
     // Replace the last tab with the end of the line.
     buf.pop();
     buf.push('\n');
@@ -897,6 +904,7 @@ impl Journal {
             original_id: None,
             amount_reversed_minor: None,
             acquirer_inst: text(request, 32),
+            fraud: None,
         }
     }
 

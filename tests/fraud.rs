@@ -1,0 +1,240 @@
+//! Fraud rules in the switch: declines with the rule's code, shadow hits recorded and never
+//! declining, decisions in the journal, reload through the admin side (good file changes
+//! decisions, bad file changes nothing). PostgreSQL journal, real sockets.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cardswitch::config::Config;
+use cardswitch::server::Switch;
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{sample, Dialect, Message};
+use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use futures_util::{SinkExt, StreamExt};
+use sqlx::PgPool;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+const TOKEN: &str = "fraud-token-0123456789abcdef";
+
+fn pg_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn pg_schema(name: &str) -> (String, PgPool) {
+    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
+    let pool = PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sep = if pg_url().contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
+    (url.clone(), PgPool::connect(&url).await.unwrap())
+}
+
+fn rules(max_count: u32) -> String {
+    format!(
+        r#"
+[[rules]]
+name = "pan-velocity"
+kind = "velocity"
+key = "pan"
+window_s = 3600
+max_count = {max_count}
+action = "65"
+
+[[rules]]
+name = "watch-range"
+kind = "block_list"
+ranges = ["476173"]
+mode = "shadow"
+
+[[rules]]
+name = "casino"
+kind = "high_risk_mcc"
+mccs = [7995]
+action = "57"
+"#
+    )
+}
+
+struct Terminal(Framed<TcpStream, FrameCodec>, Dialect);
+
+impl Terminal {
+    async fn connect(addr: SocketAddr) -> Self {
+        Self(
+            Framed::new(
+                TcpStream::connect(addr).await.unwrap(),
+                FrameCodec::new(Framing::default()),
+            ),
+            Dialect::builtin("iso87-ascii").unwrap(),
+        )
+    }
+
+    async fn rc(&mut self, m: &Message) -> String {
+        self.0
+            .send(Frame::new(self.1.encode_to_vec(m).unwrap()))
+            .await
+            .unwrap();
+        let f = tokio::time::timeout(Duration::from_secs(10), self.0.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        self.1
+            .decode(&f.body)
+            .unwrap()
+            .get_str(39)
+            .unwrap()
+            .to_owned()
+    }
+}
+
+fn request(stan: u32) -> Message {
+    let mut m = sample::auth_request();
+    m.set_stan(stan);
+    m.set(37, format!("FRAUD{stan:07}").as_bytes());
+    m
+}
+
+async fn post(url: String) -> (u16, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut r = ureq::post(&url)
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_empty()
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    })
+    .await
+    .unwrap()
+}
+
+#[test]
+fn rules_decline_record_and_reload() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (url, pool) = pg_schema("fraud").await;
+        let dir = std::env::temp_dir().join(format!("cardswitch-fraud-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rules.toml");
+        std::fs::write(&file, rules(2)).unwrap();
+        let acq = Acquirer::start(AcquirerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dialect: Dialect::builtin("iso87-ascii").unwrap(),
+            framing: Framing::default(),
+            rules: Rules::default_rules(),
+            tls: None,
+            security: None,
+        })
+        .await
+        .unwrap();
+        let text = format!(
+            r#"
+[journal]
+url = "{url}"
+pan_hmac_key = "{k}"
+[admin]
+address = "127.0.0.1:0"
+token = "{TOKEN}"
+[fraud]
+rules = "{file}"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "acq"
+links = ["{link}"]
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#,
+            k = "ab".repeat(32),
+            file = file.display(),
+            link = acq.local_addr()
+        );
+        let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
+            .await
+            .unwrap();
+        assert!(sw.wait_ready(Duration::from_secs(5)).await);
+        let admin = sw.admin_addr().unwrap();
+        let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+
+        // Two per card per hour: the third is declined 65 by the switch, never sent.
+        assert_eq!(t.rc(&request(1)).await, "00");
+        assert_eq!(t.rc(&request(2)).await, "00");
+        assert_eq!(t.rc(&request(3)).await, "65");
+        assert_eq!(acq.ledger().len(), 2);
+        // A casino MCC: 57 from its own rule (the card's velocity fires first: 65).
+        let mut casino = request(4);
+        casino.set(2, b"4761731234567890");
+        casino.set(35, b"4761731234567890=28122011143878089");
+        casino.set(18, b"7995");
+        assert_eq!(t.rc(&casino).await, "57");
+
+        // The journal has every decision with the rules that fired; the shadow rule fired on
+        // every card of the range and declined nothing.
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT response_code, decided_by, fraud FROM transactions ORDER BY received_us",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 4);
+        for (rc, by, fraud) in &rows {
+            let fraud = fraud.as_deref().unwrap_or("");
+            assert!(fraud.contains("shadow:watch-range"), "{rc} {by} {fraud}");
+        }
+        assert_eq!(rows[2].0, "65");
+        assert_eq!(rows[2].1, "fraud");
+        assert!(rows[2]
+            .2
+            .as_deref()
+            .unwrap()
+            .contains("pan-velocity (Pan velocity over 3600 s > 2 transactions)"));
+        assert_eq!((rows[3].0.as_str(), rows[3].1.as_str()), ("57", "fraud"));
+        assert_eq!(rows[0].1, "acquirer");
+
+        // A file that does not validate: refused, decisions unchanged.
+        std::fs::write(&file, rules(2).replace("window_s = 3600", "window_s = 2")).unwrap();
+        let (code, body) = post(format!("http://{admin}/api/fraud/reload")).await;
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("window_s at least 8"), "{body}");
+        assert_eq!(t.rc(&request(5)).await, "65");
+        // A good file: the card may go on (its count is kept through the reload).
+        std::fs::write(&file, rules(10)).unwrap();
+        let (code, body) = post(format!("http://{admin}/api/fraud/reload")).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(t.rc(&request(6)).await, "00");
+        // Hit counters.
+        let body = tokio::task::spawn_blocking(move || {
+            ureq::get(&format!("http://{admin}/api/fraud"))
+                .header("Authorization", &format!("Bearer {TOKEN}"))
+                .call()
+                .unwrap()
+                .body_mut()
+                .read_to_string()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let shadow = v["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "watch-range")
+            .unwrap();
+        assert_eq!(shadow["mode"], "shadow");
+        assert_eq!(shadow["hits"], 0);
+        assert!(shadow["shadow_hits"].as_u64().unwrap() >= 2, "{body}");
+        sw.shutdown().await;
+        acq.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+}
