@@ -238,3 +238,80 @@ endpoint = "acq"
         let _ = std::fs::remove_dir_all(&dir);
     });
 }
+
+#[test]
+fn sighup_reloads_the_rules_file() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let acq = Acquirer::start(AcquirerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            dialect: Dialect::builtin("iso87-ascii").unwrap(),
+            framing: Framing::default(),
+            rules: Rules::default_rules(),
+            tls: None,
+            security: None,
+        })
+        .await
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("cardswitch-hup-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("rules.toml");
+        std::fs::write(&file, rules(1)).unwrap();
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = dir.join("switch.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[journal]\nurl = \"sqlite://{}\"\n[fraud]\nrules = \"{}\"\n[[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
+                 [[endpoints]]\nname = \"acq\"\nlinks = [\"{}\"]\n[[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n",
+                dir.join("journal.db").display(),
+                file.display(),
+                acq.local_addr()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("switch.log")).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap().to_string();
+        let mut up = false;
+        for _ in 0..200 {
+            if TcpStream::connect(listen).await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(up);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let hup = || {
+            let _ = std::process::Command::new("kill").args(["-HUP", &pid]).status();
+        };
+        let mut t = Terminal::connect(listen).await;
+        assert_eq!(t.rc(&request(1)).await, "00");
+        assert_eq!(t.rc(&request(2)).await, "65", "one per card");
+        // A bad file and SIGHUP: the rules stay.
+        std::fs::write(&file, "[[rules]]\nname = \"x\"\nkind = \"nonsense\"\n").unwrap();
+        hup();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(t.rc(&request(3)).await, "65");
+        // A good file and SIGHUP: the new limit applies.
+        std::fs::write(&file, rules(100)).unwrap();
+        hup();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(t.rc(&request(4)).await, "00");
+        drop(t);
+        let _ = std::process::Command::new("kill").args(["-INT", &pid]).status();
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        let text = std::fs::read_to_string(dir.join("switch.log")).unwrap();
+        assert!(text.contains("fraud rules not reloaded"), "{text}");
+        assert!(text.contains("fraud rules reloaded"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
+        acq.stop().await;
+    });
+}

@@ -4,7 +4,8 @@
 //! A rules file (`specs/fraud-rules.toml`) lists rules in order; each has a `name`, a `kind`, a
 //! `mode` (`off`, `shadow`: evaluated and recorded but never declining, `active`), an `action`
 //! (the response code when it declines; default `settings.decline_code`; `"none"`: it only adds
-//! its weight to the score) and a `weight` for the score rule. The first active rule that fires
+//! its weight to the score), a `weight` for the score rule and, for stateful kinds, `max_keys`
+//! (default `settings.max_keys`). The first active rule that fires
 //! with an action declines. Kinds:
 //!
 //! | kind | fires when |
@@ -416,6 +417,13 @@ impl Engine {
                 Some(_) => bail!("{what}: action must be a response code or \"none\""),
                 None => Some(default_action),
             };
+            let cap = match t.remove("max_keys") {
+                Some(toml::Value::Integer(k)) if k > 0 => {
+                    usize::try_from(k).map_err(|_| anyhow::anyhow!("{what}: max_keys too large"))?
+                }
+                Some(_) => bail!("{what}: max_keys must be a positive number"),
+                None => raw.settings.max_keys,
+            };
             let weight = match t.remove("weight") {
                 Some(toml::Value::Integer(w)) => u32::try_from(w)
                     .map_err(|_| anyhow::anyhow!("{what}: weight 0 to 4294967295"))?,
@@ -430,7 +438,6 @@ impl Engine {
                     .and_then(|p| p.rules.iter().find(|r| r.name == name))
                     .filter(|r| matches(&r.check))
             };
-            let cap = raw.settings.max_keys;
             let (check, reason) = match kind {
                 Kind::Velocity {
                     key,
