@@ -171,7 +171,9 @@ pub struct Link {
     state: AtomicU8,
     in_flight: AtomicU32,
     cap: u32,
-    stan: AtomicU32,
+    /// The endpoint's STAN counter, shared by its links: an acquirer matching reversals by
+    /// STAN and DE7 must never see one STAN twice from two links at once.
+    stan: Arc<AtomicU32>,
     queue: mpsc::Sender<Frame>,
     pending: Mutex<HashMap<u32, Pending>>,
     book: Mutex<Book>,
@@ -350,6 +352,7 @@ impl Endpoint {
         tracker: &TaskTracker,
     ) -> (Arc<Self>, mpsc::Receiver<Stray>) {
         let (strays, strays_rx) = mpsc::channel(4096);
+        let stan = Arc::new(AtomicU32::new(fastrand::u32(0..999_999)));
         let mut links = Vec::new();
         for addr in &config.links {
             let (tx, rx) =
@@ -359,7 +362,7 @@ impl Endpoint {
                 state: AtomicU8::new(LinkState::Disconnected as u8),
                 in_flight: AtomicU32::new(0),
                 cap: config.max_in_flight_per_link,
-                stan: AtomicU32::new(fastrand::u32(0..999_999)),
+                stan: Arc::clone(&stan),
                 queue: tx,
                 pending: Mutex::new(HashMap::new()),
                 book: Mutex::new(Book::default()),

@@ -529,3 +529,36 @@ fallback = "b"
     a.stop().await;
     b.stop().await;
 }
+
+/// All links of an endpoint draw from one STAN sequence: an acquirer that matches reversals by
+/// STAN and DE7 never sees the same STAN twice, whichever links the requests take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_of_an_endpoint_share_one_stan_sequence() {
+    let acq = acquirer(Rules::default_rules()).await;
+    let addr = acq.local_addr().to_string();
+    let sw = switch_with(
+        &[addr.clone(), addr.clone(), addr.clone(), addr],
+        2_000,
+        &[("CARDSWITCH__ENDPOINTS__0__STRATEGY", "round-robin")],
+    )
+    .await;
+    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    for i in 0..200 {
+        let mut m = request(1_000, 1 + i);
+        m.set(37, format!("STAN{i:08}").as_bytes());
+        assert_eq!(rc(&t.exchange(&m).await), "00");
+    }
+    let stans: std::collections::HashSet<String> =
+        acq.ledger().iter().map(|e| e.stan.clone()).collect();
+    assert_eq!(acq.ledger().len(), 200);
+    assert_eq!(stans.len(), 200, "a STAN was used twice");
+    // One sequence: consecutive numbers (one jump at most, where it wraps at 999,999), not
+    // four runs from four counters.
+    let mut n: Vec<u32> = stans.iter().map(|s| s.parse().unwrap()).collect();
+    n.sort_unstable();
+    let jumps = n.windows(2).filter(|w| w[1] - w[0] != 1).count();
+    assert!(jumps <= 1, "STANs from several counters: {jumps} jumps");
+    sw.shutdown().await;
+    acq.stop().await;
+}
