@@ -23,135 +23,35 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cardswitch");
+use common::{
+    cpu_seconds, exec, free_port, fresh_schema, pg_url, query_text, schema_url, spawn,
+    switch_config, terminal, wait_for, CLOSED_LOOP,
+};
+
 const TOKEN: &str = "bench-token-0123456789abcdef";
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.0.id().to_string())
-            .status();
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env("RUST_LOG", "error");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().unwrap())
-}
-
-fn wait_for(addr: SocketAddr) {
-    for _ in 0..400 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nothing listens on {addr}");
-}
-
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn schema_url(schema: &str) -> String {
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    format!("{}{sep}options=-csearch_path%3D{schema}", pg_url())
-}
-
-fn psql(rt: &tokio::runtime::Runtime, url: &str, sql: &str) -> Vec<String> {
-    rt.block_on(async {
-        let pool = sqlx::PgPool::connect(url).await.unwrap();
-        let rows: Vec<(String,)> = sqlx::query_as(sql)
-            .fetch_all(&pool)
-            .await
-            .unwrap_or_default();
-        rows.into_iter().map(|r| r.0).collect()
-    })
-}
-
-fn exec(rt: &tokio::runtime::Runtime, url: &str, sql: &str) {
-    rt.block_on(async {
-        let pool = sqlx::PgPool::connect(url).await.unwrap();
-        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-    });
-}
 
 fn config(
     listen: SocketAddr,
     acquirer: SocketAddr,
     admin: Option<SocketAddr>,
 ) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "cardswitch-bench-admin-{}-{}.toml",
-        std::process::id(),
-        admin.is_some()
-    ));
-    let admin = admin.map_or(String::new(), |a| {
+    let top = admin.map_or(String::new(), |a| {
         format!("[admin]\naddress = \"{a}\"\ntoken = \"{TOKEN}\"\n")
     });
-    std::fs::write(
-        &path,
-        format!(
-            "[journal]\nmode = \"durable\"\npan_hmac_key = \"{}\"\n{admin}\
-             [[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
-             [[endpoints]]\nname = \"acq\"\nlinks = [\"{acquirer}\"]\n\
-             [[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n\
-             [[routes]]\nprefix = \"541333\"\nendpoint = \"acq\"\n",
-            "ab".repeat(32)
-        ),
+    switch_config(
+        &format!("admin-{}", admin.is_some()),
+        &top,
+        listen,
+        "",
+        acquirer,
+        "",
     )
-    .unwrap();
-    path
-}
-
-fn terminal(target: SocketAddr, seconds: u64) -> Value {
-    let out = Command::new(BIN)
-        .args([
-            "sim",
-            "terminal",
-            "--target",
-            &target.to_string(),
-            "--card-only",
-            "--json",
-            "--connections",
-            "16",
-            "--depth",
-            "32",
-            "--duration",
-            &format!("{seconds}s"),
-        ])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("terminal: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// A dashboard's connection: reads `/api/live` until stopped; bytes read.
@@ -180,34 +80,13 @@ fn dashboard_client(admin: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::Jo
     })
 }
 
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn throughput_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usize) -> (f64, f64) {
     let schema = format!("bench_admin_{}_{run}", std::process::id());
-    exec(
-        rt,
-        &pg_url(),
-        &format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"),
-    );
-    let acquirer = free_port();
-    let _acq = spawn(&["sim", "acquirer", "--listen", &acquirer.to_string()], &[]);
-    wait_for(acquirer);
+    let url = fresh_schema(rt, &schema);
+    let (_acq, acquirer) = common::acquirer(&[]);
     let listen = free_port();
     let admin = on.then(free_port);
     let cfg = config(listen, acquirer, admin);
-    let url = schema_url(&schema);
     let switch = spawn(
         &["run", "--config", cfg.to_str().unwrap()],
         &[("DATABASE_URL", &url)],
@@ -217,7 +96,7 @@ fn throughput_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usi
     let stop = Arc::new(AtomicBool::new(false));
     let client = admin.map(|a| dashboard_client(a, Arc::clone(&stop)));
     let cpu_before = cpu_seconds(switch.0.id());
-    let r = terminal(listen, seconds);
+    let r = terminal(listen, &CLOSED_LOOP, seconds);
     let cpu = cpu_seconds(switch.0.id()) - cpu_before;
     let us_per_txn = cpu / r["received"].as_f64().unwrap_or(1.0).max(1.0) * 1e6;
     stop.store(true, Ordering::Relaxed);
@@ -296,9 +175,7 @@ fn main() {
         &pg_url(),
         &format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
     );
-    let acquirer = free_port();
-    let _acq = spawn(&["sim", "acquirer", "--listen", &acquirer.to_string()], &[]);
-    wait_for(acquirer);
+    let (_acq, acquirer) = common::acquirer(&[]);
     let listen = free_port();
     let admin = free_port();
     let cfg = config(listen, acquirer, Some(admin));
@@ -308,7 +185,7 @@ fn main() {
         &[("DATABASE_URL", &url)],
     );
     wait_for(admin);
-    let have: i64 = psql(&rt, &url, "SELECT count(*)::text FROM transactions")
+    let have: i64 = query_text(&rt, &url, "SELECT count(*)::text FROM transactions")
         .first()
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
@@ -336,7 +213,7 @@ fn main() {
             started.elapsed().as_secs_f64()
         );
     }
-    let plan = psql(
+    let plan = query_text(
         &rt,
         &url,
         "EXPLAIN SELECT * FROM transactions WHERE rrn = '000004567890' ORDER BY received_us DESC LIMIT 100",

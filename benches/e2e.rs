@@ -24,7 +24,6 @@
 )] // a benchmark
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 
 use std::time::Duration;
 
@@ -36,106 +35,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cardswitch");
+mod common;
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.0.id().to_string())
-            .status();
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env("RUST_LOG", "error");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().unwrap())
-}
-
-fn wait_for(addr: SocketAddr) {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nothing listens on {addr}");
-}
-
-/// Runs the terminal simulator; its JSON report.
-fn terminal(target: SocketAddr, load: &[&str], seconds: u64) -> Value {
-    let out = Command::new(BIN)
-        .args([
-            "sim",
-            "terminal",
-            "--target",
-            &target.to_string(),
-            "--card-only",
-            "--json",
-            "--duration",
-            &format!("{seconds}s"),
-        ])
-        .args(load)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("terminal: {}", String::from_utf8_lossy(&out.stderr)))
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn fresh_schema(rt: &tokio::runtime::Runtime, name: &str) -> String {
-    rt.block_on(async {
-        let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&pool)
-            .await
-            .unwrap();
-    });
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    format!("{}{sep}options=-csearch_path%3D{name}", pg_url())
-}
+use common::{
+    cpu_seconds, free_port, fresh_schema, spawn, switch_config, terminal, wait_for, CLOSED_LOOP,
+};
 
 // ---- the baselines --------------------------------------------------------------------------
 
@@ -287,21 +191,9 @@ fn main() {
     let switch_db = fresh_schema(&rt, "bench_e2e_switch");
     let relay_db = fresh_schema(&rt, "bench_e2e_relay");
 
-    let acquirer = free_port();
-    let _acq = spawn(&["sim", "acquirer", "--listen", &acquirer.to_string()], &[]);
-    wait_for(acquirer);
+    let (_acq, acquirer) = common::acquirer(&[]);
     let listen = free_port();
-    let config = std::env::temp_dir().join(format!("cardswitch-bench-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "[journal]\nmode = \"durable\"\npan_hmac_key = \"{}\"\n[[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
-             [[endpoints]]\nname = \"acq\"\nlinks = [\"{acquirer}\"]\n[[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n\
-             [[routes]]\nprefix = \"541333\"\nendpoint = \"acq\"\n",
-            "ab".repeat(32)
-        ),
-    )
-    .unwrap();
+    let config = switch_config("e2e", "", listen, "", acquirer, "");
     let switch = spawn(
         &["run", "--config", config.to_str().unwrap()],
         &[("DATABASE_URL", &switch_db)],
@@ -311,7 +203,7 @@ fn main() {
     let (plain, journaled, _relays) = start_relays(acquirer, relay_db);
 
     println!("end-to-end, {seconds} s per run, everything on this machine's cores");
-    let closed = ["--connections", "16", "--depth", "32"];
+    let closed = CLOSED_LOOP;
     let cpu_before = cpu_seconds(switch.0.id());
     let sw = terminal(listen, &closed, seconds);
     let cpu = cpu_seconds(switch.0.id()) - cpu_before;

@@ -17,15 +17,16 @@
     clippy::cast_precision_loss
 )] // a benchmark
 
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cardswitch::fraud::{Engine, Txn};
 use hdrhistogram::Histogram;
-use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cardswitch");
+mod common;
+
+use common::{
+    exec, free_port, fresh_schema, pg_url, spawn, switch_config, terminal, wait_for, CLOSED_LOOP,
+};
 
 const EXTRA_RULES: &str = r#"
 [[rules]]
@@ -182,72 +183,10 @@ fn evaluation() {
     drop(hmacs);
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.0.id().to_string())
-            .status();
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env("RUST_LOG", "error");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().unwrap())
-}
-
-fn wait_for(addr: SocketAddr) {
-    for _ in 0..400 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nothing listens on {addr}");
-}
-
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn exec(rt: &tokio::runtime::Runtime, sql: &str) {
-    rt.block_on(async {
-        let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
-        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
-    });
-}
-
 fn switch_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usize) -> f64 {
     let schema = format!("bench_fraud_{}_{run}", std::process::id());
-    exec(
-        rt,
-        &format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"),
-    );
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
-    let acquirer = free_port();
-    let _acq = spawn(&["sim", "acquirer", "--listen", &acquirer.to_string()], &[]);
-    wait_for(acquirer);
+    let url = fresh_schema(rt, &schema);
+    let (_acq, acquirer) = common::acquirer(&[]);
     let listen = free_port();
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("specs/fraud-rules.toml");
     let fraud = if on {
@@ -255,49 +194,21 @@ fn switch_run(rt: &tokio::runtime::Runtime, on: bool, seconds: u64, run: usize) 
     } else {
         String::new()
     };
-    let cfg = std::env::temp_dir().join(format!(
-        "cardswitch-bench-fraud-{}-{run}.toml",
-        std::process::id()
-    ));
-    std::fs::write(
-        &cfg,
-        format!(
-            "[journal]\nmode = \"durable\"\npan_hmac_key = \"{}\"\n{fraud}\
-             [[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
-             [[endpoints]]\nname = \"acq\"\nlinks = [\"{acquirer}\"]\n\
-             [[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n\
-             [[routes]]\nprefix = \"541333\"\nendpoint = \"acq\"\n",
-            "ab".repeat(32)
-        ),
-    )
-    .unwrap();
+    let cfg = switch_config(&format!("fraud-{run}"), &fraud, listen, "", acquirer, "");
     let switch = spawn(
         &["run", "--config", cfg.to_str().unwrap()],
         &[("DATABASE_URL", &url)],
     );
     wait_for(listen);
     std::thread::sleep(Duration::from_millis(500));
-    let out = Command::new(BIN)
-        .args([
-            "sim",
-            "terminal",
-            "--target",
-            &listen.to_string(),
-            "--card-only",
-            "--json",
-            "--connections",
-            "16",
-            "--depth",
-            "32",
-            "--duration",
-            &format!("{seconds}s"),
-        ])
-        .output()
-        .unwrap();
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = terminal(listen, &CLOSED_LOOP, seconds);
     drop(switch);
     let _ = std::fs::remove_file(cfg);
-    exec(rt, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+    exec(
+        rt,
+        &pg_url(),
+        &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+    );
     let tps = r["tps"].as_f64().unwrap_or(0.0);
     println!(
         "  {:<22} {tps:>8.0} TPS  p99 {:>7.2} ms  codes {}",

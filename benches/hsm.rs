@@ -21,7 +21,6 @@
 )] // a benchmark
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,89 +28,14 @@ use std::time::{Duration, Instant};
 use cardswitch::hsm::{Hsm, HsmSection};
 use cardswitch_simulators::hsm::{KeyType, WrappedKey};
 use cardswitch_simulators::TestKeys;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cardswitch");
+mod common;
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-INT")
-            .arg(self.0.id().to_string())
-            .status();
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env("RUST_LOG", "error");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Proc(cmd.spawn().unwrap())
-}
-
-fn wait_for(addr: SocketAddr) {
-    for _ in 0..400 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nothing listens on {addr}");
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn fresh_schema(rt: &tokio::runtime::Runtime, name: &str) -> String {
-    rt.block_on(async {
-        let schema = format!("{name}_{}", std::process::id());
-        let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-            .execute(&pool)
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&pool)
-            .await
-            .unwrap();
-        let sep = if pg_url().contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{schema}", pg_url())
-    })
-}
+use common::{
+    cpu_seconds, free_port, fresh_schema, spawn, switch_config, terminal, wait_for, CLOSED_LOOP,
+};
 
 /// Commands per second from `callers` concurrent callers over a pool of `connections`.
 fn hsm_rate(
@@ -183,29 +107,6 @@ fn hsm_rate(
     })
 }
 
-fn terminal(target: SocketAddr, extra: &[&str], seconds: u64) -> Value {
-    let out = Command::new(BIN)
-        .args([
-            "sim",
-            "terminal",
-            "--target",
-            &target.to_string(),
-            "--card-only",
-            "--json",
-            "--connections",
-            "16",
-            "--depth",
-            "32",
-            "--duration",
-            &format!("{seconds}s"),
-        ])
-        .args(extra)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("terminal: {}", String::from_utf8_lossy(&out.stderr)))
-}
-
 fn key(k: &cardswitch_simulators::hsm::ClearKey, kt: KeyType) -> String {
     format!(
         "{{ key = \"{}\", check = \"{}\" }}",
@@ -222,85 +123,66 @@ struct Run {
     hsm_us: f64,
 }
 
-fn switch_run(rt: &tokio::runtime::Runtime, secure: bool, hsm: SocketAddr, seconds: u64) -> Run {
+fn switch_run(
+    rt: &tokio::runtime::Runtime,
+    secure: bool,
+    hsm: SocketAddr,
+    hsm_pid: u32,
+    seconds: u64,
+) -> Run {
     let db = fresh_schema(
         rt,
-        if secure {
-            "bench_hsm_on"
-        } else {
-            "bench_hsm_off"
-        },
+        &format!(
+            "bench_hsm_{}_{}",
+            if secure { "on" } else { "off" },
+            std::process::id()
+        ),
     );
-    let acquirer = free_port();
-    let mut acq_args = vec!["sim", "acquirer", "--listen"];
-    let acq_addr = acquirer.to_string();
-    acq_args.push(&acq_addr);
-    if secure {
-        acq_args.push("--test-keys");
-    }
-    let _acq = spawn(&acq_args, &[]);
-    wait_for(acquirer);
+    let (_acq, acquirer) = common::acquirer(if secure { &["--test-keys"] } else { &[] });
     let listen = free_port();
     let k = TestKeys::fixed();
-    let security = if secure {
-        format!(
-            "[hsm]\naddresses = [\"{hsm}\"]\nconnections = 2\n\
-             [listeners.security]\ntpk = {}\ntak = {}\n",
-            key(&k.tpk, KeyType::TPK),
-            key(&k.tak, KeyType::TAK)
+    let (top, listener, endpoint) = if secure {
+        (
+            format!("[hsm]\naddresses = [\"{hsm}\"]\nconnections = 2\n"),
+            format!(
+                "[listeners.security]\ntpk = {}\ntak = {}\n",
+                key(&k.tpk, KeyType::TPK),
+                key(&k.tak, KeyType::TAK)
+            ),
+            format!(
+                "[endpoints.security]\nzpk = {}\nzak = {}\n",
+                key(&k.zpk, KeyType::ZPK),
+                key(&k.zak, KeyType::ZAK)
+            ),
         )
     } else {
-        String::new()
+        Default::default()
     };
-    let endpoint_security = if secure {
-        format!(
-            "[endpoints.security]\nzpk = {}\nzak = {}\n",
-            key(&k.zpk, KeyType::ZPK),
-            key(&k.zak, KeyType::ZAK)
-        )
-    } else {
-        String::new()
-    };
-    // [hsm] must come before the [[listeners]] table it does not belong to.
-    let (hsm_section, listener_security) = match security.split_once("[listeners.security]") {
-        Some((h, l)) => (h.to_owned(), format!("[listeners.security]{l}")),
-        None => (String::new(), String::new()),
-    };
-    let config = std::env::temp_dir().join(format!(
-        "cardswitch-bench-hsm-{}-{secure}.toml",
-        std::process::id()
-    ));
-    std::fs::write(
-        &config,
-        format!(
-            "[journal]\nmode = \"durable\"\npan_hmac_key = \"{}\"\n{hsm_section}\
-             [[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n{listener_security}\
-             [[endpoints]]\nname = \"acq\"\nlinks = [\"{acquirer}\"]\n{endpoint_security}\
-             [[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n\
-             [[routes]]\nprefix = \"541333\"\nendpoint = \"acq\"\n",
-            "ab".repeat(32)
-        ),
-    )
-    .unwrap();
+    let config = switch_config(
+        &format!("hsm-{secure}"),
+        &top,
+        listen,
+        &listener,
+        acquirer,
+        &endpoint,
+    );
     let switch = spawn(
         &["run", "--config", config.to_str().unwrap()],
         &[("DATABASE_URL", &db)],
     );
     wait_for(listen);
     std::thread::sleep(Duration::from_millis(500));
-    let extra: &[&str] = if secure {
-        &["--test-keys", "--pin-every"]
-    } else {
-        &[]
-    };
+    let mut load = CLOSED_LOOP.to_vec();
+    if secure {
+        load.extend(["--test-keys", "--pin-every"]);
+    }
     let sw_before = cpu_seconds(switch.0.id());
-    let hsm_pid = hsm_pid();
-    let hsm_before = hsm_pid.map_or(0.0, cpu_seconds);
-    let r = terminal(listen, extra, seconds);
+    let hsm_before = cpu_seconds(hsm_pid);
+    let r = terminal(listen, &load, seconds);
     let received = r["received"].as_f64().unwrap_or(0.0).max(1.0);
     let switch_us = (cpu_seconds(switch.0.id()) - sw_before) / received * 1e6;
     let hsm_us = if secure {
-        (hsm_pid.map_or(0.0, cpu_seconds) - hsm_before) / received * 1e6
+        (cpu_seconds(hsm_pid) - hsm_before) / received * 1e6
     } else {
         0.0
     };
@@ -315,12 +197,6 @@ fn switch_run(rt: &tokio::runtime::Runtime, secure: bool, hsm: SocketAddr, secon
     }
 }
 
-static HSM_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-
-fn hsm_pid() -> Option<u32> {
-    HSM_PID.get().copied()
-}
-
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
@@ -332,7 +208,6 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let hsm = free_port();
     let sim = spawn(&["sim", "hsm", "--listen", &hsm.to_string()], &[]);
-    let _ = HSM_PID.set(sim.0.id());
     wait_for(hsm);
 
     println!("HSM simulator, {seconds} s per run, 64 callers, everything on this machine's cores");
@@ -344,8 +219,8 @@ fn main() {
     }
 
     println!("\nswitch, closed loop 16 x 32, durable PG journal");
-    let off = switch_run(&rt, false, hsm, seconds);
-    let on = switch_run(&rt, true, hsm, seconds);
+    let off = switch_run(&rt, false, hsm, sim.0.id(), seconds);
+    let on = switch_run(&rt, true, hsm, sim.0.id(), seconds);
     println!(
         "                               TPS    p99 ms  switch CPU us/txn  HSM CPU us/txn  codes"
     );

@@ -1,0 +1,185 @@
+//! What the process-level benchmarks share: free ports, child processes of the `cardswitch`
+//! binary, CPU time, PostgreSQL schemas, the terminal simulator's report, a switch configuration.
+//! Each benchmark uses a part of it (hence `dead_code`; `pub` is for the benchmarks, hence
+//! `unreachable_pub`).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_cardswitch");
+
+/// A port nothing listens on now.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child `cardswitch` process, stopped (SIGINT, then SIGKILL) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.0.id().to_string())
+            .status();
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cardswitch ARGS` with error-level logs to nowhere.
+pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env("RUST_LOG", "error");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(cmd.spawn().unwrap())
+}
+
+/// Waits (10 s at most) until something listens on `addr`.
+pub fn wait_for(addr: SocketAddr) {
+    for _ in 0..400 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// The acquirer simulator as a process, with extra arguments; it and its address.
+pub fn acquirer(extra: &[&str]) -> (Proc, SocketAddr) {
+    let addr = free_port();
+    let listen = addr.to_string();
+    let mut args = vec!["sim", "acquirer", "--listen", listen.as_str()];
+    args.extend_from_slice(extra);
+    let p = spawn(&args, &[]);
+    wait_for(addr);
+    (p, addr)
+}
+
+/// User + system CPU seconds of a process so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `TEST_DATABASE_URL`, default the local test database.
+pub fn pg_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The URL of a schema (through `search_path`).
+pub fn schema_url(schema: &str) -> String {
+    let sep = if pg_url().contains('?') { '&' } else { '?' };
+    format!("{}{sep}options=-csearch_path%3D{schema}", pg_url())
+}
+
+/// Runs SQL statements.
+pub fn exec(rt: &tokio::runtime::Runtime, url: &str, sql: &str) {
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    });
+}
+
+/// The first column of a query's rows, as text.
+pub fn query_text(rt: &tokio::runtime::Runtime, url: &str, sql: &str) -> Vec<String> {
+    rt.block_on(async {
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let rows: Vec<(String,)> = sqlx::query_as(sql)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default();
+        rows.into_iter().map(|r| r.0).collect()
+    })
+}
+
+/// An empty schema of this name (dropped first if it exists); its URL.
+pub fn fresh_schema(rt: &tokio::runtime::Runtime, schema: &str) -> String {
+    exec(
+        rt,
+        &pg_url(),
+        &format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"),
+    );
+    schema_url(schema)
+}
+
+/// Runs the terminal simulator (card messages only) for `seconds` with extra arguments; its
+/// JSON report.
+pub fn terminal(target: SocketAddr, extra: &[&str], seconds: u64) -> Value {
+    let out = Command::new(BIN)
+        .args([
+            "sim",
+            "terminal",
+            "--target",
+            &target.to_string(),
+            "--card-only",
+            "--json",
+            "--duration",
+            &format!("{seconds}s"),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("terminal: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The closed loop every throughput run uses.
+pub const CLOSED_LOOP: [&str; 4] = ["--connections", "16", "--depth", "32"];
+
+/// Writes a switch configuration (durable journal; one listener on `listen`; one endpoint on
+/// `acquirer` routing 476173 and 541333) with extra TOML before the listener (`top`), inside
+/// the listener and inside the endpoint. Its path, unique per `tag`.
+pub fn switch_config(
+    tag: &str,
+    top: &str,
+    listen: SocketAddr,
+    listener: &str,
+    acquirer: SocketAddr,
+    endpoint: &str,
+) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "cardswitch-bench-{tag}-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        format!(
+            "[journal]\nmode = \"durable\"\npan_hmac_key = \"{}\"\n{top}\n\
+             [[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n{listener}\n\
+             [[endpoints]]\nname = \"acq\"\nlinks = [\"{acquirer}\"]\n{endpoint}\n\
+             [[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n\
+             [[routes]]\nprefix = \"541333\"\nendpoint = \"acq\"\n",
+            "ab".repeat(32)
+        ),
+    )
+    .unwrap();
+    path
+}
