@@ -3,52 +3,25 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)] // tests: a failed unwrap is a failed test
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use cardswitch::config::Config;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
-use cardswitch_codec::{sample, Dialect, Message, Mti};
-use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
-use futures_util::{SinkExt, StreamExt};
+use cardswitch_codec::{Message, Mti};
+use cardswitch_simulators::Acquirer;
 use sqlx::PgPool;
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+
+mod common;
+
+use common::{acquirer, pg_schema, request, Terminal};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
-
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-async fn pg_schema(name: &str) -> (String, PgPool) {
-    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
-    let pool = PgPool::connect(&pg_url()).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
-    let pool = PgPool::connect(&url).await.unwrap();
-    (url, pool)
-}
 
 async fn start(listener: &str) -> (Acquirer, Switch, PgPool) {
     cardswitch::telemetry::install().unwrap();
     let (url, pool) = pg_schema("admin").await;
-    let acq = Acquirer::start(AcquirerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        framing: Framing::default(),
-        rules: Rules::default_rules(),
-        tls: None,
-        security: None,
-    })
-    .await
-    .unwrap();
+    let acq = acquirer(None).await;
     let text = format!(
         r#"
 [journal]
@@ -75,41 +48,6 @@ endpoint = "acq"
         .unwrap();
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
     (acq, sw, pool)
-}
-
-struct Terminal(Framed<TcpStream, FrameCodec>, Dialect);
-
-impl Terminal {
-    async fn connect(addr: SocketAddr) -> Self {
-        Self(
-            Framed::new(
-                TcpStream::connect(addr).await.unwrap(),
-                FrameCodec::new(Framing::default()),
-            ),
-            Dialect::builtin("iso87-ascii").unwrap(),
-        )
-    }
-
-    async fn exchange(&mut self, m: &Message) -> Message {
-        self.0
-            .send(Frame::new(self.1.encode_to_vec(m).unwrap()))
-            .await
-            .unwrap();
-        let f = tokio::time::timeout(Duration::from_secs(10), self.0.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        self.1.decode(&f.body).unwrap()
-    }
-}
-
-fn request(amount: u64, stan: u32, rrn: &str) -> Message {
-    let mut m = sample::auth_request();
-    m.set_amount(amount);
-    m.set_stan(stan);
-    m.set(37, rrn.as_bytes());
-    m
 }
 
 /// GET with an optional token: status and body.
@@ -377,16 +315,7 @@ fn an_open_dashboard_streams_and_does_not_hold_up_shutdown() {
 #[test]
 fn json_logs_carry_the_spans_and_never_a_pan() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let acq = Acquirer::start(AcquirerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dialect: Dialect::builtin("iso87-ascii").unwrap(),
-            framing: Framing::default(),
-            rules: Rules::default_rules(),
-            tls: None,
-            security: None,
-        })
-        .await
-        .unwrap();
+        let acq = acquirer(None).await;
         let listen = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

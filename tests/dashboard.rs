@@ -22,10 +22,10 @@ use cardswitch::config::Config;
 use cardswitch::server::Switch;
 use cardswitch_codec::framing::Framing;
 use cardswitch_codec::Dialect;
-use cardswitch_simulators::{
-    terminal, Acquirer, AcquirerConfig, Load, Rules, Stop, TerminalConfig,
-};
+use cardswitch_simulators::{terminal, Load, Stop, TerminalConfig};
 use serde_json::{json, Value};
+
+mod common;
 
 const TOKEN: &str = "dashboard-token-0123456789";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -78,16 +78,7 @@ fn dashboard_loads_live_in_chromium() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (sw, acq) = rt.block_on(async {
-        let acq = Acquirer::start(AcquirerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dialect: Dialect::builtin("iso87-ascii").unwrap(),
-            framing: Framing::default(),
-            rules: Rules::default_rules(),
-            tls: None,
-            security: None,
-        })
-        .await
-        .unwrap();
+        let acq = common::acquirer(None).await;
         let text = format!(
             r#"
 [journal]

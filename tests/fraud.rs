@@ -4,37 +4,18 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use cardswitch::config::Config;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
-use cardswitch_codec::{sample, Dialect, Message};
-use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
-use futures_util::{SinkExt, StreamExt};
-use sqlx::PgPool;
+use cardswitch_codec::Message;
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+
+mod common;
+
+use common::{acquirer, pg_schema, Terminal};
 
 const TOKEN: &str = "fraud-token-0123456789abcdef";
-
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-async fn pg_schema(name: &str) -> (String, PgPool) {
-    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
-    let pool = PgPool::connect(&pg_url()).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
-    (url.clone(), PgPool::connect(&url).await.unwrap())
-}
 
 fn rules(max_count: u32) -> String {
     format!(
@@ -62,43 +43,8 @@ action = "57"
     )
 }
 
-struct Terminal(Framed<TcpStream, FrameCodec>, Dialect);
-
-impl Terminal {
-    async fn connect(addr: SocketAddr) -> Self {
-        Self(
-            Framed::new(
-                TcpStream::connect(addr).await.unwrap(),
-                FrameCodec::new(Framing::default()),
-            ),
-            Dialect::builtin("iso87-ascii").unwrap(),
-        )
-    }
-
-    async fn rc(&mut self, m: &Message) -> String {
-        self.0
-            .send(Frame::new(self.1.encode_to_vec(m).unwrap()))
-            .await
-            .unwrap();
-        let f = tokio::time::timeout(Duration::from_secs(10), self.0.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        self.1
-            .decode(&f.body)
-            .unwrap()
-            .get_str(39)
-            .unwrap()
-            .to_owned()
-    }
-}
-
 fn request(stan: u32) -> Message {
-    let mut m = sample::auth_request();
-    m.set_stan(stan);
-    m.set(37, format!("FRAUD{stan:07}").as_bytes());
-    m
+    common::request(12_345, stan, &format!("FRAUD{stan:07}"))
 }
 
 async fn post(url: String) -> (u16, String) {
@@ -124,16 +70,7 @@ fn rules_decline_record_and_reload() {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("rules.toml");
         std::fs::write(&file, rules(2)).unwrap();
-        let acq = Acquirer::start(AcquirerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dialect: Dialect::builtin("iso87-ascii").unwrap(),
-            framing: Framing::default(),
-            rules: Rules::default_rules(),
-            tls: None,
-            security: None,
-        })
-        .await
-        .unwrap();
+        let acq = acquirer(None).await;
         let text = format!(
             r#"
 [journal]
@@ -166,16 +103,16 @@ endpoint = "acq"
         let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
 
         // Two per card per hour: the third is declined 65 by the switch, never sent.
-        assert_eq!(t.rc(&request(1)).await, "00");
-        assert_eq!(t.rc(&request(2)).await, "00");
-        assert_eq!(t.rc(&request(3)).await, "65");
+        assert_eq!(t.code(&request(1)).await, "00");
+        assert_eq!(t.code(&request(2)).await, "00");
+        assert_eq!(t.code(&request(3)).await, "65");
         assert_eq!(acq.ledger().len(), 2);
         // A casino MCC: 57 from its own rule (the card's velocity fires first: 65).
         let mut casino = request(4);
         casino.set(2, b"4761731234567890");
         casino.set(35, b"4761731234567890=28122011143878089");
         casino.set(18, b"7995");
-        assert_eq!(t.rc(&casino).await, "57");
+        assert_eq!(t.code(&casino).await, "57");
 
         // The journal has every decision with the rules that fired; the shadow rule fired on
         // every card of the range and declined nothing.
@@ -205,12 +142,12 @@ endpoint = "acq"
         let (code, body) = post(format!("http://{admin}/api/fraud/reload")).await;
         assert_eq!(code, 400, "{body}");
         assert!(body.contains("window_s at least 8"), "{body}");
-        assert_eq!(t.rc(&request(5)).await, "65");
+        assert_eq!(t.code(&request(5)).await, "65");
         // A good file: the card may go on (its count is kept through the reload).
         std::fs::write(&file, rules(10)).unwrap();
         let (code, body) = post(format!("http://{admin}/api/fraud/reload")).await;
         assert_eq!(code, 200, "{body}");
-        assert_eq!(t.rc(&request(6)).await, "00");
+        assert_eq!(t.code(&request(6)).await, "00");
         // Hit counters.
         let body = tokio::task::spawn_blocking(move || {
             ureq::get(&format!("http://{admin}/api/fraud"))
@@ -242,16 +179,7 @@ endpoint = "acq"
 #[test]
 fn sighup_reloads_the_rules_file() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let acq = Acquirer::start(AcquirerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            dialect: Dialect::builtin("iso87-ascii").unwrap(),
-            framing: Framing::default(),
-            rules: Rules::default_rules(),
-            tls: None,
-            security: None,
-        })
-        .await
-        .unwrap();
+        let acq = acquirer(None).await;
         let dir = std::env::temp_dir().join(format!("cardswitch-hup-{}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("rules.toml");
@@ -293,18 +221,18 @@ fn sighup_reloads_the_rules_file() {
             let _ = std::process::Command::new("kill").args(["-HUP", &pid]).status();
         };
         let mut t = Terminal::connect(listen).await;
-        assert_eq!(t.rc(&request(1)).await, "00");
-        assert_eq!(t.rc(&request(2)).await, "65", "one per card");
+        assert_eq!(t.code(&request(1)).await, "00");
+        assert_eq!(t.code(&request(2)).await, "65", "one per card");
         // A bad file and SIGHUP: the rules stay.
         std::fs::write(&file, "[[rules]]\nname = \"x\"\nkind = \"nonsense\"\n").unwrap();
         hup();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(t.rc(&request(3)).await, "65");
+        assert_eq!(t.code(&request(3)).await, "65");
         // A good file and SIGHUP: the new limit applies.
         std::fs::write(&file, rules(100)).unwrap();
         hup();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(t.rc(&request(4)).await, "00");
+        assert_eq!(t.code(&request(4)).await, "00");
         drop(t);
         let _ = std::process::Command::new("kill").args(["-INT", &pid]).status();
         let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;

@@ -9,37 +9,20 @@ use std::time::Duration;
 
 use cardswitch::config::Config;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::framing::Frame;
 use cardswitch_codec::{sample, Dialect, Message};
 use cardswitch_simulators::acquirer::AcquirerSecurity;
 use cardswitch_simulators::hsm::crypto::{self, account_of, PinFormat};
 use cardswitch_simulators::hsm::KeyType;
 use cardswitch_simulators::terminal::TerminalSecurity;
-use cardswitch_simulators::{
-    Acquirer, AcquirerConfig, HsmConfig, HsmFaults, HsmSim, Rules, TestKeys,
-};
+use cardswitch_simulators::{Acquirer, HsmConfig, HsmFaults, HsmSim, TestKeys};
 use futures_util::{SinkExt, StreamExt};
-use sqlx::PgPool;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+mod common;
 
-async fn pg_schema(name: &str) -> (String, PgPool) {
-    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
-    let pool = PgPool::connect(&pg_url()).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
-    let pool = PgPool::connect(&url).await.unwrap();
-    (url, pool)
-}
+use common::pg_schema;
 
 async fn hsm_sim(listen: SocketAddr) -> HsmSim {
     HsmSim::start(HsmConfig {
@@ -53,22 +36,14 @@ async fn hsm_sim(listen: SocketAddr) -> HsmSim {
 
 async fn acquirer() -> Acquirer {
     let k = TestKeys::fixed();
-    Acquirer::start(AcquirerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        framing: Framing::default(),
-        rules: Rules::default_rules(),
-        tls: None,
-        security: Some(AcquirerSecurity {
-            zpk: Some(k.zpk),
-            zak: Some(k.zak),
-            zmk: Some(k.zmk),
-            pin: "1234".into(),
-            pin_format: PinFormat::Iso0,
-        }),
-    })
+    common::acquirer(Some(AcquirerSecurity {
+        zpk: Some(k.zpk),
+        zak: Some(k.zak),
+        zmk: Some(k.zmk),
+        pin: "1234".into(),
+        pin_format: PinFormat::Iso0,
+    }))
     .await
-    .unwrap()
 }
 
 const DATA_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
@@ -133,9 +108,9 @@ async fn switch(url: &str, link: &str, hsm: &str) -> Switch {
     sw
 }
 
+/// A terminal with keys: PIN blocks and MACs on what it sends.
 struct Terminal {
-    framed: Framed<TcpStream, FrameCodec>,
-    dialect: Dialect,
+    link: common::Terminal,
     security: TerminalSecurity,
 }
 
@@ -143,11 +118,7 @@ impl Terminal {
     async fn connect(addr: SocketAddr, pin: &str) -> Self {
         let k = TestKeys::fixed();
         Self {
-            framed: Framed::new(
-                TcpStream::connect(addr).await.unwrap(),
-                FrameCodec::new(Framing::default()),
-            ),
-            dialect: Dialect::builtin("iso87-ascii").unwrap(),
+            link: common::Terminal::connect(addr).await,
             security: TerminalSecurity {
                 tpk: Some(k.tpk),
                 tak: Some(k.tak),
@@ -160,30 +131,17 @@ impl Terminal {
 
     /// Sends with PIN block and MAC; `tamper` changes the amount after MACing.
     async fn exchange(&mut self, mut msg: Message, tamper: bool) -> Message {
-        self.security.apply(&self.dialect, &mut msg).unwrap();
+        self.security.apply(&self.link.dialect, &mut msg).unwrap();
         if tamper {
             msg.set_amount(msg.amount().unwrap() + 1);
         }
-        let body = self.dialect.encode_to_vec(&msg).unwrap();
-        self.framed.send(Frame::new(body)).await.unwrap();
-        let frame = tokio::time::timeout(Duration::from_secs(10), self.framed.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        self.dialect.decode(&frame.body).unwrap()
+        self.link.exchange(&msg).await
     }
 }
 
 fn request(amount: u64, stan: u32) -> Message {
-    let mut m = sample::auth_request();
-    m.set_amount(amount);
-    m.set_stan(stan);
-    m.set(
-        37,
-        format!("{:06}{stan:06}", fastrand::u32(100_000..999_999)).as_bytes(),
-    );
-    m
+    let rrn = format!("{:06}{stan:06}", fastrand::u32(100_000..999_999));
+    common::request(amount, stan, &rrn)
 }
 
 #[test]
@@ -248,7 +206,7 @@ fn pin_translated_mac_checked_and_made() {
 
         // A PIN block the TPK does not open (garbage): the switch answers 55 and sends nothing.
         let mut m = request(1_000, 3);
-        t.security.apply(&t.dialect, &mut m).unwrap();
+        t.security.apply(&t.link.dialect, &mut m).unwrap();
         m.set(52, &[0x5A; 8]);
         t.security.tpk = None; // keep the garbage block; still MAC it
         let r = t.exchange(m, false).await;
@@ -263,10 +221,13 @@ fn pin_translated_mac_checked_and_made() {
         // And a message with no MAC at all.
         let mut bare = request(1_000, 5);
         bare.remove(64);
-        let body = t.dialect.encode_to_vec(&bare).unwrap();
-        t.framed.send(Frame::new(body)).await.unwrap();
-        let f = t.framed.next().await.unwrap().unwrap();
-        assert_eq!(t.dialect.decode(&f.body).unwrap().get_str(39), Some("63"));
+        let body = t.link.dialect.encode_to_vec(&bare).unwrap();
+        t.link.framed.send(Frame::new(body)).await.unwrap();
+        let f = t.link.framed.next().await.unwrap().unwrap();
+        assert_eq!(
+            t.link.dialect.decode(&f.body).unwrap().get_str(39),
+            Some("63")
+        );
         assert_eq!(acq.ledger().len(), 2);
 
         sw.shutdown().await;

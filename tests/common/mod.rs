@@ -1,0 +1,101 @@
+//! What several end-to-end test files share: a PostgreSQL schema per test, the acquirer
+//! simulator, a terminal connection, a sample request. Each file uses a part of it.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::{sample, Dialect, Message};
+use cardswitch_simulators::acquirer::AcquirerSecurity;
+use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use futures_util::{SinkExt, StreamExt};
+use sqlx::PgPool;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+/// `TEST_DATABASE_URL`, default the local test database.
+pub fn pg_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema: its URL (through `search_path`) and a pool on it.
+pub async fn pg_schema(name: &str) -> (String, PgPool) {
+    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
+    let pool = PgPool::connect(&pg_url()).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sep = if pg_url().contains('?') { '&' } else { '?' };
+    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
+    let pool = PgPool::connect(&url).await.unwrap();
+    (url, pool)
+}
+
+/// The acquirer simulator on a free port: `iso87-ascii`, default rules, these keys.
+pub async fn acquirer(security: Option<AcquirerSecurity>) -> Acquirer {
+    Acquirer::start(AcquirerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        framing: Framing::default(),
+        rules: Rules::default_rules(),
+        tls: None,
+        security,
+    })
+    .await
+    .unwrap()
+}
+
+/// A terminal connection speaking `iso87-ascii` with 2-byte lengths.
+pub struct Terminal {
+    pub framed: Framed<TcpStream, FrameCodec>,
+    pub dialect: Dialect,
+}
+
+impl Terminal {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        Self {
+            framed: Framed::new(
+                TcpStream::connect(addr).await.unwrap(),
+                FrameCodec::new(Framing::default()),
+            ),
+            dialect: Dialect::builtin("iso87-ascii").unwrap(),
+        }
+    }
+
+    pub async fn send(&mut self, m: &Message) {
+        let body = self.dialect.encode_to_vec(m).unwrap();
+        self.framed.send(Frame::new(body)).await.unwrap();
+    }
+
+    pub async fn recv(&mut self) -> Message {
+        let f = tokio::time::timeout(Duration::from_secs(10), self.framed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        self.dialect.decode(&f.body).unwrap()
+    }
+
+    pub async fn exchange(&mut self, m: &Message) -> Message {
+        self.send(m).await;
+        self.recv().await
+    }
+
+    /// The response code of the reply.
+    pub async fn code(&mut self, m: &Message) -> String {
+        self.exchange(m).await.get_str(39).unwrap().to_owned()
+    }
+}
+
+/// The sample 0100 with this amount, STAN and RRN.
+pub fn request(amount: u64, stan: u32, rrn: &str) -> Message {
+    let mut m = sample::auth_request();
+    m.set_amount(amount);
+    m.set_stan(stan);
+    m.set(37, rrn.as_bytes());
+    m
+}
