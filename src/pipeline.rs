@@ -30,7 +30,7 @@ use crate::stand_in;
 use crate::state::TxnState;
 use crate::telemetry::{PipelineMetrics, Stage};
 use crate::upstream::{Endpoint, Stray, Upstream};
-use cardswitch_simulators::hsm::commands::account_field;
+use cardswitch_simulators::hsm::crypto::account_of;
 use cardswitch_simulators::hsm::KeyType;
 
 /// Counters of what the pipeline did.
@@ -54,6 +54,18 @@ pub struct Counters {
     pub stand_in_approvals: AtomicU64,
     /// Requests being processed now.
     pub in_flight: AtomicU64,
+}
+
+/// What the fraud rules said of a request.
+#[derive(Default)]
+struct Screened {
+    /// The response code of a decline.
+    decline: Option<ResponseCode>,
+    /// The rules that fired, for the journal.
+    fired: Option<String>,
+    took: Duration,
+    /// The PAN HMAC the rules were given (the journal row reuses it).
+    pan_hmac: Option<String>,
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -126,6 +138,8 @@ struct Outcome {
     hsm: Option<Duration>,
     /// Time spent on the fraud rules.
     fraud_time: Option<Duration>,
+    /// The PAN's HMAC, when the pipeline computed it already (the journal row reuses it).
+    pan_hmac: Option<String>,
     /// The fraud rules that fired, for the journal.
     fraud: Option<String>,
     /// What else the transaction writes.
@@ -154,6 +168,7 @@ impl Outcome {
             upstream: None,
             hsm: None,
             fraud_time: None,
+            pan_hmac: None,
             fraud: None,
             change: Change::default(),
             guard: None,
@@ -280,18 +295,16 @@ impl Pipeline {
 
     /// Runs the fraud rules on an authorization or financial request: the decline, if any,
     /// and what to journal.
-    fn screen(
-        &self,
-        request: &Message,
-        pan: &Pan,
-    ) -> (Option<ResponseCode>, Option<String>, Duration) {
+    fn screen(&self, request: &Message, pan: &Pan) -> Screened {
         let started = Instant::now();
-        let Some(engine) = self.fraud.as_ref().and_then(|f| f.engine()) else {
-            return (None, None, Duration::ZERO);
+        let Some(engine) = self
+            .fraud
+            .as_ref()
+            .and_then(|f| f.engine())
+            .filter(|e| !e.is_empty())
+        else {
+            return Screened::default();
         };
-        if engine.is_empty() {
-            return (None, None, Duration::ZERO);
-        }
         let hmac = self.journal.pan_hmac(pan);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -318,11 +331,14 @@ impl Pipeline {
         };
         let verdict = engine.evaluate(&txn);
         let took = started.elapsed();
-        if !verdict.is_notable() {
-            return (None, None, took);
+        Screened {
+            decline: verdict.decline.map(|(_, c)| c),
+            fired: verdict
+                .is_notable()
+                .then(|| engine.explain(&verdict).join("; ")),
+            took,
+            pan_hmac: Some(hmac),
         }
-        let why = engine.explain(&verdict).join("; ");
-        (verdict.decline.map(|(_, c)| c), Some(why), took)
     }
 
     /// The live numbers (dashboard).
@@ -415,7 +431,7 @@ impl Pipeline {
             );
             return Err(Failure::HsmUnavailable);
         };
-        let Some(account) = account_field(pan.expose()) else {
+        let Some(account) = account_of(pan.expose()) else {
             return Err(Failure::BadPinBlock);
         };
         match hsm
@@ -584,6 +600,7 @@ impl Pipeline {
                 outcome.decided_by,
                 received_us,
                 started.elapsed(),
+                outcome.pan_hmac.take(),
             );
             row.route = outcome.route.take();
             row.endpoint = outcome.endpoint.take();
@@ -804,28 +821,22 @@ impl Pipeline {
         began: Instant,
     ) -> Option<Outcome> {
         // Fraud rules on requests (not on advices of what already happened).
-        let (fraud_decline, fraud, fraud_time) = if request.mti().function() <= 1 {
+        let screened = if request.mti().function() <= 1 {
             self.screen(request, pan)
         } else {
-            (None, None, Duration::ZERO)
+            Screened::default()
         };
-        if let Some(code) = fraud_decline {
-            let mut o = Outcome::new(
+        let mut outcome = match screened.decline {
+            Some(code) => Outcome::new(
                 request.response_with(code)?,
                 DecidedBy::Fraud,
                 TxnState::Declined,
-            );
-            o.fraud = fraud;
-            o.fraud_time = Some(fraud_time);
-            return Some(o);
-        }
-        let mut outcome = self.route(listener, request, txn_id, pan, began).await?;
-        if outcome.fraud.is_none() {
-            outcome.fraud = fraud;
-        }
-        if !fraud_time.is_zero() {
-            outcome.fraud_time = Some(fraud_time);
-        }
+            ),
+            None => self.route(listener, request, txn_id, pan, began).await?,
+        };
+        outcome.fraud = screened.fired;
+        outcome.fraud_time = (!screened.took.is_zero()).then_some(screened.took);
+        outcome.pan_hmac = screened.pan_hmac;
         Some(outcome)
     }
 

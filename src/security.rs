@@ -224,11 +224,11 @@ impl ListenerSecurity {
     #[must_use]
     pub fn keys_for(&self, terminal: Option<&str>) -> (&Option<Key>, &Option<Key>) {
         let own = terminal.and_then(|t| self.by_terminal.get(t.trim_end()));
+        let tpk = own.map(|k| &k.tpk).filter(|k| k.is_some());
+        let tak = own.map(|k| &k.tak).filter(|k| k.is_some());
         (
-            own.and_then(|k| k.tpk.as_ref().map(|_| &k.tpk))
-                .unwrap_or(&self.default.tpk),
-            own.and_then(|k| k.tak.as_ref().map(|_| &k.tak))
-                .unwrap_or(&self.default.tak),
+            tpk.unwrap_or(&self.default.tpk),
+            tak.unwrap_or(&self.default.tak),
         )
     }
 

@@ -429,30 +429,24 @@ impl Endpoint {
     /// Encodes a request for the wire, with a MAC under the ZAK when configured. A MAC the
     /// terminal sent is never passed on.
     async fn seal(&self, msg: &mut Message) -> Result<Option<Vec<u8>>, ()> {
-        match &self.security {
-            Some(s) if s.keys.generate_mac => {
-                let Some(zak) = &s.keys.zak else {
-                    return Err(());
-                };
-                msg.remove(64);
-                msg.remove(128);
-                let Ok((field, data)) = self.dialect.mac_input(msg) else {
-                    return Ok(None);
-                };
-                let mac = s
-                    .hsm
-                    .generate_mac(KeyType::ZAK, &zak.key, &data)
-                    .await
-                    .map_err(|e| warn!(endpoint = %self.name, error = %e, "MAC not generated"))?;
-                msg.set(field, &mac);
-                Ok(self.dialect.encode_to_vec(msg).ok())
-            }
-            _ => {
-                msg.remove(64);
-                msg.remove(128);
-                Ok(self.dialect.encode_to_vec(msg).ok())
-            }
-        }
+        msg.remove(64);
+        msg.remove(128);
+        let Some(s) = self.security.as_ref().filter(|s| s.keys.generate_mac) else {
+            return Ok(self.dialect.encode_to_vec(msg).ok());
+        };
+        let Some(zak) = &s.keys.zak else {
+            return Err(());
+        };
+        let Ok((field, data)) = self.dialect.mac_input(msg) else {
+            return Ok(None);
+        };
+        let mac = s
+            .hsm
+            .generate_mac(KeyType::ZAK, &zak.key, &data)
+            .await
+            .map_err(|e| warn!(endpoint = %self.name, error = %e, "MAC not generated"))?;
+        msg.set(field, &mac);
+        Ok(self.dialect.encode_to_vec(msg).ok())
     }
 
     /// The endpoint's name.

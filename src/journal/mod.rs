@@ -854,6 +854,7 @@ impl Journal {
     }
 
     /// Builds the row for a transaction: card data masked and hashed here, nowhere else.
+    /// `pan_hmac`: the PAN's HMAC when the pipeline already computed it (as [`Journal::pan_hmac`]).
     #[allow(clippy::too_many_arguments)]
     #[must_use]
     pub fn row(
@@ -865,6 +866,7 @@ impl Journal {
         decided_by: DecidedBy,
         received_us: i64,
         t_total: Duration,
+        pan_hmac: Option<String>,
     ) -> Row {
         let pan = request
             .pan()
@@ -882,7 +884,7 @@ impl Journal {
             terminal_id: text(request, 41),
             merchant_id: text(request, 42),
             pan_masked: pan.as_ref().map(|p| p.masked().to_string()),
-            pan_hmac: pan.as_ref().map(|p| self.pan_hmac(p)),
+            pan_hmac: pan_hmac.or_else(|| pan.as_ref().map(|p| self.pan_hmac(p))),
             amount_minor: request.amount().and_then(|a| i64::try_from(a).ok()),
             currency: text(request, 49),
             route: None,

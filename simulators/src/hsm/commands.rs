@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use zeroize::Zeroizing;
 
 use super::crypto::{
-    self, account_of, ClearKey, CryptoError, KeyType, Lmk, MacAlgorithm, MacChain, MacPadding,
-    PinFormat, PreparedKey, Scheme, WrappedKey,
+    self, ClearKey, CryptoError, KeyType, Lmk, MacAlgorithm, MacChain, MacPadding, PinFormat,
+    PreparedKey, Scheme, WrappedKey,
 };
 
 /// Most keys kept decrypted and scheduled; the cache starts again when full.
@@ -505,12 +505,6 @@ fn mac_command(lmk: &KeyStore, body: &[u8], verify: bool, out: &mut Vec<u8>) -> 
         out.extend_from_slice(mac_hex.as_bytes());
     }
     Ok(())
-}
-
-/// The account-number field (12 digits) for a PAN, as the switch and simulators send it.
-#[must_use]
-pub fn account_field(pan: &str) -> Option<String> {
-    account_of(pan)
 }
 
 #[cfg(test)]

@@ -110,37 +110,17 @@ impl ClearKey {
         Self::new(p).ok()
     }
 
-    /// Encrypts one block: DES, or two/three-key triple DES (EDE).
+    /// Encrypts one block: DES, or two/three-key triple DES (EDE). The key schedule is made
+    /// for this one call; [`PreparedKey`] keeps it.
     #[must_use]
     pub fn encrypt(&self, block: Block) -> Block {
-        let mut b = block.into();
-        match self.len {
-            8 => Des::new_from_slice(self.as_bytes()).map(|c| c.encrypt_block(&mut b)),
-            16 => TdesEde2::new_from_slice(self.as_bytes()).map(|c| c.encrypt_block(&mut b)),
-            _ => TdesEde3::new_from_slice(self.as_bytes()).map(|c| c.encrypt_block(&mut b)),
-        }
-        .ok();
-        b.into()
+        Cipher::new(self).map_or(block, |c| c.encrypt(block))
     }
 
     /// Decrypts one block.
     #[must_use]
     pub fn decrypt(&self, block: Block) -> Block {
-        let mut b = block.into();
-        match self.len {
-            8 => Des::new_from_slice(self.as_bytes()).map(|c| c.decrypt_block(&mut b)),
-            16 => TdesEde2::new_from_slice(self.as_bytes()).map(|c| c.decrypt_block(&mut b)),
-            _ => TdesEde3::new_from_slice(self.as_bytes()).map(|c| c.decrypt_block(&mut b)),
-        }
-        .ok();
-        b.into()
-    }
-
-    /// Encrypts 8, 16 or 24 bytes block by block (ECB).
-    fn encrypt_ecb(&self, data: &[u8]) -> Vec<u8> {
-        data.chunks_exact(8)
-            .flat_map(|c| self.encrypt(block_of(c)))
-            .collect()
+        Cipher::new(self).map_or(block, |c| c.decrypt(block))
     }
 
     /// Whether every byte has odd parity, as DES keys must.
@@ -213,6 +193,38 @@ enum Cipher {
     Triple(TdesEde3),
 }
 
+impl Cipher {
+    fn new(key: &ClearKey) -> Result<Self, CryptoError> {
+        let bytes = key.as_bytes();
+        let bad = |_| CryptoError::KeyLength;
+        Ok(match key.len() {
+            8 => Self::Single(Des::new_from_slice(bytes).map_err(bad)?),
+            16 => Self::Double(TdesEde2::new_from_slice(bytes).map_err(bad)?),
+            _ => Self::Triple(TdesEde3::new_from_slice(bytes).map_err(bad)?),
+        })
+    }
+
+    fn encrypt(&self, block: Block) -> Block {
+        let mut b = block.into();
+        match self {
+            Self::Single(c) => c.encrypt_block(&mut b),
+            Self::Double(c) => c.encrypt_block(&mut b),
+            Self::Triple(c) => c.encrypt_block(&mut b),
+        }
+        b.into()
+    }
+
+    fn decrypt(&self, block: Block) -> Block {
+        let mut b = block.into();
+        match self {
+            Self::Single(c) => c.decrypt_block(&mut b),
+            Self::Double(c) => c.decrypt_block(&mut b),
+            Self::Triple(c) => c.decrypt_block(&mut b),
+        }
+        b.into()
+    }
+}
+
 impl fmt::Debug for PreparedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PreparedKey({:?})", self.key)
@@ -225,16 +237,7 @@ impl PreparedKey {
     /// # Errors
     /// Never for a [`ClearKey`] (its length is always 8, 16 or 24).
     pub fn new(key: ClearKey) -> Result<Self, CryptoError> {
-        let bytes = key.as_bytes();
-        let cipher = match key.len() {
-            8 => Cipher::Single(Des::new_from_slice(bytes).map_err(|_| CryptoError::KeyLength)?),
-            16 => {
-                Cipher::Double(TdesEde2::new_from_slice(bytes).map_err(|_| CryptoError::KeyLength)?)
-            }
-            _ => {
-                Cipher::Triple(TdesEde3::new_from_slice(bytes).map_err(|_| CryptoError::KeyLength)?)
-            }
-        };
+        let cipher = Cipher::new(&key)?;
         Ok(Self { key, cipher })
     }
 
@@ -247,25 +250,13 @@ impl PreparedKey {
     /// Encrypts one block.
     #[must_use]
     pub fn encrypt(&self, block: Block) -> Block {
-        let mut b = block.into();
-        match &self.cipher {
-            Cipher::Single(c) => c.encrypt_block(&mut b),
-            Cipher::Double(c) => c.encrypt_block(&mut b),
-            Cipher::Triple(c) => c.encrypt_block(&mut b),
-        }
-        b.into()
+        self.cipher.encrypt(block)
     }
 
     /// Decrypts one block.
     #[must_use]
     pub fn decrypt(&self, block: Block) -> Block {
-        let mut b = block.into();
-        match &self.cipher {
-            Cipher::Single(c) => c.decrypt_block(&mut b),
-            Cipher::Double(c) => c.decrypt_block(&mut b),
-            Cipher::Triple(c) => c.decrypt_block(&mut b),
-        }
-        b.into()
+        self.cipher.decrypt(block)
     }
 }
 
@@ -1163,12 +1154,6 @@ pub fn mac(
     data: &[u8],
 ) -> Result<Block, CryptoError> {
     MacChain::new(key, algorithm, [0; 8]).finish(data, padding)
-}
-
-/// Encrypts whole blocks under a key in ECB (exposed for tests and key-exchange tooling).
-#[must_use]
-pub fn encrypt_ecb(key: &ClearKey, data: &[u8]) -> Vec<u8> {
-    key.encrypt_ecb(data)
 }
 
 #[cfg(test)]
