@@ -34,6 +34,73 @@ pub enum Command {
     Soak(SoakArgs),
     /// Transaction look-up through the admin API: a filtered list, or one transaction's story.
     Txn(TxnArgs),
+    /// Reconcile an acquirer's clearing file for a business date against the journal.
+    Reconcile(ReconcileArgs),
+    /// The settlement report of a business date: counts and amounts by endpoint, currency and
+    /// type, fees and nets.
+    Settlement(SettlementArgs),
+}
+
+/// Where the journal is: `--database`, else `journal.url` of `--config`, else `$DATABASE_URL`.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// The journal database (postgres://... or sqlite://...).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database: Option<String>,
+    /// The switch's configuration file (its journal URL and endpoint fee settings).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+/// Output of `reconcile`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// Counts, totals and every exception as a table.
+    Table,
+    /// The whole report as JSON.
+    Json,
+    /// The exceptions as CSV.
+    Csv,
+}
+
+/// `cardswitch reconcile`.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The endpoint (as named in the configuration and the journal).
+    #[arg(long)]
+    pub endpoint: String,
+    /// The business date (YYYY-MM-DD).
+    #[arg(long, value_parser = crate::settlement::date_arg)]
+    pub date: String,
+    /// The clearing file (CSV).
+    #[arg(long)]
+    pub file: std::path::PathBuf,
+    /// How the result is printed.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: ReportFormat,
+    /// How many days before the date an approval may still be presented (late presentment).
+    #[arg(long, default_value_t = 45)]
+    pub late_days: i64,
+    /// The journal.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
+/// `cardswitch settlement`.
+#[derive(Debug, Args)]
+pub struct SettlementArgs {
+    /// The business date (YYYY-MM-DD).
+    #[arg(long, value_parser = crate::settlement::date_arg)]
+    pub date: String,
+    /// Only this endpoint.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The journal.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
 }
 
 /// `cardswitch txn`.
@@ -191,6 +258,23 @@ pub struct AcquirerArgs {
     /// The PIN every card has.
     #[arg(long, default_value = "1234")]
     pub pin: String,
+    /// The switch's `journal.pan_hmac_key` (hex): PAN HMACs in the clearing file match the
+    /// journal's.
+    #[arg(long, env = "CARDSWITCH_PAN_HMAC_KEY", hide_env_values = true)]
+    pub pan_hmac_key: Option<String>,
+    /// Cut over (0800/201 to the switch) this often and write the closed date's clearing file.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub cutover_every: Option<std::time::Duration>,
+    /// Where clearing files are written (`clearing-<endpoint-name>-<date>.csv`).
+    #[arg(long, default_value = ".")]
+    pub clearing_dir: std::path::PathBuf,
+    /// Discrepancies put into clearing files, in percent:
+    /// `drop=1,amount=0.5,duplicate=0.5,unknown=0.5,chargeback=0.5`.
+    #[arg(long, value_parser = cardswitch_simulators::clearing::Injection::parse)]
+    pub inject: Option<cardswitch_simulators::clearing::Injection>,
+    /// The name in clearing file names.
+    #[arg(long, default_value = "acquirer")]
+    pub name: String,
 }
 
 /// `cardswitch sim terminal`.

@@ -53,6 +53,36 @@ pub struct Config {
     /// Inline fraud rules.
     #[serde(default)]
     pub fraud: Option<FraudSection>,
+    /// Terminal batches and business dates.
+    #[serde(default)]
+    pub settlement: SettlementSection,
+}
+
+/// `[settlement]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettlementSection {
+    /// The field of terminal messages that carries the batch number (first 6 characters).
+    pub batch_field: u8,
+}
+
+impl Default for SettlementSection {
+    fn default() -> Self {
+        Self { batch_field: 60 }
+    }
+}
+
+/// `[endpoints.settlement]`: the endpoint's business date and what it charges.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointSettlement {
+    /// `HH:MM` (UTC): the business date advances at this time every day, besides the
+    /// acquirer's 0800 cutover (DE70 201).
+    pub cutover_time: Option<String>,
+    /// Fee rate applied in the settlement report (a decimal fraction, e.g. "0.0125").
+    pub fee_rate: Option<String>,
+    /// Fixed fee per transaction in the settlement report, minor units.
+    pub fee_fixed_minor: u64,
 }
 
 /// `[fraud]`.
@@ -259,6 +289,9 @@ pub struct EndpointConfig {
     /// Keys shared with the acquirer: PIN translation, MACs, key exchange, CVV.
     #[serde(default)]
     pub security: Option<crate::security::EndpointSecurityConfig>,
+    /// Business date cutover and fees.
+    #[serde(default)]
+    pub settlement: EndpointSettlement,
 }
 
 /// `[endpoints.saf]`: how queued reversals and advices are sent.
@@ -517,6 +550,18 @@ impl Config {
                 .strategy
                 .parse()
                 .map_err(|m: String| anyhow!("endpoint {}: {m}", e.name))?;
+            if let Some(t) = &e.settlement.cutover_time {
+                crate::settlement::parse_time(t)
+                    .with_context(|| format!("endpoint {}: settlement.cutover_time", e.name))?;
+            }
+            if let Some(r) = &e.settlement.fee_rate {
+                r.parse::<rust_decimal::Decimal>().map_err(|_| {
+                    anyhow!(
+                        "endpoint {}: settlement.fee_rate {r:?} is not a decimal",
+                        e.name
+                    )
+                })?;
+            }
             if e.links.is_empty() || e.links.len() > 64 {
                 bail!("endpoint {}: 1 to 64 links", e.name);
             }

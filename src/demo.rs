@@ -152,6 +152,11 @@ endpoint = "acquirer-b"
             out,
             "look-up:   cardswitch txn --admin http://{admin} --token {token} --rc 51"
         )?;
+        writeln!(
+            out,
+            "settlement: http://{admin}/api/settlement?date={}&token={token}",
+            crate::settlement::format_date(crate::settlement::today())
+        )?;
     }
     writeln!(out, "journal: {} | Ctrl-C to stop", journal.display())?;
     out.flush()?;

@@ -18,6 +18,7 @@ pub mod saf;
 pub mod seal;
 pub mod security;
 pub mod server;
+pub mod settlement;
 pub mod sim;
 pub mod soak;
 pub mod stand_in;

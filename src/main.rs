@@ -38,6 +38,10 @@ fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(cardswitch::soak::run(args, &mut out)))
         }
         Command::Txn(args) => cardswitch::tools::txn(&args, &mut out),
+        Command::Reconcile(args) => runtime()
+            .and_then(|rt| rt.block_on(cardswitch::settlement::reconcile_cmd(args, &mut out))),
+        Command::Settlement(args) => runtime()
+            .and_then(|rt| rt.block_on(cardswitch::settlement::settlement_cmd(args, &mut out))),
         Command::Sim(sim) => {
             runtime().and_then(|rt| rt.block_on(cardswitch::sim::run(sim, &mut out)))
         }

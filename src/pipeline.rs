@@ -14,9 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cardswitch_codec::totals::Totals;
 use cardswitch_codec::{Dialect, Message, Mti, Pan, ResponseCode};
 use cardswitch_routing::{check_mandatory, BinTable, Failure};
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::admin::live::{Decline, Live};
 use crate::dedup::{Decision, Dedup, Guard, Verdict};
@@ -26,6 +27,7 @@ use crate::journal::{
     Change, DecidedBy, Journal, Original, OriginalKeys, SafEntry, SafKind, StateChange,
 };
 use crate::security::ListenerSecurity;
+use crate::settlement::{self, batch};
 use crate::stand_in;
 use crate::state::TxnState;
 use crate::telemetry::{PipelineMetrics, Stage};
@@ -107,6 +109,8 @@ pub struct Pipeline {
     live: Arc<Live>,
     metrics: PipelineMetrics,
     fraud: Option<Arc<FraudRules>>,
+    /// The field terminals carry their batch number in.
+    batch_field: u8,
 }
 
 /// What a CVV check said, when stand-in needs one.
@@ -142,6 +146,8 @@ struct Outcome {
     pan_hmac: Option<String>,
     /// The fraud rules that fired, for the journal.
     fraud: Option<String>,
+    /// The business date, when the endpoint's reply or the send time fixed it.
+    business_date: Option<time::Date>,
     /// What else the transaction writes.
     change: Change,
     /// The claimed duplicate key.
@@ -170,6 +176,7 @@ impl Outcome {
             fraud_time: None,
             pan_hmac: None,
             fraud: None,
+            business_date: None,
             change: Change::default(),
             guard: None,
             reversal_if_unrecorded: None,
@@ -277,7 +284,15 @@ impl Pipeline {
             live: Arc::new(Live::default()),
             metrics: PipelineMetrics::default(),
             fraud: None,
+            batch_field: 60,
         }
+    }
+
+    /// Sets the field terminals carry their batch number in (`[settlement] batch_field`).
+    #[must_use]
+    pub fn with_batch_field(mut self, field: u8) -> Self {
+        self.batch_field = field;
+        self
     }
 
     /// Adds the fraud rules.
@@ -591,7 +606,7 @@ impl Pipeline {
             }
         };
         let mut outcome = outcome?;
-        if matches!(request.mti().class(), 1 | 2 | 4 | 5) {
+        if matches!(request.mti().class(), 1..=5) {
             let mut row = self.journal.row(
                 listener,
                 dialect,
@@ -614,6 +629,17 @@ impl Pipeline {
             row.original_id = outcome.original_id;
             row.amount_reversed_minor = outcome.amount_reversed;
             row.fraud = outcome.fraud.take();
+            let day = outcome
+                .business_date
+                .or_else(|| {
+                    row.endpoint
+                        .as_deref()
+                        .and_then(|e| self.endpoint(e))
+                        .map(|e| e.business_day().current())
+                })
+                .unwrap_or_else(settlement::today);
+            row.business_date = Some(settlement::format_date(day));
+            row.batch_number = batch::batch_of(&request, self.batch_field);
             if let Some(id) = outcome.txn_id {
                 row.set_id(id);
             }
@@ -758,6 +784,8 @@ impl Pipeline {
         match mti.class() {
             8 => return self.network(request).map(Outcome::switch),
             1 | 2 | 4 => {}
+            5 => return self.settle_batch(request).await,
+            3 => return self.upload(request),
             _ => return fail(Failure::Unsupported),
         }
         let Some(pan) = card_pan(request) else {
@@ -875,12 +903,18 @@ impl Pipeline {
                 }
             };
             let asked = Instant::now();
+            let sent_day = endpoint.business_day().current();
             let result = endpoint
                 .exchange(translated.as_ref().unwrap_or(request), txn_id)
                 .await;
             let waited = Some(asked.elapsed());
             let mut outcome = match result {
                 Upstream::Reply(reply, link, stan) => {
+                    // The acquirer's settlement date decides the business date.
+                    let day = reply
+                        .get_str(15)
+                        .and_then(|d| settlement::resolve_mmdd(d, sent_day))
+                        .unwrap_or(sent_day);
                     let reply = Endpoint::relay(request, &reply)?;
                     let state = state_of(&reply);
                     let mut o = Outcome::new(reply, DecidedBy::Acquirer, state);
@@ -889,6 +923,7 @@ impl Pipeline {
                     }
                     o.link = Some(link);
                     o.upstream_stan = Some(stan);
+                    o.business_date = Some(day);
                     o
                 }
                 // Never written: the fallback may take it.
@@ -909,6 +944,7 @@ impl Pipeline {
             };
             outcome.route = Some(route.prefix.clone());
             outcome.endpoint = Some(name.clone());
+            outcome.business_date.get_or_insert(sent_day);
             outcome.routing = Some(hsm_started.duration_since(began));
             outcome.upstream = waited;
             outcome.hsm = hsm_time;
@@ -1290,6 +1326,68 @@ impl Pipeline {
         if !change.states.is_empty() || !change.saf.is_empty() {
             self.journal.submit(change).await;
         }
+    }
+
+    /// A terminal's batch settlement (0500/0520): its totals against the journal's; 00 and the
+    /// batch closed when they agree, 95 and the switch's totals when they do not (see
+    /// [`crate::settlement::batch`]).
+    async fn settle_batch(&self, request: &Message) -> Option<Outcome> {
+        let fail = |f: Failure| {
+            request
+                .response_with(f.response_code())
+                .map(Outcome::switch)
+        };
+        let (Some(terminal), Some(batch)) = (
+            request.get_str(41),
+            batch::batch_of(request, self.batch_field),
+        ) else {
+            return fail(Failure::Format);
+        };
+        let theirs = match Totals::read(request) {
+            Ok(t) => t,
+            Err(e) => {
+                debug!(error = %e, "settlement request unreadable");
+                return fail(Failure::Format);
+            }
+        };
+        // Every row already answered must be in the totals.
+        self.journal.flush().await;
+        match batch::settle(self.journal.backend(), terminal, &batch, &theirs).await {
+            Ok(settled) => {
+                let agreed = settled.code.is_approved();
+                let mut reply = request.response_with(settled.code)?;
+                settled.view.totals.write(&mut reply);
+                reply.set(66, if agreed { b"1" } else { b"2" });
+                if let Some(v) = request.get(self.batch_field) {
+                    reply.set(self.batch_field, v);
+                }
+                info!(terminal = terminal.trim_end(), batch = %batch, code = %settled.code, uploaded = settled.view.uploaded, exceptions = settled.view.exceptions.len(), "batch settlement");
+                let state = if agreed {
+                    TxnState::Approved
+                } else {
+                    TxnState::Declined
+                };
+                Some(Outcome::new(reply, DecidedBy::Switch, state))
+            }
+            Err(e) => {
+                warn!(error = %e, "batch totals could not be read");
+                fail(Failure::JournalUnavailable)
+            }
+        }
+    }
+
+    /// A batch-upload record (0320): journaled as `uploaded` and acknowledged.
+    fn upload(&self, request: &Message) -> Option<Outcome> {
+        if batch::batch_of(request, self.batch_field).is_none() {
+            return request
+                .response_with(Failure::Format.response_code())
+                .map(Outcome::switch);
+        }
+        let mut reply = request.response_with(ResponseCode::APPROVED)?;
+        if let Some(v) = request.get(self.batch_field) {
+            reply.set(self.batch_field, v);
+        }
+        Some(Outcome::new(reply, DecidedBy::Switch, TxnState::Uploaded))
     }
 
     /// 0800 from a terminal: echo, sign-on and sign-off are answered by the switch.

@@ -33,8 +33,9 @@ use crate::hsm::Hsm;
 use crate::journal::Journal;
 use crate::pipeline::Pipeline;
 use crate::security::{Key, ListenerSecurity};
+use crate::settlement::Cutover;
 use crate::tls::Acceptor;
-use crate::upstream::{Endpoint, EndpointKeys};
+use crate::upstream::{Endpoint, EndpointDay, EndpointKeys};
 
 /// A started switch.
 #[derive(Debug)]
@@ -131,12 +132,51 @@ impl Switch {
         if let Some(hsm) = &hsm {
             Self::verify_keys(&config, hsm, &journal).await?;
         }
+        // Business dates: each endpoint's open date, its cutovers recorded as they happen.
+        let (cutover_tx, cutover_rx) = mpsc::channel::<Cutover>(64);
+        writer.spawn(crate::settlement::cutover_writer(
+            journal.backend().clone(),
+            cfg.switch.node.clone(),
+            cutover_rx,
+        ));
+        let mut days = Vec::with_capacity(cfg.endpoints.len());
+        for e in &cfg.endpoints {
+            let day = crate::settlement::load_day(
+                journal.backend(),
+                &e.name,
+                e.settlement.cutover_time.as_deref(),
+            )
+            .await?;
+            info!(endpoint = %e.name, business_date = %crate::settlement::format_date(day.current()), "business date open");
+            let day = EndpointDay {
+                day: Arc::new(day),
+                cutovers: cutover_tx.clone(),
+            };
+            links.spawn(crate::settlement::cutover_timer(
+                e.name.clone(),
+                Arc::clone(&day.day),
+                cutover_tx.clone(),
+                stop_links.clone(),
+            ));
+            days.push(day);
+        }
+        drop(cutover_tx);
+        links.spawn(crate::settlement::follow_days(
+            journal.backend().clone(),
+            cfg.endpoints
+                .iter()
+                .zip(&days)
+                .map(|(e, d)| (e.name.clone(), Arc::clone(&d.day)))
+                .collect(),
+            stop_links.clone(),
+        ));
         let (endpoints, strays): (Vec<Arc<Endpoint>>, Vec<_>) = cfg
             .endpoints
             .iter()
             .zip(&config.endpoints)
             .zip(&config.endpoint_security)
-            .map(|((e, (dialect, framing, strategy, tls)), sec)| {
+            .zip(&days)
+            .map(|(((e, (dialect, framing, strategy, tls)), sec), day)| {
                 let keys = match (sec, &hsm) {
                     (Some(keys), Some(hsm)) => Some(EndpointKeys {
                         keys: Arc::clone(keys),
@@ -153,6 +193,7 @@ impl Switch {
                     tls.clone(),
                     cfg.switch.acquirer_id.clone(),
                     keys,
+                    day,
                     &stop_links,
                     &links,
                 )
@@ -184,7 +225,8 @@ impl Switch {
         let pipeline = Arc::new(
             Pipeline::new(config.bins.clone(), endpoints, journal.clone())
                 .with_security(hsm, listener_security)
-                .with_fraud(config.fraud.clone()),
+                .with_fraud(config.fraud.clone())
+                .with_batch_field(cfg.settlement.batch_field),
         );
         // Per endpoint: the store-and-forward sender, and the handler of replies nobody waited
         // for. Both stop with the links.

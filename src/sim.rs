@@ -134,6 +134,9 @@ async fn acquirer(args: AcquirerArgs, out: &mut dyn Write) -> Result<()> {
         }),
     })
     .await?;
+    if let Some(k) = &args.pan_hmac_key {
+        acquirer.set_pan_hmac_key(&hex::decode(k).context("--pan-hmac-key: not hex")?);
+    }
     writeln!(
         out,
         "acquirer simulator on {} ({}, {}); Ctrl-C to stop",
@@ -142,12 +145,56 @@ async fn acquirer(args: AcquirerArgs, out: &mut dyn Write) -> Result<()> {
         args.framing
     )?;
     out.flush()?;
-    tokio::signal::ctrl_c().await?;
+    match args.cutover_every {
+        None => tokio::signal::ctrl_c().await?,
+        Some(every) => {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => { r?; break; }
+                    _ = tick.tick() => {
+                        match acquirer.cutover(std::time::Duration::from_secs(5)).await {
+                            Ok((closed, answer)) => {
+                                // Replies already computed for the closed date may still be
+                                // on their way: give them a moment before the file is cut.
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                let path = write_clearing(&acquirer, &args, closed)?;
+                                writeln!(out, "cutover: {closed} closed (switch answered {}); {}", answer.as_deref().unwrap_or("nothing"), path.display())?;
+                            }
+                            Err(e) => writeln!(out, "cutover: {e:#}")?,
+                        }
+                        out.flush()?;
+                    }
+                }
+            }
+        }
+    }
     acquirer.stop().await;
     if args.ledger {
         writeln!(out, "{}", serde_json::to_string_pretty(&acquirer.ledger())?)?;
     }
     Ok(())
+}
+
+/// Writes the clearing file of a closed date, with the configured discrepancies.
+fn write_clearing(
+    acquirer: &Acquirer,
+    args: &AcquirerArgs,
+    date: time::Date,
+) -> Result<std::path::PathBuf> {
+    let clean = acquirer.clearing_file(date);
+    let records = match &args.inject {
+        Some(inj) => cardswitch_simulators::clearing::inject(clean, inj, fastrand::u64(..)).0,
+        None => clean,
+    };
+    let path = args.clearing_dir.join(format!(
+        "clearing-{}-{}.csv",
+        args.name,
+        crate::settlement::format_date(date)
+    ));
+    let file = std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
+    cardswitch_simulators::clearing::write(std::io::BufWriter::new(file), &records)?;
+    Ok(path)
 }
 
 fn terminal_security(args: &TerminalArgs) -> Result<Option<TerminalSecurity>> {

@@ -54,11 +54,13 @@ pub enum TxnState {
     Orphan,
     /// A copy of another transaction (same key): answered from it, never sent on.
     Duplicate,
+    /// A terminal's batch-upload record (0320) of one of its transactions: moves no money.
+    Uploaded,
 }
 
 impl TxnState {
     /// Every state.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Received,
         Self::Forwarded,
         Self::Approved,
@@ -70,6 +72,7 @@ impl TxnState {
         Self::Advised,
         Self::Orphan,
         Self::Duplicate,
+        Self::Uploaded,
     ];
 
     /// The name stored in the journal.
@@ -87,6 +90,7 @@ impl TxnState {
             Self::Advised => "advised",
             Self::Orphan => "orphan",
             Self::Duplicate => "duplicate",
+            Self::Uploaded => "uploaded",
         }
     }
 

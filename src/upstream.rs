@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::settlement::{self, BusinessDay, Cutover};
 use cardswitch_simulators::hsm::KeyType;
 
 use crate::config::EndpointConfig;
@@ -322,6 +323,7 @@ pub struct Endpoint {
     acquirer_id: Option<String>,
     config: Arc<EndpointConfig>,
     security: Option<EndpointKeys>,
+    day: Arc<BusinessDay>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -348,6 +350,7 @@ impl Endpoint {
         tls: Option<Connector>,
         default_acquirer_id: Option<String>,
         security: Option<EndpointKeys>,
+        day: &EndpointDay,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) -> (Arc<Self>, mpsc::Receiver<Stray>) {
@@ -384,6 +387,7 @@ impl Endpoint {
                 tls: tls.clone(),
                 strays: strays.clone(),
                 security: security.clone(),
+                day: day.clone(),
             };
             tracker.spawn(task.run(rx));
             links.push(link);
@@ -398,8 +402,15 @@ impl Endpoint {
             acquirer_id: config.acquirer_id.clone().or(default_acquirer_id),
             config: Arc::new(config.clone()),
             security,
+            day: Arc::clone(&day.day),
         });
         (endpoint, strays_rx)
+    }
+
+    /// The endpoint's open business date.
+    #[must_use]
+    pub fn business_day(&self) -> &BusinessDay {
+        &self.day
     }
 
     /// The endpoint's configuration.
@@ -546,6 +557,16 @@ struct LinkTask {
     tls: Option<Connector>,
     strays: mpsc::Sender<Stray>,
     security: Option<EndpointKeys>,
+    day: EndpointDay,
+}
+
+/// An endpoint's business date and where its cutovers are recorded.
+#[derive(Debug, Clone)]
+pub struct EndpointDay {
+    /// The open date.
+    pub day: Arc<BusinessDay>,
+    /// Cutovers to record.
+    pub cutovers: mpsc::Sender<Cutover>,
 }
 
 /// Why a connection ended.
@@ -682,6 +703,39 @@ impl LinkTask {
                 }
             }
         });
+    }
+
+    /// The acquirer's cutover (0800, DE70 201): the business date advances to DE15 (nearest
+    /// year) or, without it, to the next day, and the 0810 says 00. A repeat (same or earlier
+    /// date, as when every link of the endpoint receives it) changes nothing and is answered 00
+    /// too.
+    async fn cutover<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        request: &Message,
+        framed: &mut Framed<S, FrameCodec>,
+    ) {
+        let current = self.day.day.current();
+        let to = request
+            .get_str(15)
+            .and_then(|d| settlement::resolve_mmdd(d, current));
+        if let Some((closed, opened)) = self.day.day.advance(to) {
+            let _ = self
+                .day
+                .cutovers
+                .send(Cutover {
+                    endpoint: self.endpoint.clone(),
+                    closed,
+                    opened,
+                    cause: "0800/201".to_owned(),
+                })
+                .await;
+        }
+        if let Some(mut rsp) = request.response_with(ResponseCode::APPROVED) {
+            rsp.set(15, settlement::mmdd(self.day.day.current()).as_bytes());
+            if let Ok(body) = self.dialect.encode_to_vec(&rsp) {
+                let _ = framed.send(Frame::new(body)).await;
+            }
+        }
     }
 
     async fn handshake(
@@ -821,6 +875,10 @@ impl LinkTask {
                         })
                     {
                         self.key_exchange(reply);
+                        continue;
+                    }
+                    if reply.mti() == Mti::NETWORK_REQUEST && reply.network_code() == Some(201) {
+                        self.cutover(&reply, &mut framed).await;
                         continue;
                     }
                     if reply.mti() == Mti::NETWORK_REQUEST {

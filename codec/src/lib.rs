@@ -25,6 +25,7 @@ pub mod sample;
 pub mod sensitive;
 pub mod spec;
 pub mod tlv;
+pub mod totals;
 mod types;
 
 pub use builtin::{BUILTIN_DIALECTS, DEFAULT_DIALECT};

@@ -21,6 +21,8 @@ const REVERSAL: &[u8] = &[3, 4, 7, 11, 12, 13, 41, 42, 49, 90];
 const NETWORK: &[u8] = &[7, 11, 70];
 /// Reconciliation.
 const RECONCILIATION: &[u8] = &[7, 11, 41];
+/// Batch upload (0320): the transaction it reports and the terminal.
+const UPLOAD: &[u8] = &[3, 4, 11, 37, 41];
 /// Every response: the trace number and the response code.
 const RESPONSE: &[u8] = &[11, 39];
 
@@ -36,6 +38,7 @@ pub fn check_mandatory(msg: &Message) -> Result<(), MissingField> {
             (1 | 2, true, 0) => (true, CARD_REQUEST, &[]),
             (1 | 2, true, _) => (true, CARD_REQUEST, ADVICE_EXTRA),
             (4, true, _) => (true, REVERSAL, &[]),
+            (3, true, _) => (false, UPLOAD, &[]),
             (5, true, _) => (false, RECONCILIATION, &[]),
             (8, true, _) => (false, NETWORK, &[]),
             _ => (false, &[], &[]),

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use bytes::Bytes;
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
 use cardswitch_codec::{Dialect, Message, ResponseCode};
 
+use crate::clearing::{self, ClearingRecord};
 use crate::hsm::crypto::{self, account_of, ClearKey, MacAlgorithm, MacPadding, PinFormat, Scheme};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -167,8 +168,18 @@ pub struct LedgerEntry {
     pub response_code: String,
     /// DE38, when approved.
     pub auth_code: Option<String>,
-    /// Whether a reversal for it arrived.
+    /// Whether a reversal for it arrived (in full).
     pub reversed: bool,
+    /// DE3.
+    pub processing_code: String,
+    /// The PAN, masked.
+    pub pan_masked: String,
+    /// HMAC-SHA256 of the PAN under the key shared with the switch (empty without one).
+    pub pan_hmac: String,
+    /// The host's business date when it decided (`YYYY-MM-DD`), sent as DE15.
+    pub business_date: String,
+    /// Amount taken back by partial reversals, minor units.
+    pub amount_reversed: u64,
 }
 
 /// A reversal the host received.
@@ -331,6 +342,12 @@ struct State {
     reversals: Mutex<Vec<ReversalSeen>>,
     stats: Stats,
     auth_codes: AtomicU64,
+    /// The open business date (Julian day number).
+    business_day: AtomicI32,
+    /// The PAN HMAC key shared with the switch's journal.
+    pan_key: RwLock<Option<Vec<u8>>>,
+    /// Cutovers sent and not yet answered: STAN -> answer.
+    cutovers: Mutex<HashMap<String, Option<String>>>,
 }
 
 /// Settings of one simulated host.
@@ -397,6 +414,9 @@ impl Acquirer {
             reversals: Mutex::new(Vec::new()),
             stats: Stats::default(),
             auth_codes: AtomicU64::new(1),
+            business_day: AtomicI32::new(time::OffsetDateTime::now_utc().date().to_julian_day()),
+            pan_key: RwLock::new(None),
+            cutovers: Mutex::new(HashMap::new()),
         });
         let acquirer = Self {
             addr,
@@ -511,13 +531,26 @@ impl Acquirer {
         if let Ok(mut k) = self.state.key_changes.lock() {
             k.insert(stan.clone(), (new, None));
         }
+        self.broadcast(body, "key change").await?;
+        Ok(answered(wait, || {
+            self.state
+                .key_changes
+                .lock()
+                .ok()
+                .and_then(|k| k.get(&stan).and_then(|(_, a)| a.clone()))
+        })
+        .await)
+    }
+
+    /// Sends a message the host starts on every open connection.
+    async fn broadcast(&self, body: Bytes, what: &str) -> Result<()> {
         let writers: Vec<_> = self
             .state
             .writers
             .lock()
             .map(|w| w.iter().filter(|t| !t.is_closed()).cloned().collect())
             .unwrap_or_default();
-        anyhow::ensure!(!writers.is_empty(), "key change: no connection");
+        anyhow::ensure!(!writers.is_empty(), "{what}: no connection");
         for w in writers {
             let _ = w
                 .send(Frame {
@@ -526,19 +559,101 @@ impl Acquirer {
                 })
                 .await;
         }
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let answer = self
-                .state
-                .key_changes
+        Ok(())
+    }
+
+    /// Sets the key of the PAN HMACs in the ledger and the clearing file (the switch's
+    /// `journal.pan_hmac_key`).
+    pub fn set_pan_hmac_key(&self, key: &[u8]) {
+        if let Ok(mut k) = self.state.pan_key.write() {
+            *k = Some(key.to_vec());
+        }
+    }
+
+    /// The host's open business date.
+    #[must_use]
+    pub fn business_date(&self) -> time::Date {
+        self.state.business_date()
+    }
+
+    /// Sets the host's open business date (without telling the switch).
+    pub fn set_business_date(&self, date: time::Date) {
+        self.state
+            .business_day
+            .store(date.to_julian_day(), Ordering::Release);
+    }
+
+    /// Cutover: closes the business date, opens the next and tells every connection (0800,
+    /// DE70 201, DE15 the new date). Returns the closed date and the switch's answer (`None`
+    /// when none came within `wait`).
+    ///
+    /// # Errors
+    /// No connection to send it on.
+    pub async fn cutover(&self, wait: Duration) -> Result<(time::Date, Option<String>)> {
+        let closed = self.business_date();
+        let opened = closed.next_day().unwrap_or(closed);
+        self.set_business_date(opened);
+        let stan = format!("{:06}", fastrand::u32(1..999_999));
+        let (de7, _, _) = cardswitch_codec::clock::now_fields();
+        let msg = Message::builder(cardswitch_codec::Mti::NETWORK_REQUEST)
+            .field(7, de7)
+            .field(11, &stan)
+            .field(15, self.state.settlement_mmdd())
+            .field(70, "201")
+            .build();
+        let body = Bytes::from(self.state.dialect.encode_to_vec(&msg)?);
+        if let Ok(mut c) = self.state.cutovers.lock() {
+            c.insert(stan.clone(), None);
+        }
+        self.broadcast(body, "cutover").await?;
+        let answer = answered(wait, || {
+            self.state
+                .cutovers
                 .lock()
                 .ok()
-                .and_then(|k| k.get(&stan).and_then(|(_, a)| a.clone()));
-            if answer.is_some() || tokio::time::Instant::now() >= deadline {
-                return Ok(answer);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+                .and_then(|c| c.get(&stan).cloned().flatten())
+        })
+        .await;
+        Ok((closed, answer))
+    }
+
+    /// The clean clearing file for a business date: every approval of that date still
+    /// standing (for what stands after partial reversals), debits as presentments and refunds
+    /// as refunds; fully reversed ones and inquiries are not presented.
+    #[must_use]
+    pub fn clearing_file(&self, date: time::Date) -> Vec<ClearingRecord> {
+        let day = format_date(date);
+        let Ok(ledger) = self.state.ledger.lock() else {
+            return Vec::new();
+        };
+        ledger
+            .entries
+            .iter()
+            .filter(|e| {
+                e.business_date == day
+                    && e.auth_code.is_some()
+                    && !e.reversed
+                    && matches!(e.mti.get(1..2), Some("1" | "2"))
+                    && !e.processing_code.starts_with('3')
+                    && e.amount > e.amount_reversed
+            })
+            .map(|e| ClearingRecord {
+                rrn: e.rrn.clone(),
+                auth_code: e.auth_code.clone().unwrap_or_default(),
+                pan_masked: e.pan_masked.clone(),
+                pan_hmac: e.pan_hmac.clone(),
+                amount_minor: e.amount - e.amount_reversed,
+                currency: e.currency.clone(),
+                business_date: day.clone(),
+                kind: if e.processing_code.starts_with('2') {
+                    clearing::kinds::REFUND
+                } else {
+                    clearing::kinds::PRESENTMENT
+                }
+                .to_owned(),
+                reason: String::new(),
+            })
+            .collect()
     }
 
     /// The ZPK the host uses now (tests compare it with what the switch translates to).
@@ -595,8 +710,13 @@ impl Acquirer {
                 continue;
             };
             if request.mti() == cardswitch_codec::Mti::NETWORK_RESPONSE {
-                // The answer to a key change this host sent.
+                // The answer to a key change or a cutover this host sent.
                 self.state.key_change_answered(&request);
+                if let Ok(mut c) = self.state.cutovers.lock() {
+                    if let Some(a) = c.get_mut(&text(&request, 11)) {
+                        a.get_or_insert_with(|| text(&request, 39));
+                    }
+                }
                 continue;
             }
             stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -678,6 +798,18 @@ impl Acquirer {
             .read()
             .map(|r| Arc::clone(&r))
             .unwrap_or_else(|_| Arc::new(Rules::default_rules()))
+    }
+}
+
+/// Polls `answer` until it gives one or `wait` has passed.
+async fn answered(wait: Duration, answer: impl Fn() -> Option<String>) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let a = answer();
+        if a.is_some() || tokio::time::Instant::now() >= deadline {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -791,6 +923,7 @@ impl State {
                             response_code: "00".into(),
                             auth_code: request.auth_code().map(str::to_owned),
                             reversed: false,
+                            ..self.entry_details(request)
                         };
                         ledger.push(entry, text(request, 7));
                     }
@@ -803,6 +936,7 @@ impl State {
                     rules.code_for(request)
                 };
                 reply.set(39, code.as_bytes());
+                reply.set(15, self.settlement_mmdd().as_bytes());
                 let approved = ResponseCode::new(code.as_bytes().try_into().unwrap_or(*b"96"))
                     .is_some_and(|c| c.is_approved());
                 let auth_code = approved.then(|| {
@@ -819,10 +953,18 @@ impl State {
             // A reversal marks its original reversed (again: no change). An 0400 whose original
             // is unknown is answered 25; an 0420 is acknowledged whatever it finds.
             4 => {
+                // DE95 with a smaller amount than the original: a partial reversal.
+                let standing = request
+                    .get_str(95)
+                    .and_then(|v| v.get(..12))
+                    .and_then(|v| v.parse::<u64>().ok());
                 let found = self.ledger.lock().ok().and_then(|mut ledger| {
                     let i = ledger.original_of(request)?;
                     let e = ledger.entries.get_mut(i)?;
-                    e.reversed = true;
+                    match standing {
+                        Some(s) if s > 0 && s < e.amount => e.amount_reversed = e.amount - s,
+                        _ => e.reversed = true,
+                    }
                     Some(())
                 });
                 if let Ok(mut seen) = self.reversals.lock() {
@@ -846,6 +988,47 @@ impl State {
         Some(reply)
     }
 
+    fn business_date(&self) -> time::Date {
+        time::Date::from_julian_day(self.business_day.load(Ordering::Acquire))
+            .unwrap_or_else(|_| time::OffsetDateTime::now_utc().date())
+    }
+
+    fn settlement_mmdd(&self) -> String {
+        let d = self.business_date();
+        format!("{:02}{:02}", u8::from(d.month()), d.day())
+    }
+
+    /// What the ledger keeps of a request besides the decision: card (masked and HMAC),
+    /// processing code, business date.
+    fn entry_details(&self, request: &Message) -> LedgerEntry {
+        let pan = request
+            .pan()
+            .or_else(|| request.track2().and_then(|t| t.pan()));
+        let key = self.pan_key.read().ok().and_then(|k| k.clone());
+        LedgerEntry {
+            mti: String::new(),
+            terminal: String::new(),
+            rrn: String::new(),
+            stan: String::new(),
+            amount: 0,
+            currency: String::new(),
+            response_code: String::new(),
+            auth_code: None,
+            reversed: false,
+            processing_code: text(request, 3),
+            pan_masked: pan
+                .as_ref()
+                .map(|p| p.masked().to_string())
+                .unwrap_or_default(),
+            pan_hmac: match (&pan, key) {
+                (Some(p), Some(k)) => clearing::pan_hmac(&k, p.expose()),
+                _ => String::new(),
+            },
+            business_date: format_date(self.business_date()),
+            amount_reversed: 0,
+        }
+    }
+
     fn record(&self, request: &Message, code: &str, auth_code: Option<String>) {
         let entry = LedgerEntry {
             mti: request.mti().to_string(),
@@ -857,11 +1040,16 @@ impl State {
             response_code: code.to_owned(),
             auth_code,
             reversed: false,
+            ..self.entry_details(request)
         };
         if let Ok(mut ledger) = self.ledger.lock() {
             ledger.push(entry, text(request, 7));
         }
     }
+}
+
+fn format_date(d: time::Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
 fn text(msg: &Message, field: u8) -> String {

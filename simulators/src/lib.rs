@@ -7,6 +7,7 @@
 //! Depends on the codec only; nothing here knows the switch.
 
 pub mod acquirer;
+pub mod clearing;
 pub mod hsm;
 pub mod terminal;
 

@@ -88,6 +88,8 @@ pub async fn start(
         .route("/api/live", get(live))
         .route("/api/transactions", get(transactions))
         .route("/api/transactions/{id}", get(transaction))
+        .route("/api/settlement", get(settlement))
+        .route("/api/batches/{terminal}/{batch}", get(batch))
         .route("/api/fraud", get(fraud_rules))
         .route("/api/fraud/reload", axum::routing::post(fraud_reload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -296,6 +298,66 @@ async fn live(
         ))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// `GET /api/settlement?date=YYYY-MM-DD[&endpoint=E]`: the settlement report.
+async fn settlement(
+    State(state): State<AdminState>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    let Some(date) = q
+        .get("date")
+        .and_then(|d| crate::settlement::date_arg(d).ok())
+    else {
+        return (StatusCode::BAD_REQUEST, "date=YYYY-MM-DD needed\n").into_response();
+    };
+    if let Some(k) = q
+        .keys()
+        .find(|k| !matches!(k.as_str(), "date" | "endpoint" | "token"))
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {k:?}\n"),
+        )
+            .into_response();
+    }
+    let fees = state
+        .pipeline
+        .endpoints()
+        .iter()
+        .map(|e| (e.name().to_owned(), e.config().settlement.clone()))
+        .collect();
+    match crate::settlement::report::build(
+        state.pipeline.journal().backend(),
+        &date,
+        q.get("endpoint").map(String::as_str),
+        &fees,
+    )
+    .await
+    {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => {
+            warn!(error = %e, "settlement report failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "journal unavailable\n").into_response()
+        }
+    }
+}
+
+/// `GET /api/batches/{terminal}/{batch}`: a closed batch, its totals and exceptions.
+async fn batch(
+    State(state): State<AdminState>,
+    Path((terminal, batch)): Path<(String, String)>,
+) -> Response {
+    match crate::settlement::batch::closed(state.pipeline.journal().backend(), &terminal, &batch)
+        .await
+    {
+        Ok(Some(b)) => Json(b).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "no closed batch\n").into_response(),
+        Err(e) => {
+            warn!(error = %e, "batch look-up failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "journal unavailable\n").into_response()
+        }
+    }
 }
 
 async fn transactions(

@@ -54,6 +54,8 @@ const TEXT: &[&str] = &[
     "request_summary",
     "reply_summary",
     "fraud",
+    "business_date",
+    "batch_number",
 ];
 const INT: &[&str] = &[
     "id",
@@ -198,6 +200,9 @@ impl Journal {
         let saf_sql = format!(
             "SELECT id, kind, mti, state, attempts, last_code, created_us, done_us FROM saf WHERE txn_id = {p1} ORDER BY created_us"
         );
+        let cb_sql = format!(
+            "SELECT business_date, endpoint, amount_minor, currency, line FROM chargebacks WHERE txn_id = {p1} ORDER BY run_id"
+        );
         macro_rules! story {
             ($pool:expr) => {{
                 let rows = fetch!($pool, &row_sql, [Arg::Int(id)])?;
@@ -238,7 +243,20 @@ impl Journal {
                         })
                     })
                     .collect();
+                let chargebacks: Vec<Value> = fetch!($pool, &cb_sql, [Arg::Int(id)])?
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "business_date": r.try_get::<String, _>("business_date").ok(),
+                            "endpoint": r.try_get::<String, _>("endpoint").ok(),
+                            "amount_minor": r.try_get::<i64, _>("amount_minor").ok(),
+                            "currency": r.try_get::<Option<String>, _>("currency").ok().flatten(),
+                            "line": r.try_get::<i64, _>("line").ok(),
+                        })
+                    })
+                    .collect();
                 story.insert("reversals".into(), Value::Array(reversals));
+                story.insert("chargebacks".into(), Value::Array(chargebacks));
                 story.insert("events".into(), Value::Array(events));
                 story.insert("store_and_forward".into(), Value::Array(saf));
                 Some(Value::Object(story))

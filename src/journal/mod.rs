@@ -114,6 +114,10 @@ pub struct Row {
     acquirer_inst: Option<String>,
     /// The fraud rules that fired (shadow ones marked), when any did.
     pub fraud: Option<String>,
+    /// The business date it settles on (`YYYY-MM-DD`).
+    pub business_date: Option<String>,
+    /// The terminal's batch number.
+    pub batch_number: Option<String>,
 }
 
 impl Row {
@@ -404,7 +408,9 @@ impl Backend {
                             .push_bind(r.original_id)
                             .push_bind(r.amount_reversed_minor)
                             .push_bind(&r.acquirer_inst)
-                            .push_bind(&r.fraud);
+                            .push_bind(&r.fraud)
+                            .push_bind(&r.business_date)
+                            .push_bind(&r.batch_number);
                     });
                     q.build().execute(&mut *tx).await?;
                 }
@@ -425,45 +431,56 @@ const EVENT_LITE: &str =
 const COLUMNS: &str = "id, node, received_us, listener, mti, processing_code, stan, rrn, transmission_time, \
     terminal_id, merchant_id, pan_masked, pan_hmac, amount_minor, currency, route, endpoint, link, response_code, \
     decided_by, auth_code, request_summary, reply_summary, t_upstream_us, t_total_us, t_decode_us, t_route_us, state, upstream_stan, original_id, amount_reversed_minor, \
-    acquirer_inst, fraud";
+    acquirer_inst, fraud, business_date, batch_number";
 
-/// One row in PostgreSQL's COPY text format: tab-separated, `\N` for NULL, backslash escapes.
+/// One field of PostgreSQL's COPY text format and its tab: `\N` for NULL, backslash escapes.
 /// (Hand-written: sqlx has no COPY encoder, and the format is four escapes.)
-fn copy_line(buf: &mut String, node: &str, r: &Row) {
-    use std::fmt::Write;
-    fn text(buf: &mut String, v: Option<&str>) {
-        match v {
-            None => buf.push_str("\\N"),
-            Some(v)
-                if !v
-                    .bytes()
-                    .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
-            {
-                buf.push_str(v)
-            }
-            Some(v) => {
-                for c in v.chars() {
-                    match c {
-                        '\\' => buf.push_str("\\\\"),
-                        '\t' => buf.push_str("\\t"),
-                        '\n' => buf.push_str("\\n"),
-                        '\r' => buf.push_str("\\r"),
-                        c => buf.push(c),
-                    }
+pub(crate) fn copy_text(buf: &mut String, v: Option<&str>) {
+    match v {
+        None => buf.push_str("\\N"),
+        Some(v)
+            if !v
+                .bytes()
+                .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+        {
+            buf.push_str(v)
+        }
+        Some(v) => {
+            for c in v.chars() {
+                match c {
+                    '\\' => buf.push_str("\\\\"),
+                    '\t' => buf.push_str("\\t"),
+                    '\n' => buf.push_str("\\n"),
+                    '\r' => buf.push_str("\\r"),
+                    c => buf.push(c),
                 }
             }
         }
-        buf.push('\t');
     }
-    fn num(buf: &mut String, v: Option<i64>) {
-        match v {
-            Some(n) => {
-                let _ = write!(buf, "{n}");
-            }
-            None => buf.push_str("\\N"),
+    buf.push('\t');
+}
+
+/// One COPY number field and its tab.
+pub(crate) fn copy_num(buf: &mut String, v: Option<i64>) {
+    use std::fmt::Write;
+    match v {
+        Some(n) => {
+            let _ = write!(buf, "{n}");
         }
-        buf.push('\t');
+        None => buf.push_str("\\N"),
     }
+    buf.push('\t');
+}
+
+/// Ends a COPY line: its last tab becomes the newline.
+pub(crate) fn copy_end(buf: &mut String) {
+    buf.pop();
+    buf.push('\n');
+}
+
+/// One row in COPY text format.
+fn copy_line(buf: &mut String, node: &str, r: &Row) {
+    let (text, num) = (copy_text, copy_num);
     num(buf, Some(r.id));
     text(buf, Some(node));
     num(buf, Some(r.received_us));
@@ -497,9 +514,9 @@ fn copy_line(buf: &mut String, node: &str, r: &Row) {
     num(buf, r.amount_reversed_minor);
     text(buf, r.acquirer_inst.as_deref());
     text(buf, r.fraud.as_deref());
-    // Replace the last tab with the end of the line.
-    buf.pop();
-    buf.push('\n');
+    text(buf, r.business_date.as_deref());
+    text(buf, r.batch_number.as_deref());
+    copy_end(buf);
 }
 
 /// What a store-and-forward entry carries.
@@ -907,6 +924,8 @@ impl Journal {
             amount_reversed_minor: None,
             acquirer_inst: text(request, 32),
             fraud: None,
+            business_date: None,
+            batch_number: None,
         }
     }
 

@@ -1,0 +1,499 @@
+//! Settlement: business dates and cutover, terminal batch settlement (0500/0520 and the 0320
+//! batch upload), clearing-file reconciliation and the settlement report.
+//!
+//! **Business dates.** Each endpoint has one open business date, kept in `business_dates`
+//! (shared by every node on the database) and in memory ([`BusinessDay`]). It advances when the
+//! acquirer sends a cutover (0800, DE70 201; DE15 names the new date, else the next day) or at
+//! the endpoint's `cutover_time`. Every `cutovers` row says which date closed and why.
+//!
+//! **Which side of a cutover a transaction counts on.** A transaction belongs to the business
+//! date the acquirer put in its reply (DE15, the settlement date, resolved to the year nearest
+//! the endpoint's date). A reply without DE15 belongs to the date that was open at its
+//! endpoint when the switch *sent* the request. So a request in flight while the cutover
+//! arrives counts once, on the old date, unless the acquirer says otherwise, and both the
+//! switch's totals and the acquirer's clearing file (built from the same DE15) agree on it.
+//! Rows that never reach an endpoint (declined by the switch, reversals, stand-in) take their
+//! endpoint's open date when they are answered; rows with no endpoint take the UTC date.
+
+/// Runs one statement written with `$1, $2 ...` on either backend (SQLite reads them as
+/// `?1, ?2 ...`).
+macro_rules! execute {
+    ($backend:expr, $sql:expr, $($bind:expr),* $(,)?) => {
+        match $backend {
+            Backend::Postgres(p) => {
+                sqlx::query($sql)$(.bind($bind))*.execute(p).await?;
+            }
+            Backend::Sqlite(p) => {
+                sqlx::query(&$crate::settlement::lite($sql))$(.bind($bind))*.execute(p).await?;
+            }
+        }
+    };
+}
+
+pub mod batch;
+pub mod recon;
+pub mod report;
+
+/// A statement's `$n` placeholders as SQLite's `?n`.
+#[must_use]
+pub fn lite(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use time::{Date, Duration as Days, OffsetDateTime, Time};
+use tracing::{error, info};
+
+use crate::journal::Backend;
+
+/// A business date as stored: `YYYY-MM-DD`.
+#[must_use]
+pub fn format_date(d: Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+}
+
+/// Parses `YYYY-MM-DD`.
+///
+/// # Errors
+/// Not a date of that shape.
+pub fn parse_date(s: &str) -> Result<Date> {
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(s, &fmt).with_context(|| format!("{s:?} is not a date (YYYY-MM-DD)"))
+}
+
+/// Parses `HH:MM`.
+///
+/// # Errors
+/// Not a time of that shape.
+pub fn parse_time(s: &str) -> Result<Time> {
+    let fmt = time::macros::format_description!("[hour]:[minute]");
+    Time::parse(s, &fmt).with_context(|| format!("{s:?} is not a time (HH:MM)"))
+}
+
+/// DE15 (`MMDD`) as the date of that month and day nearest `near`.
+#[must_use]
+pub fn resolve_mmdd(mmdd: &str, near: Date) -> Option<Date> {
+    let month: u8 = mmdd.get(..2)?.parse().ok()?;
+    let day: u8 = mmdd.get(2..4)?.parse().ok()?;
+    let month = time::Month::try_from(month).ok()?;
+    [near.year() - 1, near.year(), near.year() + 1]
+        .into_iter()
+        .filter_map(|y| Date::from_calendar_date(y, month, day).ok())
+        .min_by_key(|d| (*d - near).whole_days().abs())
+}
+
+/// `MMDD` of a date (DE15).
+#[must_use]
+pub fn mmdd(d: Date) -> String {
+    format!("{:02}{:02}", u8::from(d.month()), d.day())
+}
+
+/// Today's date in UTC.
+#[must_use]
+pub fn today() -> Date {
+    OffsetDateTime::now_utc().date()
+}
+
+/// The business date a `cutover_time` gives at `now`: an evening cutover (12:00 or later)
+/// opens the next calendar date; a morning one leaves the early hours on the previous date.
+#[must_use]
+pub fn scheduled_date(now: OffsetDateTime, cutover: Time) -> Date {
+    let since = now - (cutover - Time::MIDNIGHT);
+    let d = since.date();
+    if cutover.hour() >= 12 {
+        d.next_day().unwrap_or(d)
+    } else {
+        d
+    }
+}
+
+/// An endpoint's open business date, read on every transaction (an atomic, no lock).
+#[derive(Debug)]
+pub struct BusinessDay {
+    julian: AtomicI32,
+    cutover_time: Option<Time>,
+}
+
+impl BusinessDay {
+    /// Opens on `date`.
+    #[must_use]
+    pub fn new(date: Date, cutover_time: Option<Time>) -> Self {
+        Self {
+            julian: AtomicI32::new(date.to_julian_day()),
+            cutover_time,
+        }
+    }
+
+    /// The open date.
+    #[must_use]
+    pub fn current(&self) -> Date {
+        Date::from_julian_day(self.julian.load(Ordering::Acquire)).unwrap_or_else(|_| today())
+    }
+
+    /// The configured daily cutover time.
+    #[must_use]
+    pub fn cutover_time(&self) -> Option<Time> {
+        self.cutover_time
+    }
+
+    /// Opens `to` (or the next day) and says which date closed; `None` when `to` is not after
+    /// the open date (a repeated cutover changes nothing).
+    pub fn advance(&self, to: Option<Date>) -> Option<(Date, Date)> {
+        let mut cur = self.julian.load(Ordering::Acquire);
+        loop {
+            let from = Date::from_julian_day(cur).ok()?;
+            let next = to.unwrap_or_else(|| from.next_day().unwrap_or(from));
+            if next <= from {
+                return None;
+            }
+            match self.julian.compare_exchange(
+                cur,
+                next.to_julian_day(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some((from, next)),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// A cutover to record.
+#[derive(Debug, Clone)]
+pub struct Cutover {
+    /// The endpoint.
+    pub endpoint: String,
+    /// The date closed.
+    pub closed: Date,
+    /// The date opened.
+    pub opened: Date,
+    /// `0800/201` or `time HH:MM`.
+    pub cause: String,
+}
+
+/// The open date of an endpoint at start: the stored one, moved on to what the cutover time
+/// says when the switch was down across a cutover; today (UTC) when nothing is stored.
+///
+/// # Errors
+/// The database cannot be read, or a stored date is unreadable.
+pub async fn load_day(
+    backend: &Backend,
+    endpoint: &str,
+    cutover_time: Option<&str>,
+) -> Result<BusinessDay> {
+    let time = cutover_time
+        .map(parse_time)
+        .transpose()
+        .with_context(|| format!("endpoint {endpoint}: settlement.cutover_time"))?;
+    let stored = stored_day(backend, endpoint).await?;
+    let scheduled = time.map(|t| scheduled_date(OffsetDateTime::now_utc(), t));
+    let date = match (stored, scheduled) {
+        (Some(s), Some(t)) => s.max(t),
+        (Some(s), None) => s,
+        (None, Some(t)) => t,
+        (None, None) => today(),
+    };
+    if stored.is_none() {
+        save_open(backend, endpoint, date).await?;
+    }
+    Ok(BusinessDay::new(date, time))
+}
+
+async fn save_open(backend: &Backend, endpoint: &str, date: Date) -> Result<(), sqlx::Error> {
+    let now = crate::journal::Journal::now_us();
+    let d = format_date(date);
+    // Only forwards: another node may have moved it on already.
+    execute!(
+        backend,
+        "INSERT INTO business_dates (endpoint, business_date, opened_us) VALUES ($1, $2, $3) \
+         ON CONFLICT (endpoint) DO UPDATE SET business_date = excluded.business_date, opened_us = excluded.opened_us \
+         WHERE business_dates.business_date < excluded.business_date",
+        endpoint,
+        &d,
+        now
+    );
+    Ok(())
+}
+
+/// The stored open date of an endpoint, if any.
+///
+/// # Errors
+/// The database cannot be read or the date is unreadable.
+pub async fn stored_day(backend: &Backend, endpoint: &str) -> Result<Option<Date>> {
+    let stored: Option<String> = match backend {
+        Backend::Postgres(p) => {
+            sqlx::query_scalar("SELECT business_date FROM business_dates WHERE endpoint = $1")
+                .bind(endpoint)
+                .fetch_optional(p)
+                .await?
+        }
+        Backend::Sqlite(p) => {
+            sqlx::query_scalar("SELECT business_date FROM business_dates WHERE endpoint = ?")
+                .bind(endpoint)
+                .fetch_optional(p)
+                .await?
+        }
+    };
+    stored.as_deref().map(parse_date).transpose()
+}
+
+/// Follows cutovers recorded by other switch nodes on the same database: every few seconds the
+/// stored date of each endpoint is read and the open date moved forward to it.
+pub async fn follow_days(
+    backend: Backend,
+    days: Vec<(String, Arc<BusinessDay>)>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+        for (endpoint, day) in &days {
+            if let Ok(Some(stored)) = stored_day(&backend, endpoint).await {
+                if let Some((closed, opened)) = day.advance(Some(stored)) {
+                    info!(endpoint = %endpoint, closed = %format_date(closed), opened = %format_date(opened), "business date moved on by another node");
+                }
+            }
+        }
+    }
+}
+
+/// Records a cutover: the open date and the history row.
+///
+/// # Errors
+/// The database cannot be written.
+pub async fn record_cutover(backend: &Backend, node: &str, c: &Cutover) -> Result<()> {
+    save_open(backend, &c.endpoint, c.opened).await?;
+    let now = crate::journal::Journal::now_us();
+    let (closed, opened) = (format_date(c.closed), format_date(c.opened));
+    execute!(
+        backend,
+        "INSERT INTO cutovers (endpoint, closed, opened, cause, node, at_us) VALUES ($1, $2, $3, $4, $5, $6)",
+        &c.endpoint,
+        &closed,
+        &opened,
+        &c.cause,
+        node,
+        now
+    );
+    Ok(())
+}
+
+/// Writes cutovers as they happen (the link tasks and the timers send them here).
+pub async fn cutover_writer(
+    backend: Backend,
+    node: String,
+    mut rx: tokio::sync::mpsc::Receiver<Cutover>,
+) {
+    while let Some(c) = rx.recv().await {
+        info!(endpoint = %c.endpoint, closed = %format_date(c.closed), opened = %format_date(c.opened), cause = %c.cause, "business date cutover");
+        if let Err(e) = record_cutover(&backend, &node, &c).await {
+            error!(endpoint = %c.endpoint, error = %e, "cutover not recorded");
+        }
+    }
+}
+
+/// Advances an endpoint's date at its `cutover_time` every day until `shutdown`.
+pub async fn cutover_timer(
+    endpoint: String,
+    day: Arc<BusinessDay>,
+    tx: tokio::sync::mpsc::Sender<Cutover>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let Some(at) = day.cutover_time() else {
+        return;
+    };
+    loop {
+        let now = OffsetDateTime::now_utc();
+        let mut next = now.replace_time(at);
+        if next <= now {
+            next += Days::days(1);
+        }
+        let wait = (next - now)
+            .try_into()
+            .unwrap_or(std::time::Duration::from_secs(60));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let target = scheduled_date(OffsetDateTime::now_utc(), at);
+        if let Some((closed, opened)) = day.advance(Some(target)) {
+            let cause = format!("time {:02}:{:02}", at.hour(), at.minute());
+            let _ = tx
+                .send(Cutover {
+                    endpoint: endpoint.clone(),
+                    closed,
+                    opened,
+                    cause,
+                })
+                .await;
+        }
+    }
+}
+
+/// The journal URL and endpoint settings a settlement command works with.
+fn database(
+    args: &crate::cli::DatabaseArgs,
+) -> Result<(
+    String,
+    std::collections::BTreeMap<String, crate::config::EndpointSettlement>,
+)> {
+    let config = args
+        .config
+        .as_deref()
+        .map(crate::config::Config::load)
+        .transpose()?;
+    let fees = config
+        .as_ref()
+        .map(|c| {
+            c.config
+                .endpoints
+                .iter()
+                .map(|e| (e.name.clone(), e.settlement.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let url = args
+        .database
+        .clone()
+        .or_else(|| config.map(|c| c.config.journal.url))
+        .filter(|u| !u.is_empty())
+        .context("no journal: give --database, --config or DATABASE_URL")?;
+    Ok((url, fees))
+}
+
+/// `cardswitch reconcile`.
+///
+/// # Errors
+/// The file or the database cannot be read, or the result cannot be stored.
+pub async fn reconcile_cmd(
+    args: crate::cli::ReconcileArgs,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    let (url, _) = database(&args.db)?;
+    let backend = Backend::connect(&url).await?;
+    let report = recon::reconcile(
+        &backend,
+        &recon::Request {
+            endpoint: &args.endpoint,
+            date: parse_date(&args.date)?,
+            file: &args.file,
+            late_days: args.late_days,
+        },
+    )
+    .await?;
+    match args.format {
+        crate::cli::ReportFormat::Table => recon::print_table(&report, out)?,
+        crate::cli::ReportFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, &report)?;
+            writeln!(out)?;
+        }
+        crate::cli::ReportFormat::Csv => recon::print_csv(&report, out)?,
+    }
+    Ok(())
+}
+
+/// `cardswitch settlement`.
+///
+/// # Errors
+/// The database cannot be read.
+pub async fn settlement_cmd(
+    args: crate::cli::SettlementArgs,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    let (url, fees) = database(&args.db)?;
+    let backend = Backend::connect(&url).await?;
+    let r = report::build(&backend, &args.date, args.endpoint.as_deref(), &fees).await?;
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &r)?;
+        writeln!(out)?;
+    } else {
+        report::print_table(&r, out)?;
+    }
+    Ok(())
+}
+
+/// Checks a `YYYY-MM-DD` argument.
+///
+/// # Errors
+/// Not a date.
+pub fn date_arg(s: &str) -> Result<String> {
+    let d = parse_date(s)?;
+    if format_date(d) != s {
+        bail!("{s:?}: write the date as YYYY-MM-DD");
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use time::macros::{date, datetime, time};
+
+    #[test]
+    fn de15_resolves_to_the_nearest_year() {
+        assert_eq!(
+            resolve_mmdd("0101", date!(2026 - 12 - 31)),
+            Some(date!(2027 - 01 - 01))
+        );
+        assert_eq!(
+            resolve_mmdd("1231", date!(2027 - 01 - 01)),
+            Some(date!(2026 - 12 - 31))
+        );
+        assert_eq!(
+            resolve_mmdd("1122", date!(2026 - 11 - 21)),
+            Some(date!(2026 - 11 - 22))
+        );
+        assert_eq!(resolve_mmdd("1399", date!(2026 - 11 - 21)), None);
+        assert_eq!(resolve_mmdd("11", date!(2026 - 11 - 21)), None);
+        assert_eq!(mmdd(date!(2026 - 03 - 07)), "0307");
+    }
+
+    #[test]
+    fn scheduled_dates_follow_the_cutover_time() {
+        let evening = time!(22:00);
+        assert_eq!(
+            scheduled_date(datetime!(2026-11-21 21:59 UTC), evening),
+            date!(2026 - 11 - 21)
+        );
+        assert_eq!(
+            scheduled_date(datetime!(2026-11-21 22:00 UTC), evening),
+            date!(2026 - 11 - 22)
+        );
+        let midnight = time!(00:00);
+        assert_eq!(
+            scheduled_date(datetime!(2026-11-21 10:00 UTC), midnight),
+            date!(2026 - 11 - 21)
+        );
+        let morning = time!(02:00);
+        assert_eq!(
+            scheduled_date(datetime!(2026-11-22 01:00 UTC), morning),
+            date!(2026 - 11 - 21)
+        );
+    }
+
+    #[test]
+    fn a_business_day_only_moves_forward() {
+        let d = BusinessDay::new(date!(2026 - 11 - 21), None);
+        assert_eq!(
+            d.advance(None),
+            Some((date!(2026 - 11 - 21), date!(2026 - 11 - 22)))
+        );
+        assert_eq!(d.advance(Some(date!(2026 - 11 - 22))), None);
+        assert_eq!(d.advance(Some(date!(2026 - 11 - 01))), None);
+        assert_eq!(
+            d.advance(Some(date!(2026 - 11 - 25))),
+            Some((date!(2026 - 11 - 22), date!(2026 - 11 - 25)))
+        );
+        assert_eq!(d.current(), date!(2026 - 11 - 25));
+        assert_eq!(format_date(d.current()), "2026-11-25");
+        assert_eq!(parse_date("2026-11-25").unwrap(), d.current());
+        assert!(date_arg("2026-1-5").is_err());
+    }
+}
