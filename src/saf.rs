@@ -29,11 +29,16 @@ pub async fn run(journal: Journal, endpoint: Arc<Endpoint>, stop: CancellationTo
     let lease = endpoint.config().request_timeout() + Duration::from_secs(5);
     let queued = Arc::clone(journal.saf_queued());
     let mut sending: JoinSet<()> = JoinSet::new();
+    // Refill once a quarter of the window is free (or nothing is on its way), not after every
+    // single acknowledgement: each refill is a query over the pending entries.
+    let refill_at = (cfg.max_in_flight / 4).max(1);
     loop {
+        while sending.try_join_next().is_some() {}
         // Keep up to max_in_flight entries on their way; refill as they finish.
         let room = cfg.max_in_flight.saturating_sub(sending.len());
         let mut took = 0;
-        if room > 0 {
+        let mut full = false;
+        if room >= refill_at || (room > 0 && sending.is_empty()) {
             let now = Journal::now_us();
             let due = match journal
                 .saf_due(endpoint.name(), now, i64::try_from(room).unwrap_or(64))
@@ -45,6 +50,7 @@ pub async fn run(journal: Journal, endpoint: Arc<Endpoint>, stop: CancellationTo
                     Vec::new()
                 }
             };
+            full = due.len() >= room;
             let until = now + i64::try_from(lease.as_micros()).unwrap_or(i64::MAX / 2);
             let ids: Vec<i64> = due.iter().map(|q| q.id).collect();
             let leased = journal
@@ -57,7 +63,8 @@ pub async fn run(journal: Journal, endpoint: Arc<Endpoint>, stop: CancellationTo
                 sending.spawn(async move { send(&j, &e, q).await });
             }
         }
-        if took > 0 && sending.len() < cfg.max_in_flight {
+        // A full round: more may be due at once.
+        if full && took > 0 && cfg.max_in_flight.saturating_sub(sending.len()) >= refill_at {
             continue;
         }
         // Wake when a send finishes, on new entries here, on the poll (other nodes, retries

@@ -363,3 +363,116 @@ async fn async_mode_replies_first_and_writes_after() {
     sw.shutdown().await;
     acq.stop().await;
 }
+
+/// The store-and-forward queue hands out, per card, only the oldest pending entry, and only
+/// once it is due and not leased; the next entry of a card comes after the first is settled.
+async fn saf_queue_keeps_each_cards_order(url: &str) {
+    use cardswitch::journal::{Change, Journal, SafEntry, SafKind, SafProgress, SafState};
+    let tracker = tokio_util::task::TaskTracker::new();
+    let journal = Journal::start(
+        &cardswitch::config::JournalSection {
+            url: url.to_owned(),
+            mode: "durable".into(),
+            ..Default::default()
+        },
+        "n1",
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let now = Journal::now_us();
+    // Cards a, b, c, 100 entries each, interleaved; c's entries are due only in an hour.
+    let mut ids: std::collections::HashMap<&str, Vec<i64>> = std::collections::HashMap::new();
+    let mut saf = Vec::new();
+    for i in 0..300 {
+        let card = ["a", "b", "c"][i % 3];
+        let id = journal.new_id();
+        ids.entry(card).or_default().push(id);
+        saf.push(SafEntry {
+            id,
+            endpoint: "acq".into(),
+            order_key: card.into(),
+            kind: SafKind::Reversal,
+            mti: "0420".into(),
+            txn_id: None,
+            payload: "x".into(),
+            next_at_us: if card == "c" {
+                now + 3_600_000_000
+            } else {
+                now
+            },
+            expires_us: now + 86_400_000_000,
+        });
+    }
+    let committed = journal
+        .submit(Change {
+            saf,
+            ..Change::default()
+        })
+        .await;
+    assert!(committed.ok);
+    let due = |at: i64| {
+        let j = journal.clone();
+        async move {
+            j.saf_due("acq", at, 64)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|q| q.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let (a, b, c) = (&ids["a"], &ids["b"], &ids["c"]);
+    assert_eq!(due(now).await, vec![a[0], b[0]]);
+    // Another endpoint's queue is its own.
+    assert!(journal.saf_due("other", now, 64).await.unwrap().is_empty());
+    // Leased by this node: nobody gets a's entry until the lease runs out.
+    assert_eq!(
+        journal
+            .saf_lease(&[a[0]], now, now + 1_000_000)
+            .await
+            .unwrap(),
+        vec![a[0]]
+    );
+    assert!(journal
+        .saf_lease(&[a[0]], now, now + 1_000_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(due(now).await, vec![b[0]]);
+    assert_eq!(due(now + 1_000_000).await, vec![a[0], b[0]]);
+    // a's first entry settled: its second comes next, behind b's first.
+    let committed = journal
+        .submit(Change {
+            saf_progress: vec![SafProgress {
+                id: a[0],
+                state: SafState::Delivered,
+                attempts: 1,
+                next_at_us: now,
+                last_code: Some("00".into()),
+            }],
+            ..Change::default()
+        })
+        .await;
+    assert!(committed.ok);
+    let mut expected = vec![a[1], b[0]];
+    expected.sort_unstable();
+    assert_eq!(due(now).await, expected);
+    // In an hour c is due too, still one entry per card.
+    let mut expected = vec![a[1], b[0], c[0]];
+    expected.sort_unstable();
+    assert_eq!(due(now + 3_600_000_000).await, expected);
+    assert_eq!(journal.saf_depth(Some("acq")).await.unwrap(), 299);
+}
+
+#[tokio::test]
+async fn postgres_saf_queue_keeps_each_cards_order() {
+    saf_queue_keeps_each_cards_order(&pg_schema("safq").await).await;
+}
+
+#[tokio::test]
+async fn sqlite_saf_queue_keeps_each_cards_order() {
+    let (url, path) = sqlite_url("safq");
+    saf_queue_keeps_each_cards_order(&url).await;
+    let _ = std::fs::remove_file(path);
+}

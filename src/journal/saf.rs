@@ -47,9 +47,12 @@ impl Journal {
                     .push_bind(now_us)
                     .push(" AND s.lease_until_us <= ")
                     .push_bind(now_us)
+                    // The card's oldest pending entry, found through `saf_order` for each
+                    // candidate. (An anti-join here let the planner compare every pending
+                    // entry with every other one: seconds per round with a few thousand queued.)
                     .push(
-                        " AND NOT EXISTS (SELECT 1 FROM saf p WHERE p.endpoint = s.endpoint AND p.order_key = s.order_key \
-                         AND p.state = 'pending' AND p.id < s.id) ORDER BY s.id LIMIT ",
+                        " AND s.id = (SELECT min(p.id) FROM saf p WHERE p.endpoint = s.endpoint \
+                         AND p.order_key = s.order_key AND p.state = 'pending') ORDER BY s.id LIMIT ",
                     )
                     .push_bind(limit);
                 q.build()
