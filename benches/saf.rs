@@ -142,7 +142,7 @@ fn main() {
             }
             let (o, b) = (median(ours), median(base));
             println!(
-                "{n:>8} {stats:>10} {:>11.2} ms {:>11.2} ms {:>7.0}x",
+                "{n:>8} {stats:>10} {:>11.2} ms {:>11.2} ms {:>7.2}x",
                 o.as_secs_f64() * 1e3,
                 b.as_secs_f64() * 1e3,
                 b.as_secs_f64() / o.as_secs_f64()

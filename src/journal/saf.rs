@@ -37,25 +37,27 @@ impl Journal {
         now_us: i64,
         limit: i64,
     ) -> Result<Vec<Queued>, sqlx::Error> {
+        // The head of each card's line, then those due and free. On PostgreSQL one ordered
+        // pass over the pending entries (`saf_order`), linear whatever the statistics say: a
+        // correlated form (NOT EXISTS an older entry, or id = the card's min) let the planner,
+        // without statistics on a table that just filled, compare every pending entry with every
+        // other one, and a backlog of a few thousand took seconds per round (`cargo bench
+        // --bench saf`). SQLite has no DISTINCT ON and plans the correlated form on `saf_order`.
+        const POSTGRES: &str = "SELECT id, kind, mti, txn_id, payload, attempts, expires_us FROM \
+            (SELECT DISTINCT ON (order_key) id, kind, mti, txn_id, payload, attempts, expires_us, \
+             next_at_us, lease_until_us FROM saf WHERE endpoint = $1 AND state = 'pending' \
+             ORDER BY order_key, id) head \
+            WHERE next_at_us <= $2 AND lease_until_us <= $2 ORDER BY id LIMIT $3";
+        const SQLITE: &str = "SELECT id, kind, mti, txn_id, payload, attempts, expires_us FROM saf s \
+            WHERE s.endpoint = $1 AND s.state = 'pending' AND s.next_at_us <= $2 AND s.lease_until_us <= $2 \
+            AND s.id = (SELECT min(p.id) FROM saf p WHERE p.endpoint = s.endpoint \
+            AND p.order_key = s.order_key AND p.state = 'pending') ORDER BY s.id LIMIT $3";
         macro_rules! due {
-            ($db:ty, $pool:expr) => {{
-                let mut q: QueryBuilder<$db> = QueryBuilder::new(
-                    "SELECT id, kind, mti, txn_id, payload, attempts, expires_us FROM saf s WHERE s.endpoint = ",
-                );
-                q.push_bind(endpoint)
-                    .push(" AND s.state = 'pending' AND s.next_at_us <= ")
-                    .push_bind(now_us)
-                    .push(" AND s.lease_until_us <= ")
-                    .push_bind(now_us)
-                    // The card's oldest pending entry, found through `saf_order` for each
-                    // candidate. (An anti-join here let the planner compare every pending
-                    // entry with every other one: seconds per round with a few thousand queued.)
-                    .push(
-                        " AND s.id = (SELECT min(p.id) FROM saf p WHERE p.endpoint = s.endpoint \
-                         AND p.order_key = s.order_key AND p.state = 'pending') ORDER BY s.id LIMIT ",
-                    )
-                    .push_bind(limit);
-                q.build()
+            ($sql:expr, $pool:expr) => {{
+                sqlx::query($sql)
+                    .bind(endpoint)
+                    .bind(now_us)
+                    .bind(limit)
                     .fetch_all($pool)
                     .await?
                     .into_iter()
@@ -74,8 +76,8 @@ impl Journal {
             }};
         }
         match self.backend() {
-            Backend::Postgres(p) => due!(sqlx::Postgres, p),
-            Backend::Sqlite(p) => due!(sqlx::Sqlite, p),
+            Backend::Postgres(p) => due!(POSTGRES, p),
+            Backend::Sqlite(p) => due!(SQLITE, p),
         }
     }
 
