@@ -187,6 +187,11 @@ impl Outcome {
     fn switch(reply: Message) -> Self {
         Self::new(reply, DecidedBy::Switch, TxnState::Declined)
     }
+
+    /// The switch's refusal of `request` with the code of `f`.
+    fn refused(request: &Message, f: Failure) -> Option<Self> {
+        request.response_with(f.response_code()).map(Self::switch)
+    }
 }
 
 fn now_us() -> i64 {
@@ -575,9 +580,7 @@ impl Pipeline {
                     mac_time = asked.elapsed();
                     match mac {
                         Ok(()) => self.process(listener, &request).await,
-                        Err(f) => request
-                            .response_with(f.response_code())
-                            .map(Outcome::switch),
+                        Err(f) => Outcome::refused(&request, f),
                     }
                 }
                 .instrument(span.clone())
@@ -599,9 +602,7 @@ impl Pipeline {
                     self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     return None;
                 };
-                let outcome = partial
-                    .response_with(Failure::Format.response_code())
-                    .map(Outcome::switch);
+                let outcome = Outcome::refused(&partial, Failure::Format);
                 (partial, outcome)
             }
         };
@@ -773,11 +774,7 @@ impl Pipeline {
             // A response from a terminal answers nothing the switch asked.
             return None;
         }
-        let fail = |f: Failure| {
-            request
-                .response_with(f.response_code())
-                .map(Outcome::switch)
-        };
+        let fail = |f: Failure| Outcome::refused(request, f);
         if check_mandatory(request).is_err() {
             return fail(Failure::Format);
         }
@@ -1332,22 +1329,17 @@ impl Pipeline {
     /// batch closed when they agree, 95 and the switch's totals when they do not (see
     /// [`crate::settlement::batch`]).
     async fn settle_batch(&self, request: &Message) -> Option<Outcome> {
-        let fail = |f: Failure| {
-            request
-                .response_with(f.response_code())
-                .map(Outcome::switch)
-        };
         let (Some(terminal), Some(batch)) = (
             request.get_str(41),
             batch::batch_of(request, self.batch_field),
         ) else {
-            return fail(Failure::Format);
+            return Outcome::refused(request, Failure::Format);
         };
         let theirs = match Totals::read(request) {
             Ok(t) => t,
             Err(e) => {
                 debug!(error = %e, "settlement request unreadable");
-                return fail(Failure::Format);
+                return Outcome::refused(request, Failure::Format);
             }
         };
         // Every row already answered must be in the totals.
@@ -1355,12 +1347,9 @@ impl Pipeline {
         match batch::settle(self.journal.backend(), terminal, &batch, &theirs).await {
             Ok(settled) => {
                 let agreed = settled.code.is_approved();
-                let mut reply = request.response_with(settled.code)?;
+                let mut reply = self.batch_reply(request, settled.code)?;
                 settled.view.totals.write(&mut reply);
                 reply.set(66, if agreed { b"1" } else { b"2" });
-                if let Some(v) = request.get(self.batch_field) {
-                    reply.set(self.batch_field, v);
-                }
                 info!(terminal = terminal.trim_end(), batch = %batch, code = %settled.code, uploaded = settled.view.uploaded, exceptions = settled.view.exceptions.len(), "batch settlement");
                 let state = if agreed {
                     TxnState::Approved
@@ -1371,7 +1360,7 @@ impl Pipeline {
             }
             Err(e) => {
                 warn!(error = %e, "batch totals could not be read");
-                fail(Failure::JournalUnavailable)
+                Outcome::refused(request, Failure::JournalUnavailable)
             }
         }
     }
@@ -1379,15 +1368,19 @@ impl Pipeline {
     /// A batch-upload record (0320): journaled as `uploaded` and acknowledged.
     fn upload(&self, request: &Message) -> Option<Outcome> {
         if batch::batch_of(request, self.batch_field).is_none() {
-            return request
-                .response_with(Failure::Format.response_code())
-                .map(Outcome::switch);
+            return Outcome::refused(request, Failure::Format);
         }
-        let mut reply = request.response_with(ResponseCode::APPROVED)?;
+        let reply = self.batch_reply(request, ResponseCode::APPROVED)?;
+        Some(Outcome::new(reply, DecidedBy::Switch, TxnState::Uploaded))
+    }
+
+    /// The response to a batch message, its batch number echoed.
+    fn batch_reply(&self, request: &Message, code: ResponseCode) -> Option<Message> {
+        let mut reply = request.response_with(code)?;
         if let Some(v) = request.get(self.batch_field) {
             reply.set(self.batch_field, v);
         }
-        Some(Outcome::new(reply, DecidedBy::Switch, TxnState::Uploaded))
+        Some(reply)
     }
 
     /// 0800 from a terminal: echo, sign-on and sign-off are answered by the switch.

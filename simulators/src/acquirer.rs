@@ -622,7 +622,7 @@ impl Acquirer {
     /// as refunds; fully reversed ones and inquiries are not presented.
     #[must_use]
     pub fn clearing_file(&self, date: time::Date) -> Vec<ClearingRecord> {
-        let day = format_date(date);
+        let day = date.to_string();
         let Ok(ledger) = self.state.ledger.lock() else {
             return Vec::new();
         };
@@ -1024,7 +1024,7 @@ impl State {
                 (Some(p), Some(k)) => clearing::pan_hmac(&k, p.expose()),
                 _ => String::new(),
             },
-            business_date: format_date(self.business_date()),
+            business_date: self.business_date().to_string(),
             amount_reversed: 0,
         }
     }
@@ -1046,10 +1046,6 @@ impl State {
             ledger.push(entry, text(request, 7));
         }
     }
-}
-
-fn format_date(d: time::Date) -> String {
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
 }
 
 fn text(msg: &Message, field: u8) -> String {

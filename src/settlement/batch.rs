@@ -83,10 +83,6 @@ pub struct Settled {
     pub view: BatchView,
 }
 
-fn approved(code: &str) -> bool {
-    matches!(code, "00" | "08" | "10" | "11")
-}
-
 /// Computes the switch's view of a terminal's batch from the journal.
 ///
 /// # Errors
@@ -139,10 +135,6 @@ macro_rules! read_row {
 read_row!(read_pg, sqlx::postgres::PgRow);
 read_row!(read_lite, sqlx::sqlite::SqliteRow);
 
-fn mti_class(mti: &str) -> u8 {
-    mti.as_bytes().get(1).map_or(0, |b| b.saturating_sub(b'0'))
-}
-
 fn compute(rows: &[BatchRow]) -> BatchView {
     let mut journal = Totals::default();
     // RRN -> standing amount of approved financial rows (for the upload comparison).
@@ -154,12 +146,12 @@ fn compute(rows: &[BatchRow]) -> BatchView {
         if let Some(d) = r.business_date.as_deref() {
             date = Some(date.map_or(d, |cur| cur.max(d)));
         }
-        let class = mti_class(&r.mti);
+        let class = super::class_of(&r.mti).unwrap_or(0);
         if class == 3 && r.state == TxnState::Uploaded {
             uploads.insert(&r.rrn, (Kind::of(2, &r.processing_code), r.amount));
             continue;
         }
-        if !matches!(class, 1 | 2) || !approved(&r.response_code) {
+        if !matches!(class, 1 | 2) || !super::approves(&r.response_code) {
             continue;
         }
         let kind = Kind::of(class, &r.processing_code);

@@ -44,15 +44,29 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use cardswitch_codec::{Mti, ResponseCode};
 use time::{Date, Duration as Days, OffsetDateTime, Time};
 use tracing::{error, info};
 
 use crate::journal::Backend;
 
-/// A business date as stored: `YYYY-MM-DD`.
+/// A business date as stored: `YYYY-MM-DD` (how `time` displays a date).
 #[must_use]
 pub fn format_date(d: Date) -> String {
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
+    d.to_string()
+}
+
+/// Whether a journaled response code approves (the codec's list of approving codes).
+pub(crate) fn approves(code: &str) -> bool {
+    <[u8; 2]>::try_from(code.as_bytes())
+        .ok()
+        .and_then(ResponseCode::new)
+        .is_some_and(|c| c.is_approved())
+}
+
+/// The message class of a journaled MTI (`0200` -> 2).
+pub(crate) fn class_of(mti: &str) -> Option<u8> {
+    mti.parse::<Mti>().ok().map(|m| m.class())
 }
 
 /// Parses `YYYY-MM-DD`.

@@ -320,9 +320,9 @@ async fn load_table(
                 let bdate: Option<String> = r.try_get(10)?;
                 let pc: Option<String> = r.try_get(11)?;
                 let decided: String = r.try_get(12)?;
-                let class = mti.as_bytes().get(1).copied();
+                let class = super::class_of(&mti);
                 let rrn = rrn.unwrap_or_default();
-                if class == Some(b'4') {
+                if class == Some(4) {
                     if state == "orphan" && bdate.as_deref() == Some(to.as_str()) {
                         table.orphans.push((
                             r.try_get(0)?,
@@ -333,8 +333,8 @@ async fn load_table(
                     }
                     continue;
                 }
-                if !matches!(class, Some(b'1' | b'2'))
-                    || !matches!(rc.as_str(), "00" | "08" | "10" | "11")
+                if !matches!(class, Some(1 | 2))
+                    || !super::approves(&rc)
                     || pc.as_deref().is_some_and(|p| p.starts_with('3'))
                 {
                     continue;

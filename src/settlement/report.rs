@@ -61,14 +61,14 @@ pub struct Report {
 }
 
 fn kind_of(mti: &str, pc: &str, state: &str, rc: &str) -> Option<&'static str> {
-    let class = mti.as_bytes().get(1).copied();
-    if !matches!(class, Some(b'1' | b'2')) || state == "duplicate" {
+    let class = super::class_of(mti);
+    if !matches!(class, Some(1 | 2)) || state == "duplicate" {
         return None;
     }
-    if !matches!(rc, "00" | "08" | "10" | "11") {
+    if !super::approves(rc) {
         return Some("declined");
     }
-    if class == Some(b'1') {
+    if class == Some(1) {
         return Some("authorization");
     }
     if matches!(state, "advice_pending" | "advised") {
