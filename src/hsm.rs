@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use cardswitch_simulators::hsm::{framing, KeyType, WrappedKey};
+use cardswitch_codec::hsm::{framing, KeyType, WrappedKey};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::net::TcpStream;

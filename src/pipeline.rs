@@ -32,8 +32,7 @@ use crate::stand_in;
 use crate::state::TxnState;
 use crate::telemetry::{PipelineMetrics, Stage};
 use crate::upstream::{Endpoint, Stray, Upstream};
-use cardswitch_simulators::hsm::crypto::account_of;
-use cardswitch_simulators::hsm::KeyType;
+use cardswitch_codec::hsm::{account_of, KeyType};
 
 /// Counters of what the pipeline did.
 #[derive(Debug, Default)]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use anyhow::{bail, Context, Result};
-use cardswitch_simulators::hsm::{KeyType, WrappedKey};
+use cardswitch_codec::hsm::{KeyType, WrappedKey};
 use serde::Deserialize;
 
 use crate::hsm::Hsm;

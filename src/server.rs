@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, info_span, warn, Instrument};
 
-use cardswitch_simulators::hsm::{KeyType, WrappedKey};
+use cardswitch_codec::hsm::{KeyType, WrappedKey};
 
 use crate::config::{ListenerConfig, Validated};
 use crate::hsm::Hsm;

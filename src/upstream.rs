@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::settlement::{self, BusinessDay, Cutover};
-use cardswitch_simulators::hsm::KeyType;
+use cardswitch_codec::hsm::KeyType;
 
 use crate::config::EndpointConfig;
 use crate::hsm::Hsm;

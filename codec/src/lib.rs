@@ -6,12 +6,16 @@
 //!   [`Message::response`].
 //! - [`sensitive`]: PAN, track data, PIN block, MAC and key newtypes that mask and zeroize.
 //! - [`tlv`]: BER-TLV for DE55.
+//! - [`hsm`]: the payShield host-command vocabulary (key types, schemes, wrapped keys, PIN block
+//!   formats, the account-number field, the framing).
+//! - [`clearing`]: the acquirer clearing file (CSV) that reconciliation reads.
 //! - `framing` (feature `framing`): tokio-util codecs for the transport length prefixes.
 //!
 //! The codec does no IO and never panics on input: every path returns a typed error that names
 //! the element and offset and never holds a field's value.
 
 mod builtin;
+pub mod clearing;
 pub mod clock;
 mod codec;
 mod coding;
@@ -20,6 +24,7 @@ mod ebcdic_tables;
 pub mod error;
 #[cfg(feature = "framing")]
 pub mod framing;
+pub mod hsm;
 mod message;
 pub mod sample;
 pub mod sensitive;

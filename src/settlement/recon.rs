@@ -32,7 +32,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use cardswitch_simulators::clearing::{self, kinds, ClearingRecord};
+use cardswitch_codec::clearing::{self, kinds, ClearingRecord};
 use futures_util::TryStreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};

@@ -169,6 +169,12 @@ impl From<CryptoError> for Failure {
     }
 }
 
+impl From<cardswitch_codec::hsm::FieldError> for Failure {
+    fn from(e: cardswitch_codec::hsm::FieldError) -> Self {
+        CryptoError::from(e).into()
+    }
+}
+
 type Outcome = Result<(), Failure>;
 
 /// Reads fields off the front of a command body.

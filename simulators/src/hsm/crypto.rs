@@ -14,6 +14,8 @@ use cbc::cipher::{BlockDecrypt, BlockEncrypt, BlockEncryptMut, KeyInit, KeyIvIni
 use des::{Des, TdesEde2, TdesEde3};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+pub use cardswitch_codec::hsm::{account_of, KeyType, PinFormat, Scheme, WrappedKey};
+
 /// One 8-byte DES block.
 pub type Block = [u8; 8];
 
@@ -39,6 +41,15 @@ pub enum CryptoError {
     /// A field is not what the command needs (payShield 15).
     #[error("invalid input")]
     Input,
+}
+
+impl From<cardswitch_codec::hsm::FieldError> for CryptoError {
+    fn from(e: cardswitch_codec::hsm::FieldError) -> Self {
+        match e {
+            cardswitch_codec::hsm::FieldError::PinFormat => Self::PinFormat,
+            _ => Self::Input,
+        }
+    }
 }
 
 /// A clear DES key: single, double or triple length. Masked in `Debug`, zeroized on drop.
@@ -307,88 +318,6 @@ const TEST_LMK: [&str; 20] = [
     "01010101010101010101010101010101",
 ];
 
-/// A payShield key type `VPP`: variant digit and LMK pair code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyType {
-    variant: u8,
-    pair: u8,
-}
-
-impl KeyType {
-    /// Zone master key (000, LMK pair 04-05).
-    pub const ZMK: Self = Self::new(0, 0);
-    /// Zone PIN key (001, pair 06-07).
-    pub const ZPK: Self = Self::new(0, 1);
-    /// Terminal PIN key, also PVK and TMK (002, pair 14-15).
-    pub const TPK: Self = Self::new(0, 2);
-    /// Terminal authentication key (003, pair 16-17).
-    pub const TAK: Self = Self::new(0, 3);
-    /// Zone authentication key (008, pair 26-27).
-    pub const ZAK: Self = Self::new(0, 8);
-    /// Card verification key (402: pair 14-15, variant 4).
-    pub const CVK: Self = Self::new(4, 2);
-
-    const fn new(variant: u8, pair: u8) -> Self {
-        Self { variant, pair }
-    }
-
-    /// Parses `VPP` (three characters: a digit and the pair code in hex).
-    ///
-    /// # Errors
-    /// Not three characters, or a pair code this LMK set does not map.
-    pub fn parse(code: &[u8]) -> Result<Self, CryptoError> {
-        let [v, p1, p2] = code else {
-            return Err(CryptoError::Input);
-        };
-        let variant = (*v as char).to_digit(10).ok_or(CryptoError::Input)?;
-        let pair = u8::from_str_radix(
-            std::str::from_utf8(&[*p1, *p2]).map_err(|_| CryptoError::Input)?,
-            16,
-        )
-        .map_err(|_| CryptoError::Input)?;
-        let kt = Self {
-            variant: u8::try_from(variant).map_err(|_| CryptoError::Input)?,
-            pair,
-        };
-        kt.lmk_index().ok_or(CryptoError::Input)?;
-        Ok(kt)
-    }
-
-    /// The two-digit code used by BU and the `PP` part.
-    #[must_use]
-    pub fn pair_code(self) -> u8 {
-        self.pair
-    }
-
-    /// The type with pair code `pp` and variant 0.
-    ///
-    /// # Errors
-    /// A pair code this LMK set does not map.
-    pub fn from_pair_code(pp: u8) -> Result<Self, CryptoError> {
-        let kt = Self::new(0, pp);
-        kt.lmk_index().ok_or(CryptoError::Input)?;
-        Ok(kt)
-    }
-
-    /// Index into the 20 LMK pairs: 00 -> 04-05, 01 -> 06-07, 02 -> 14-15, 03 -> 16-17,
-    /// 04..0B -> 18-19 .. 32-33.
-    fn lmk_index(self) -> Option<usize> {
-        match self.pair {
-            0 => Some(2),
-            1 => Some(3),
-            2 => Some(7),
-            p @ 3..=0x0B => Some(usize::from(p) + 5),
-            _ => None,
-        }
-    }
-
-    /// `VPP` as text.
-    #[must_use]
-    pub fn code(self) -> String {
-        format!("{}{:02X}", self.variant, self.pair)
-    }
-}
-
 /// The local master keys.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct Lmk {
@@ -428,7 +357,7 @@ impl Lmk {
             .pairs
             .get(kt.lmk_index().ok_or(CryptoError::Input)?)
             .ok_or(CryptoError::Input)?;
-        Ok(match kt.variant {
+        Ok(match kt.variant() {
             0 => pair.clone(),
             v => pair.xor_at(
                 0,
@@ -460,130 +389,6 @@ impl Lmk {
         clear: &ClearKey,
     ) -> Result<WrappedKey, CryptoError> {
         wrap(&self.kek(kt)?, scheme, clear)
-    }
-}
-
-/// How a key is encrypted under another (the payShield key scheme letter).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    /// `Z` or no letter with 16 hex digits: single length.
-    Single,
-    /// `X`, or no letter with 32 hex digits: double length, each half ECB (ANSI X9.17).
-    DoubleAnsi,
-    /// `U`: double length, variant per half.
-    DoubleVariant,
-    /// `Y`: triple length, ECB.
-    TripleAnsi,
-    /// `T`: triple length, variant per third.
-    TripleVariant,
-}
-
-impl Scheme {
-    /// The scheme letter ('Z' for single length).
-    #[must_use]
-    pub fn letter(self) -> char {
-        match self {
-            Self::Single => 'Z',
-            Self::DoubleAnsi => 'X',
-            Self::DoubleVariant => 'U',
-            Self::TripleAnsi => 'Y',
-            Self::TripleVariant => 'T',
-        }
-    }
-
-    /// The scheme named by a key-scheme flag (`0`/`Z`, `U`, `X`, `T`, `Y`).
-    ///
-    /// # Errors
-    /// Any other letter.
-    pub fn from_flag(flag: u8) -> Result<Self, CryptoError> {
-        match flag {
-            b'0' | b'Z' => Ok(Self::Single),
-            b'U' => Ok(Self::DoubleVariant),
-            b'X' => Ok(Self::DoubleAnsi),
-            b'T' => Ok(Self::TripleVariant),
-            b'Y' => Ok(Self::TripleAnsi),
-            _ => Err(CryptoError::Input),
-        }
-    }
-
-    fn key_len(self) -> usize {
-        match self {
-            Self::Single => 8,
-            Self::DoubleAnsi | Self::DoubleVariant => 16,
-            Self::TripleAnsi | Self::TripleVariant => 24,
-        }
-    }
-}
-
-/// A key encrypted under another key, as carried in host commands and configuration.
-#[derive(Clone, PartialEq, Eq)]
-pub struct WrappedKey {
-    /// Its scheme.
-    pub scheme: Scheme,
-    /// The encrypted bytes (8, 16 or 24).
-    pub bytes: Vec<u8>,
-}
-
-impl fmt::Debug for WrappedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Encrypted, but still key material: shown by scheme only.
-        write!(
-            f,
-            "WrappedKey({:?}, {} bytes)",
-            self.scheme,
-            self.bytes.len()
-        )
-    }
-}
-
-impl WrappedKey {
-    /// Parses a key field at the start of `text`: a scheme letter and its hex digits, or bare
-    /// hex of `bare_len` digits (16 or 32). Returns the key and the bytes it took.
-    ///
-    /// # Errors
-    /// Too short or not hex.
-    pub fn parse_prefix(text: &[u8], bare_len: usize) -> Result<(Self, usize), CryptoError> {
-        let first = *text.first().ok_or(CryptoError::Input)?;
-        let (scheme, start, digits) = match first {
-            b'U' => (Scheme::DoubleVariant, 1, 32),
-            b'X' => (Scheme::DoubleAnsi, 1, 32),
-            b'T' => (Scheme::TripleVariant, 1, 48),
-            b'Y' => (Scheme::TripleAnsi, 1, 48),
-            b'Z' => (Scheme::Single, 1, 16),
-            _ if bare_len == 32 => (Scheme::DoubleAnsi, 0, 32),
-            _ => (Scheme::Single, 0, 16),
-        };
-        let hex_digits = text.get(start..start + digits).ok_or(CryptoError::Input)?;
-        let bytes = hex::decode(hex_digits).map_err(|_| CryptoError::Input)?;
-        Ok((Self { scheme, bytes }, start + digits))
-    }
-
-    /// Parses a whole key field.
-    ///
-    /// # Errors
-    /// As [`WrappedKey::parse_prefix`], or trailing characters.
-    pub fn parse(text: &str) -> Result<Self, CryptoError> {
-        let bare = if text.len() == 32 { 32 } else { 16 };
-        let (k, used) = Self::parse_prefix(text.as_bytes(), bare)?;
-        if used != text.len() {
-            return Err(CryptoError::Input);
-        }
-        Ok(k)
-    }
-
-    /// The field as payShield writes it: scheme letter (none for single length) and hex.
-    #[must_use]
-    pub fn to_field(&self) -> String {
-        match self.scheme {
-            Scheme::Single => hex::encode_upper(&self.bytes),
-            s => format!("{}{}", s.letter(), hex::encode_upper(&self.bytes)),
-        }
-    }
-}
-
-impl fmt::Display for WrappedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_field())
     }
 }
 
@@ -633,55 +438,6 @@ pub fn wrap(kek: &ClearKey, scheme: Scheme, clear: &ClearKey) -> Result<WrappedK
 
 // ---------------------------------------------------------------------------------------------
 // PIN blocks
-
-/// A PIN block format, by its Thales code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinFormat {
-    /// 01: ISO 9564 format 0 (ANSI X9.8).
-    Iso0,
-    /// 03: Diebold/IBM 3624: PIN padded with F, no account.
-    Diebold,
-    /// 05: ISO 9564 format 1: PIN and random fill, no account.
-    Iso1,
-    /// 47: ISO 9564 format 3: like format 0 with a random A-F fill.
-    Iso3,
-}
-
-impl PinFormat {
-    /// The format for a Thales code.
-    ///
-    /// # Errors
-    /// [`CryptoError::PinFormat`] for codes not supported here.
-    pub fn from_code(code: &str) -> Result<Self, CryptoError> {
-        match code {
-            "01" => Ok(Self::Iso0),
-            "03" => Ok(Self::Diebold),
-            "05" => Ok(Self::Iso1),
-            "47" => Ok(Self::Iso3),
-            _ => Err(CryptoError::PinFormat),
-        }
-    }
-
-    /// The Thales code.
-    #[must_use]
-    pub fn code(self) -> &'static str {
-        match self {
-            Self::Iso0 => "01",
-            Self::Diebold => "03",
-            Self::Iso1 => "05",
-            Self::Iso3 => "47",
-        }
-    }
-}
-
-/// The 12 rightmost digits of a PAN excluding its check digit (the "account number" field).
-#[must_use]
-pub fn account_of(pan: &str) -> Option<String> {
-    let body = pan.get(..pan.len().checked_sub(1)?)?;
-    let start = body.len().checked_sub(12)?;
-    body.get(start..).map(str::to_owned)
-}
-
 fn nibble(d: u8) -> Option<u8> {
     (d as char).to_digit(16).and_then(|n| u8::try_from(n).ok())
 }

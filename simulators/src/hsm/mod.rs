@@ -25,27 +25,13 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crypto::{ClearKey, KeyType, Lmk, PinFormat, Scheme, WrappedKey};
 
-/// Default payShield host port.
-pub const DEFAULT_PORT: u16 = 1500;
-/// Largest request accepted (payShield's own limit is 32 KiB).
-pub const MAX_FRAME: usize = 32 * 1024;
-/// The trailer delimiter.
-const TRAILER: u8 = 0x19;
-
-/// The length-prefixed framing both sides use: 2-byte big-endian length, excluding itself.
-#[must_use]
-pub fn framing() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .length_field_length(2)
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
-}
+pub use cardswitch_codec::hsm::{framing, DEFAULT_PORT, MAX_FRAME, TRAILER};
 
 /// Faults, in percent of requests, and latency.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

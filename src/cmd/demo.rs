@@ -24,8 +24,8 @@ use cardswitch_simulators::{
     TerminalConfig, TestKeys,
 };
 
-use crate::config::Config;
-use crate::server::Switch;
+use cardswitch::config::Config;
+use cardswitch::server::Switch;
 
 /// Terminal requests per second in the demo.
 const RATE: u64 = 200;
@@ -34,9 +34,9 @@ const RATE: u64 = 200;
 ///
 /// # Errors
 /// When a port cannot be bound or the journal cannot be created.
-pub async fn run(out: &mut dyn Write) -> Result<()> {
-    crate::run::init_logs(false);
-    crate::telemetry::install()?;
+pub(crate) async fn run(out: &mut dyn Write) -> Result<()> {
+    super::run::init_logs(false);
+    cardswitch::telemetry::install()?;
     let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     let keys = TestKeys::fixed();
     let hsm = HsmSim::start(HsmConfig {
@@ -155,7 +155,7 @@ endpoint = "acquirer-b"
         writeln!(
             out,
             "settlement: http://{admin}/api/settlement?date={}&token={token}",
-            crate::settlement::format_date(crate::settlement::today())
+            cardswitch::settlement::format_date(cardswitch::settlement::today())
         )?;
     }
     writeln!(out, "journal: {} | Ctrl-C to stop", journal.display())?;

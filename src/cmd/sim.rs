@@ -13,13 +13,163 @@ use cardswitch_simulators::{
     TerminalConfig, TestKeys,
 };
 
-use crate::cli::{AcquirerArgs, HsmArgs, SimCommand, TerminalArgs};
+use cardswitch_codec::framing::LengthPrefix;
+use clap::{Args, Subcommand};
+
+/// Simulators.
+#[derive(Debug, Subcommand)]
+pub(crate) enum SimCommand {
+    /// An acquirer host: answers from a rules file, injects faults, keeps a ledger.
+    Acquirer(AcquirerArgs),
+    /// A terminal load generator: closed loop, open loop or one connection per transaction.
+    Terminal(TerminalArgs),
+    /// A payShield-style HSM with the public Thales test LMK: PIN translation, MACs, CVV,
+    /// PVV, key generation, import and export; injects latency, errors and disconnects.
+    Hsm(HsmArgs),
+}
+
+/// `cardswitch sim hsm`.
+#[derive(Debug, Args)]
+pub(crate) struct HsmArgs {
+    /// Address to listen on (payShield's default port is 1500).
+    #[arg(long, default_value = "127.0.0.1:1500")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Header length in characters.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) header_len: usize,
+    /// Faults file (TOML: latency_min_ms, latency_max_ms, error, error_code, no_reply,
+    /// disconnect; percentages); reloaded on SIGHUP.
+    #[arg(long)]
+    pub(crate) faults: Option<std::path::PathBuf>,
+    /// Latency for every command, in milliseconds (a range: 2..10).
+    #[arg(long)]
+    pub(crate) latency_ms: Option<String>,
+    /// Percentage of commands answered with --error-code.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) error_pct: f64,
+    /// The error code injected.
+    #[arg(long, default_value = "15")]
+    pub(crate) error_code: String,
+    /// Percentage of commands never answered.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) no_reply_pct: f64,
+    /// Percentage of commands that close the connection.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) disconnect_pct: f64,
+    /// Print the test keys (clear, and under the test LMK with check values) and exit.
+    #[arg(long)]
+    pub(crate) print_test_keys: bool,
+}
+
+/// `cardswitch sim acquirer`.
+#[derive(Debug, Args)]
+pub(crate) struct AcquirerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9583")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Dialect: a shipped name or a .toml file.
+    #[arg(long, short, default_value = cardswitch_codec::DEFAULT_DIALECT)]
+    pub(crate) dialect: String,
+    /// Length prefix: bin2, bin4, ascii4, bcd2, hex4.
+    #[arg(long, default_value = "bin2")]
+    pub(crate) framing: LengthPrefix,
+    /// Rules file (TOML); default: approve, amounts ending 51 -> 51 and 05 -> 05.
+    #[arg(long)]
+    pub(crate) rules: Option<std::path::PathBuf>,
+    /// Print the ledger as JSON on exit (Ctrl-C).
+    #[arg(long)]
+    pub(crate) ledger: bool,
+    /// Share the test keys with the switch (`cardswitch sim hsm --print-test-keys`): PIN
+    /// blocks must decrypt under the ZPK to --pin (else 55), MACs verify under the ZAK (else 63).
+    #[arg(long)]
+    pub(crate) test_keys: bool,
+    /// The PIN every card has.
+    #[arg(long, default_value = "1234")]
+    pub(crate) pin: String,
+    /// The switch's `journal.pan_hmac_key` (hex): PAN HMACs in the clearing file match the
+    /// journal's.
+    #[arg(long, env = "CARDSWITCH_PAN_HMAC_KEY", hide_env_values = true)]
+    pub(crate) pan_hmac_key: Option<String>,
+    /// Cut over (0800/201 to the switch) this often and write the closed date's clearing file.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) cutover_every: Option<std::time::Duration>,
+    /// Where clearing files are written (`clearing-<endpoint-name>-<date>.csv`).
+    #[arg(long, default_value = ".")]
+    pub(crate) clearing_dir: std::path::PathBuf,
+    /// Discrepancies put into clearing files, in percent:
+    /// `drop=1,amount=0.5,duplicate=0.5,unknown=0.5,chargeback=0.5`.
+    #[arg(long, value_parser = cardswitch_simulators::clearing::Injection::parse)]
+    pub(crate) inject: Option<cardswitch_simulators::clearing::Injection>,
+    /// The name in clearing file names.
+    #[arg(long, default_value = "acquirer")]
+    pub(crate) name: String,
+}
+
+/// `cardswitch sim terminal`.
+#[derive(Debug, Args)]
+pub(crate) struct TerminalArgs {
+    /// The switch's terminal listener.
+    #[arg(long, default_value = "127.0.0.1:8583")]
+    pub(crate) target: std::net::SocketAddr,
+    /// Dialect: a shipped name or a .toml file.
+    #[arg(long, short, default_value = cardswitch_codec::DEFAULT_DIALECT)]
+    pub(crate) dialect: String,
+    /// Length prefix: bin2, bin4, ascii4, bcd2, hex4.
+    #[arg(long, default_value = "bin2")]
+    pub(crate) framing: LengthPrefix,
+    /// Open loop at this many requests per second (latency from the intended send time).
+    #[arg(long, conflicts_with = "depth")]
+    pub(crate) rate: Option<u64>,
+    /// Connections.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) connections: usize,
+    /// Closed loop: requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) depth: usize,
+    /// Open a connection per transaction (with --connections workers).
+    #[arg(long, conflicts_with_all = ["rate", "depth"])]
+    pub(crate) per_transaction: bool,
+    /// Run for this long (e.g. 30s, 2m).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    pub(crate) duration: Option<std::time::Duration>,
+    /// Send this many requests.
+    #[arg(long)]
+    pub(crate) count: Option<u64>,
+    /// A request with no reply within this is counted as timed out.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub(crate) timeout: std::time::Duration,
+    /// Account-range prefixes to draw PANs from, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "476173,541333")]
+    pub(crate) bins: Vec<String>,
+    /// Only authorization and financial requests (no echo tests, no reversals).
+    #[arg(long)]
+    pub(crate) card_only: bool,
+    /// Use the test keys (`cardswitch sim hsm --print-test-keys`): PIN blocks under the TPK,
+    /// MACs under the TAK.
+    #[arg(long)]
+    pub(crate) test_keys: bool,
+    /// Terminal PIN key, clear hex (instead of the test key).
+    #[arg(long, env = "CARDSWITCH_TERMINAL_TPK", hide_env_values = true)]
+    pub(crate) tpk: Option<String>,
+    /// Terminal MAC key, clear hex (instead of the test key).
+    #[arg(long, env = "CARDSWITCH_TERMINAL_TAK", hide_env_values = true)]
+    pub(crate) tak: Option<String>,
+    /// The PIN in every PIN block.
+    #[arg(long, default_value = "1234")]
+    pub(crate) pin: String,
+    /// A PIN block on every request (default: chip and swipe only, as cards are used).
+    #[arg(long)]
+    pub(crate) pin_every: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
 
 /// Runs a simulator until it finishes (terminal) or Ctrl-C (acquirer).
 ///
 /// # Errors
 /// Bad arguments, a rules file that does not validate, an address that cannot be used.
-pub async fn run(cmd: SimCommand, out: &mut dyn Write) -> Result<()> {
+pub(crate) async fn run(cmd: SimCommand, out: &mut dyn Write) -> Result<()> {
     match cmd {
         SimCommand::Acquirer(args) => acquirer(args, out).await,
         SimCommand::Terminal(args) => terminal_run(args, out).await,
@@ -190,7 +340,7 @@ fn write_clearing(
     let path = args.clearing_dir.join(format!(
         "clearing-{}-{}.csv",
         args.name,
-        crate::settlement::format_date(date)
+        cardswitch::settlement::format_date(date)
     ));
     let file = std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
     cardswitch_simulators::clearing::write(std::io::BufWriter::new(file), &records)?;

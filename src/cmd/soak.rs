@@ -35,8 +35,52 @@ use sqlx::Row as _;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use crate::cli::{Restart, SoakArgs};
-use crate::journal::Backend;
+use clap::Args;
+use cardswitch::journal::Backend;
+
+/// How the switch is restarted in the middle of a soak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Restart {
+    /// SIGKILL: nothing is drained.
+    Kill,
+    /// SIGTERM: in-flight transactions finish.
+    Term,
+    /// No restart.
+    None,
+}
+
+/// `cardswitch soak`.
+#[derive(Debug, Args)]
+pub(crate) struct SoakArgs {
+    /// How long traffic runs (then it drains and checks).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub(crate) duration: std::time::Duration,
+    /// Requests per second.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) rate: u64,
+    /// Terminal connections.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) connections: usize,
+    /// PostgreSQL (a fresh schema is made in it) or sqlite:// URL; default $DATABASE_URL, else
+    /// postgres://postgres@127.0.0.1:5432/test.
+    #[arg(long)]
+    pub(crate) database_url: Option<String>,
+    /// How the switch is restarted half-way.
+    #[arg(long, value_enum, default_value = "kill")]
+    pub(crate) restart: Restart,
+    /// Acquirer faults in percent: requests dropped.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) drop: f64,
+    /// Replies sent late (after the switch's timeout).
+    #[arg(long, default_value_t = 2.0)]
+    pub(crate) late: f64,
+    /// Requests answered by closing the connection.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) disconnect: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
 
 const KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
 /// A terminal gives up waiting for a reply after this long.
@@ -46,46 +90,46 @@ const ENDPOINT_TIMEOUT_MS: u64 = 1_000;
 
 /// What a soak found.
 #[derive(Debug, Serialize)]
-pub struct SoakReport {
+pub(crate) struct SoakReport {
     /// Seconds of traffic.
-    pub duration_s: f64,
+    pub(crate) duration_s: f64,
     /// Requests the terminals sent (first transmissions of authorizations and financials).
-    pub requests: u64,
+    pub(crate) requests: u64,
     /// Their rate.
-    pub tps: f64,
+    pub(crate) tps: f64,
     /// Replies by response code (first transmissions).
-    pub response_codes: BTreeMap<String, u64>,
+    pub(crate) response_codes: BTreeMap<String, u64>,
     /// Requests with no reply (reversed by the terminal).
-    pub unanswered: u64,
+    pub(crate) unanswered: u64,
     /// Reversals the terminals sent (their own and for unanswered requests), counting repeats.
-    pub terminal_reversals_sent: u64,
+    pub(crate) terminal_reversals_sent: u64,
     /// Completed requests sent again, and how many got a different reply.
-    pub resends: u64,
+    pub(crate) resends: u64,
     /// Resends answered differently from the first time.
-    pub resend_mismatches: u64,
+    pub(crate) resend_mismatches: u64,
     /// Reversals still unacknowledged at the end.
-    pub unresolved: u64,
+    pub(crate) unresolved: u64,
     /// Faults the acquirer injected.
-    pub faults: BTreeMap<String, u64>,
+    pub(crate) faults: BTreeMap<String, u64>,
     /// Store-and-forward entries by final state.
-    pub saf: BTreeMap<String, i64>,
+    pub(crate) saf: BTreeMap<String, i64>,
     /// Journal rows by state.
-    pub journal_states: BTreeMap<String, i64>,
+    pub(crate) journal_states: BTreeMap<String, i64>,
     /// Approved and standing, per view.
-    pub charged: BTreeMap<String, usize>,
+    pub(crate) charged: BTreeMap<String, usize>,
     /// Keys charged by the acquirer but not in the journal, and so on.
-    pub differences: BTreeMap<String, Vec<String>>,
+    pub(crate) differences: BTreeMap<String, Vec<String>>,
     /// Keys charged twice (acquirer ledger or journal).
-    pub double_charges: Vec<String>,
+    pub(crate) double_charges: Vec<String>,
     /// Whether everything agrees.
-    pub ok: bool,
+    pub(crate) ok: bool,
 }
 
 /// Runs a soak and prints its report; an error when the views differ.
 ///
 /// # Errors
 /// Setup failures, and a check that finds differences.
-pub async fn run(args: SoakArgs, out: &mut dyn Write) -> Result<()> {
+pub(crate) async fn run(args: SoakArgs, out: &mut dyn Write) -> Result<()> {
     let report = soak(&args).await?;
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;

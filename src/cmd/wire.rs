@@ -1,4 +1,4 @@
-//! Tester tools: `decode`, `encode` and `dialects`.
+//! Tester tools: `cardswitch decode`, `encode` and `dialects`.
 //!
 //! Output never holds card data in clear: the field table and the JSON both come from
 //! [`Message::describe`], which masks by type. `encode` refuses a masked value instead of sending
@@ -14,7 +14,58 @@ use tokio_util::codec::{Decoder, Encoder};
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing, Tpdu};
 use cardswitch_codec::{default_sensitivity, tlv, Dialect, Format, Message, Mti, BUILTIN_DIALECTS};
 
-use crate::cli::{DecodeArgs, DialectsArgs, EncodeArgs, WireArgs};
+use clap::Args;
+
+use cardswitch_codec::framing::LengthPrefix;
+
+/// Options shared by decode and encode.
+#[derive(Debug, Args)]
+pub(crate) struct WireArgs {
+    /// Dialect: a shipped name (see `cardswitch dialects`) or a path to a .toml file.
+    #[arg(long, short, default_value = cardswitch_codec::DEFAULT_DIALECT)]
+    pub(crate) dialect: String,
+    /// The hex includes (decode) or should include (encode) the transport length prefix.
+    #[arg(long)]
+    pub(crate) framed: bool,
+    /// Length prefix used with --framed: bin2, bin4, ascii4, bcd2, hex4.
+    #[arg(long, default_value = "bin2")]
+    pub(crate) framing: LengthPrefix,
+    /// With --framed: a 5-byte TPDU follows the length prefix.
+    #[arg(long)]
+    pub(crate) tpdu: bool,
+}
+
+/// `cardswitch decode`.
+#[derive(Debug, Args)]
+pub(crate) struct DecodeArgs {
+    #[command(flatten)]
+    pub(crate) wire: WireArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// The input is the message itself as text (an all-ASCII dialect), not hex.
+    #[arg(long)]
+    pub(crate) text: bool,
+    /// The message in hex, or `-` to read it from standard input (whitespace ignored).
+    pub(crate) input: String,
+}
+
+/// `cardswitch encode`.
+#[derive(Debug, Args)]
+pub(crate) struct EncodeArgs {
+    #[command(flatten)]
+    pub(crate) wire: WireArgs,
+    /// A JSON file, or `-` (the default) for standard input.
+    #[arg(default_value = "-")]
+    pub(crate) input: String,
+}
+
+/// `cardswitch dialects`.
+#[derive(Debug, Args)]
+pub(crate) struct DialectsArgs {
+    /// Dialect files to validate; without any, the shipped dialects are listed.
+    pub(crate) files: Vec<std::path::PathBuf>,
+}
 
 fn framing(args: &WireArgs) -> Framing {
     Framing {
@@ -44,7 +95,7 @@ fn read_input(arg: &str, text_input: bool, stdin: &mut dyn BufRead) -> Result<Ve
 ///
 /// # Errors
 /// One line naming the problem: bad hex, a bad frame, or the decode error (element and offset).
-pub fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
     let dialect = Dialect::load(&args.wire.dialect)?;
     let bytes = read_input(&args.input, args.text, stdin)?;
     let (tpdu, body) = if args.wire.framed {
@@ -104,7 +155,7 @@ pub fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
 ///
 /// # Errors
 /// One line naming the problem: bad JSON, an unknown field, a masked or invalid value.
-pub fn encode(args: &EncodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn encode(args: &EncodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
     let dialect = Dialect::load(&args.wire.dialect)?;
     let text = if args.input == "-" {
         let mut s = String::new();
@@ -180,7 +231,7 @@ pub fn encode(args: &EncodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -
 ///
 /// # Errors
 /// The first file that does not validate, with the field and the problem.
-pub fn dialects(args: &DialectsArgs, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn dialects(args: &DialectsArgs, out: &mut dyn Write) -> Result<()> {
     if args.files.is_empty() {
         for (name, _) in BUILTIN_DIALECTS {
             let d = Dialect::builtin(name)?;
@@ -199,87 +250,4 @@ pub fn dialects(args: &DialectsArgs, out: &mut dyn Write) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// `cardswitch txn`: asks the admin API and prints a table (or JSON).
-///
-/// # Errors
-/// The admin address cannot be reached, refuses the token, or answers something unreadable.
-pub fn txn(args: &crate::cli::TxnArgs, out: &mut dyn Write) -> Result<()> {
-    let base = args.admin.trim_end_matches('/');
-    let url = match args.id {
-        Some(id) => format!("{base}/api/transactions/{id}"),
-        None => {
-            let mut params = vec![format!("limit={}", args.limit)];
-            for (k, v) in [
-                ("rrn", &args.rrn),
-                ("stan", &args.stan),
-                ("terminal", &args.terminal),
-                ("merchant", &args.merchant),
-                ("rc", &args.rc),
-            ] {
-                if let Some(v) = v {
-                    params.push(format!("{k}={}", url_escape(v)));
-                }
-            }
-            if let Some(d) = args.since {
-                let now = crate::journal::Journal::now_us();
-                let back = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-                params.push(format!("from_us={}", now.saturating_sub(back)));
-            }
-            format!("{base}/api/transactions?{}", params.join("&"))
-        }
-    };
-    let mut response = ureq::get(&url)
-        .header("Authorization", &format!("Bearer {}", args.token))
-        .call()
-        .with_context(|| format!("GET {url}"))?;
-    let body: serde_json::Value =
-        serde_json::from_str(&response.body_mut().read_to_string()?).context("admin API answer")?;
-    if args.json || args.id.is_some() {
-        writeln!(out, "{}", serde_json::to_string_pretty(&body)?)?;
-        return Ok(());
-    }
-    let rows = body
-        .get("transactions")
-        .and_then(serde_json::Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    writeln!(
-        out,
-        "{:<20} {:<4} {:<6} {:<12} {:<8} {:<19} {:>12} {:<2} {:<18} endpoint",
-        "id", "mti", "stan", "rrn", "terminal", "pan", "amount", "rc", "state"
-    )?;
-    let s = |r: &serde_json::Value, k: &str| {
-        r.get(k)
-            .and_then(|v| match v {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
-            .unwrap_or_default()
-    };
-    for r in &rows {
-        writeln!(
-            out,
-            "{:<20} {:<4} {:<6} {:<12} {:<8} {:<19} {:>12} {:<2} {:<18} {}",
-            s(r, "id"),
-            s(r, "mti"),
-            s(r, "stan"),
-            s(r, "rrn"),
-            s(r, "terminal_id").trim_end(),
-            s(r, "pan_masked"),
-            s(r, "amount_minor"),
-            s(r, "response_code"),
-            s(r, "state"),
-            s(r, "endpoint")
-        )?;
-    }
-    writeln!(out, "{} transaction(s)", rows.len())?;
-    Ok(())
-}
-
-/// Percent-encodes a query value.
-fn url_escape(v: &str) -> String {
-    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

@@ -5,12 +5,26 @@ use std::io::Write;
 use anyhow::Result;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::RunArgs;
-use crate::config::Config;
-use crate::server::Switch;
+use clap::Args;
+use cardswitch::config::Config;
+use cardswitch::server::Switch;
+
+/// `cardswitch run`.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Configuration file (TOML); see specs/cardswitch.toml.
+    #[arg(long, short)]
+    pub(crate) config: std::path::PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    pub(crate) check: bool,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub(crate) json_logs: bool,
+}
 
 /// Installs the log subscriber (`RUST_LOG` filters, default `info`).
-pub fn init_logs(json: bool) {
+pub(crate) fn init_logs(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -26,7 +40,7 @@ pub fn init_logs(json: bool) {
 ///
 /// # Errors
 /// A configuration that does not validate, an address that cannot be bound.
-pub async fn run(args: RunArgs, out: &mut dyn Write) -> Result<()> {
+pub(crate) async fn run(args: RunArgs, out: &mut dyn Write) -> Result<()> {
     let config = Config::load(&args.config)?;
     if args.check {
         writeln!(
@@ -41,7 +55,7 @@ pub async fn run(args: RunArgs, out: &mut dyn Write) -> Result<()> {
     }
     init_logs(args.json_logs);
     if config.config.admin.is_some() {
-        crate::telemetry::install()?;
+        cardswitch::telemetry::install()?;
     }
     let switch = Switch::start(config).await?;
     #[cfg(unix)]
