@@ -53,7 +53,7 @@ fn main() {
         let tracker = tokio_util::task::TaskTracker::new();
         let journal = rt
             .block_on(Journal::start(
-                &cardswitch::config::JournalSection {
+                &cardswitch::journal::JournalSection {
                     url: url.clone(),
                     ..Default::default()
                 },

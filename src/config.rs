@@ -11,15 +11,19 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use cardswitch_codec::framing::{Framing, LengthPrefix, DEFAULT_MAX_FRAME};
+use cardswitch_codec::framing::Framing;
 use cardswitch_codec::Dialect;
 use cardswitch_routing::{BinTable, Route, Strategy};
 use serde::Deserialize;
 
+use crate::fraud::FraudSection;
+use crate::journal::JournalSection;
+use crate::net::FramingConfig;
 use crate::security::{EndpointSecurity, ListenerSecurity};
+use crate::settlement::SettlementSection;
+use crate::upstream::EndpointConfig;
 use crate::tls::{Acceptor, ClientTls, Connector, ServerTls};
 
 /// Prefix of environment overrides.
@@ -58,42 +62,6 @@ pub struct Config {
     pub settlement: SettlementSection,
 }
 
-/// `[settlement]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SettlementSection {
-    /// The field of terminal messages that carries the batch number (first 6 characters).
-    pub batch_field: u8,
-}
-
-impl Default for SettlementSection {
-    fn default() -> Self {
-        Self { batch_field: 60 }
-    }
-}
-
-/// `[endpoints.settlement]`: the endpoint's business date and what it charges.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EndpointSettlement {
-    /// `HH:MM` (UTC): the business date advances at this time every day, besides the
-    /// acquirer's 0800 cutover (DE70 201).
-    pub cutover_time: Option<String>,
-    /// Fee rate applied in the settlement report (a decimal fraction, e.g. "0.0125").
-    pub fee_rate: Option<String>,
-    /// Fixed fee per transaction in the settlement report, minor units.
-    pub fee_fixed_minor: u64,
-}
-
-/// `[fraud]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FraudSection {
-    /// The rules file (see `specs/fraud-rules.toml`); reloaded on SIGHUP and
-    /// `POST /api/fraud/reload`.
-    pub rules: std::path::PathBuf,
-}
-
 /// `[switch]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -116,82 +84,6 @@ impl Default for SwitchSection {
     }
 }
 
-/// `[journal]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JournalSection {
-    /// `postgres://...` or `sqlite://...`; `DATABASE_URL` when empty.
-    pub url: String,
-    /// `durable`: reply after the commit; `async`: reply first, commit soon after.
-    pub mode: String,
-    /// Most rows in one commit.
-    pub batch_max: usize,
-    /// Longest a row waits for others before its batch is committed, in microseconds.
-    pub batch_delay_us: u64,
-    /// Key of the PAN HMAC, hex (at least 32 bytes).
-    pub pan_hmac_key: String,
-    /// AES-256 key sealing messages kept for store-and-forward and stored replies, hex (32 bytes).
-    pub data_key: String,
-    /// How long duplicate keys are kept, in seconds (at least a day: STANs wrap).
-    pub duplicate_retention_s: u64,
-}
-
-impl Default for JournalSection {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            mode: "durable".into(),
-            batch_max: 512,
-            batch_delay_us: 0,
-            pan_hmac_key: String::new(),
-            data_key: String::new(),
-            duplicate_retention_s: 90_000,
-        }
-    }
-}
-
-/// How frames are delimited, as configured.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FramingConfig {
-    /// `bin2`, `bin4`, `ascii4`, `bcd2` or `hex4`.
-    pub prefix: String,
-    /// The length counts its own bytes.
-    pub includes_prefix: bool,
-    /// A 5-byte TPDU follows the length.
-    pub tpdu: bool,
-    /// Largest frame accepted.
-    pub max_frame: usize,
-}
-
-impl Default for FramingConfig {
-    fn default() -> Self {
-        Self {
-            prefix: "bin2".into(),
-            includes_prefix: false,
-            tpdu: false,
-            max_frame: DEFAULT_MAX_FRAME,
-        }
-    }
-}
-
-impl FramingConfig {
-    /// The framing.
-    ///
-    /// # Errors
-    /// An unknown prefix name.
-    pub fn framing(&self) -> Result<Framing> {
-        let prefix: LengthPrefix = self.prefix.parse().map_err(|e: String| anyhow!(e))?;
-        Ok(Framing {
-            prefix,
-            includes_prefix: self.includes_prefix,
-            tpdu: self.tpdu,
-            trailer: None,
-            max_frame: self.max_frame,
-        })
-    }
-}
-
 /// `[[listeners]]`: where terminals connect.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,7 +93,7 @@ pub struct ListenerConfig {
     /// Address to listen on.
     pub address: SocketAddr,
     /// Dialect of the terminals.
-    #[serde(default = "default_dialect")]
+    #[serde(default = "crate::net::default_dialect")]
     pub dialect: String,
     /// Framing of the terminals.
     #[serde(default)]
@@ -223,9 +115,6 @@ pub struct ListenerConfig {
     pub security: Option<crate::security::TerminalSecurityConfig>,
 }
 
-fn default_dialect() -> String {
-    cardswitch_codec::DEFAULT_DIALECT.into()
-}
 const fn default_max_connections() -> usize {
     10_000
 }
@@ -234,188 +123,6 @@ const fn default_idle_ms() -> u64 {
 }
 const fn default_pipeline() -> usize {
     256
-}
-
-/// `[[endpoints]]`: an acquirer reached over a pool of links.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EndpointConfig {
-    /// Name used by routes.
-    pub name: String,
-    /// The acquirer's dialect.
-    #[serde(default = "default_dialect")]
-    pub dialect: String,
-    /// The acquirer's framing.
-    #[serde(default)]
-    pub framing: FramingConfig,
-    /// `host:port` of each link.
-    pub links: Vec<String>,
-    /// `primary-secondary`, `round-robin` or `least-in-flight`.
-    #[serde(default = "default_strategy")]
-    pub strategy: String,
-    /// DE32 sent to this acquirer.
-    #[serde(default)]
-    pub acquirer_id: Option<String>,
-    /// How long the acquirer has to answer, in milliseconds.
-    #[serde(default = "default_request_timeout")]
-    pub request_timeout_ms: u64,
-    /// Most requests in flight on one link.
-    #[serde(default = "default_link_in_flight")]
-    pub max_in_flight_per_link: u32,
-    /// Sign on (0800/001) before a link takes traffic.
-    #[serde(default = "yes")]
-    pub sign_on: bool,
-    /// Idle time before an echo test (0800/301), in milliseconds.
-    #[serde(default = "default_echo")]
-    pub echo_interval_ms: u64,
-    /// Echo tests missed in a row before the link is dropped and reconnected.
-    #[serde(default = "default_missed")]
-    pub max_missed_echoes: u32,
-    /// First reconnection delay, in milliseconds (doubles up to the maximum).
-    #[serde(default = "default_reconnect_min")]
-    pub reconnect_min_ms: u64,
-    /// Longest reconnection delay, in milliseconds.
-    #[serde(default = "default_reconnect_max")]
-    pub reconnect_max_ms: u64,
-    /// TLS: CA to trust, optional server name and client certificate.
-    #[serde(default)]
-    pub tls: Option<ClientTls>,
-    /// Store-and-forward of reversals and advices to this endpoint.
-    #[serde(default)]
-    pub saf: SafConfig,
-    /// Stand-in processing when this endpoint cannot answer.
-    #[serde(default)]
-    pub stand_in: StandInConfig,
-    /// Keys shared with the acquirer: PIN translation, MACs, key exchange, CVV.
-    #[serde(default)]
-    pub security: Option<crate::security::EndpointSecurityConfig>,
-    /// Business date cutover and fees.
-    #[serde(default)]
-    pub settlement: EndpointSettlement,
-}
-
-/// `[endpoints.saf]`: how queued reversals and advices are sent.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SafConfig {
-    /// Delay before the first transmission, in milliseconds.
-    pub initial_delay_ms: u64,
-    /// Delay before the first retransmission, in milliseconds; doubles each time.
-    pub retry_min_ms: u64,
-    /// Longest delay between retransmissions, in milliseconds.
-    pub retry_max_ms: u64,
-    /// Most transmissions (0: until expiry).
-    pub max_tries: u32,
-    /// An entry not delivered after this long is given up, in seconds.
-    pub expire_after_s: u64,
-    /// Response codes that end an entry as delivered.
-    pub valid_codes: Vec<String>,
-    /// Response codes that retry it (`ZZ`: no response). Any other code ends it as refused.
-    pub retry_codes: Vec<String>,
-    /// Most entries of this endpoint in flight at once (different cards).
-    pub max_in_flight: usize,
-    /// How often the queue is read when nothing new was queued here, in milliseconds.
-    pub poll_ms: u64,
-}
-
-impl Default for SafConfig {
-    fn default() -> Self {
-        Self {
-            initial_delay_ms: 500,
-            retry_min_ms: 1_000,
-            retry_max_ms: 60_000,
-            max_tries: 0,
-            expire_after_s: 86_400,
-            valid_codes: ["00", "12", "21", "25", "94"].map(String::from).to_vec(),
-            retry_codes: ["91", "96", "ZZ"].map(String::from).to_vec(),
-            max_in_flight: 256,
-            poll_ms: 250,
-        }
-    }
-}
-
-/// `[endpoints.stand_in]`: the switch decides when the acquirer cannot.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StandInConfig {
-    /// Stand-in on at all.
-    pub enabled: bool,
-    /// Decide when the acquirer did not answer in time.
-    pub on_timeout: bool,
-    /// Decide when no link is ready.
-    pub on_unavailable: bool,
-    /// Floor limit when no entry of `floor_limits` matches, minor units (0: decline).
-    pub default_limit_minor: u64,
-    /// Floor limits by card range and MCC; the most specific match wins.
-    pub floor_limits: Vec<FloorLimit>,
-    /// PAN HMACs (hex, as in the journal) never approved in stand-in.
-    pub negative_pan_hmacs: Vec<String>,
-    /// Card-range prefixes never approved in stand-in.
-    pub negative_ranges: Vec<String>,
-    /// Decline expired cards (DE14 or the track's expiry).
-    pub check_expiry: bool,
-    /// Verify the CVV in track 2 through the HSM (needs `security.cvk`); a wrong one declines
-    /// with 05, an HSM that cannot answer leaves the transaction to 91.
-    pub verify_cvv: bool,
-    /// Where the CVV starts in track 2's discretionary data (after the service code); 5
-    /// skips a PVKI and PVV.
-    pub cvv_offset: usize,
-}
-
-impl Default for StandInConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            on_timeout: true,
-            on_unavailable: true,
-            default_limit_minor: 0,
-            floor_limits: Vec::new(),
-            negative_pan_hmacs: Vec::new(),
-            negative_ranges: Vec::new(),
-            check_expiry: true,
-            verify_cvv: false,
-            cvv_offset: 5,
-        }
-    }
-}
-
-/// A stand-in floor limit.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FloorLimit {
-    /// Card-range prefix (any when absent).
-    #[serde(default)]
-    pub prefix: Option<String>,
-    /// Merchant category code, DE18 (any when absent).
-    #[serde(default)]
-    pub mcc: Option<u16>,
-    /// Highest amount approved, minor units.
-    pub limit_minor: u64,
-}
-
-fn default_strategy() -> String {
-    "primary-secondary".into()
-}
-const fn default_request_timeout() -> u64 {
-    5_000
-}
-const fn default_link_in_flight() -> u32 {
-    512
-}
-const fn yes() -> bool {
-    true
-}
-const fn default_echo() -> u64 {
-    30_000
-}
-const fn default_missed() -> u32 {
-    3
-}
-const fn default_reconnect_min() -> u64 {
-    100
-}
-const fn default_reconnect_max() -> u64 {
-    10_000
 }
 
 /// `[[routes]]`: a card range and where it goes.
@@ -448,14 +155,6 @@ pub struct Validated {
     pub endpoint_security: Vec<Option<Arc<EndpointSecurity>>>,
     /// The fraud rules, loaded and validated.
     pub fraud: Option<Arc<crate::fraud::Rules>>,
-}
-
-impl EndpointConfig {
-    /// Request timeout.
-    #[must_use]
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
 }
 
 impl Config {
@@ -502,12 +201,6 @@ impl Config {
     fn validate(self) -> Result<Validated> {
         if self.listeners.is_empty() {
             bail!("at least one [[listeners]] is needed");
-        }
-        if !matches!(self.journal.mode.as_str(), "durable" | "async") {
-            bail!(
-                "journal.mode: {:?} is not durable or async",
-                self.journal.mode
-            );
         }
         if self.journal.duplicate_retention_s < 86_400 {
             bail!("journal.duplicate_retention_s: at least 86400 (a day): STANs wrap");
@@ -768,7 +461,7 @@ endpoint = "acq"
         )
         .unwrap();
         assert_eq!(v.config.listeners[0].address.to_string(), "0.0.0.0:9999");
-        assert_eq!(v.config.journal.mode, "async");
+        assert_eq!(v.config.journal.mode, crate::journal::JournalMode::Async);
         assert_eq!(v.config.endpoints[0].request_timeout_ms, 250);
         assert_eq!(v.config.journal.url, "postgres://localhost/test");
     }

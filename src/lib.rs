@@ -11,6 +11,7 @@ pub mod dedup;
 pub mod fraud;
 pub mod hsm;
 pub mod journal;
+pub mod net;
 pub mod pipeline;
 pub mod saf;
 pub mod seal;

@@ -8,8 +8,68 @@
 //! beats an MCC match; longer prefixes beat shorter ones). Anything else is declined 91.
 
 use cardswitch_codec::{Message, Pan};
+use serde::Deserialize;
 
-use crate::config::StandInConfig;
+/// `[endpoints.stand_in]`: the switch decides when the acquirer cannot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StandInConfig {
+    /// Stand-in on at all.
+    pub enabled: bool,
+    /// Decide when the acquirer did not answer in time.
+    pub on_timeout: bool,
+    /// Decide when no link is ready.
+    pub on_unavailable: bool,
+    /// Floor limit when no entry of `floor_limits` matches, minor units (0: decline).
+    pub default_limit_minor: u64,
+    /// Floor limits by card range and MCC; the most specific match wins.
+    pub floor_limits: Vec<FloorLimit>,
+    /// PAN HMACs (hex, as in the journal) never approved in stand-in.
+    pub negative_pan_hmacs: Vec<String>,
+    /// Card-range prefixes never approved in stand-in.
+    pub negative_ranges: Vec<String>,
+    /// Decline expired cards (DE14 or the track's expiry).
+    pub check_expiry: bool,
+    /// Verify the CVV in track 2 through the HSM (needs `security.cvk`); a wrong one declines
+    /// with 05, an HSM that cannot answer leaves the transaction to 91.
+    pub verify_cvv: bool,
+    /// Where the CVV starts in track 2's discretionary data (after the service code); 5
+    /// skips a PVKI and PVV.
+    pub cvv_offset: usize,
+}
+
+impl Default for StandInConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            on_timeout: true,
+            on_unavailable: true,
+            default_limit_minor: 0,
+            floor_limits: Vec::new(),
+            negative_pan_hmacs: Vec::new(),
+            negative_ranges: Vec::new(),
+            check_expiry: true,
+            verify_cvv: false,
+            cvv_offset: 5,
+        }
+    }
+}
+
+/// A stand-in floor limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FloorLimit {
+    /// Card-range prefix (any when absent).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Merchant category code, DE18 (any when absent).
+    #[serde(default)]
+    pub mcc: Option<u16>,
+    /// Highest amount approved, minor units.
+    pub limit_minor: u64,
+}
+
+
 
 /// Why stand-in declined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +194,6 @@ pub fn auth_code(txn_id: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::FloorLimit;
     use cardswitch_codec::sample;
 
     fn config() -> StandInConfig {

@@ -370,9 +370,9 @@ async fn saf_queue_keeps_each_cards_order(url: &str) {
     use cardswitch::journal::{Change, Journal, SafEntry, SafKind, SafProgress, SafState};
     let tracker = tokio_util::task::TaskTracker::new();
     let journal = Journal::start(
-        &cardswitch::config::JournalSection {
+        &cardswitch::journal::JournalSection {
             url: url.to_owned(),
-            mode: "durable".into(),
+            mode: cardswitch::journal::JournalMode::Durable,
             ..Default::default()
         },
         "n1",

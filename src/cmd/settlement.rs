@@ -72,7 +72,7 @@ fn database(
     args: &DatabaseArgs,
 ) -> Result<(
     String,
-    std::collections::BTreeMap<String, cardswitch::config::EndpointSettlement>,
+    std::collections::BTreeMap<String, cardswitch::settlement::EndpointSettlement>,
 )> {
     let config = args
         .config

@@ -39,6 +39,16 @@ use serde::Deserialize;
 
 use table::{Distinct, LastSeen, Table, Window, BUCKETS, SEEN};
 
+/// `[fraud]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FraudSection {
+    /// The rules file (see `specs/fraud-rules.toml`); reloaded on SIGHUP and
+    /// `POST /api/fraud/reload`.
+    pub rules: std::path::PathBuf,
+}
+
+
 /// Most rules in one file (the verdict is a 64-bit mask).
 pub const MAX_RULES: usize = 64;
 

@@ -26,7 +26,6 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::JournalSection;
 use crate::seal::Sealer;
 use crate::state::TxnState;
 
@@ -35,6 +34,64 @@ mod keys;
 pub mod lookup;
 pub mod saf;
 use cardswitch_codec::{Dialect, Message, Pan};
+use serde::Deserialize;
+
+/// `[journal]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSection {
+    /// `postgres://...` or `sqlite://...`; `DATABASE_URL` when empty.
+    pub url: String,
+    /// `durable`: reply after the commit; `async`: reply first, commit soon after.
+    pub mode: JournalMode,
+    /// Most rows in one commit.
+    pub batch_max: usize,
+    /// Longest a row waits for others before its batch is committed, in microseconds.
+    pub batch_delay_us: u64,
+    /// Key of the PAN HMAC, hex (at least 32 bytes).
+    pub pan_hmac_key: String,
+    /// AES-256 key sealing messages kept for store-and-forward and stored replies, hex (32 bytes).
+    pub data_key: String,
+    /// How long duplicate keys are kept, in seconds (at least a day: STANs wrap).
+    pub duplicate_retention_s: u64,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            mode: JournalMode::Durable,
+            batch_max: 512,
+            batch_delay_us: 0,
+            pan_hmac_key: String::new(),
+            data_key: String::new(),
+            duplicate_retention_s: 90_000,
+        }
+    }
+}
+
+/// When a transaction's reply goes out relative to its journal commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum JournalMode {
+    /// Reply after the commit; a failed commit answers 96.
+    Durable,
+    /// Reply first, commit soon after.
+    Async,
+}
+
+impl TryFrom<String> for JournalMode {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "durable" => Ok(Self::Durable),
+            "async" => Ok(Self::Async),
+            other => Err(format!("{other:?} is not durable or async")),
+        }
+    }
+}
+
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/journal/migrations");
 
@@ -758,7 +815,7 @@ impl Journal {
             .fold(0i64, |h, b| (h * 31 + i64::from(b)) & 0x3FF);
         let journal = Self {
             tx,
-            durable: config.mode == "durable",
+            durable: config.mode == JournalMode::Durable,
             mac: Hmac::<Sha256>::new_from_slice(&key).context("journal.pan_hmac_key")?,
             next_id: Arc::new(AtomicI64::new(0)),
             node_bits: node_hash << 12,
@@ -778,7 +835,7 @@ impl Journal {
             stats,
             backlog: VecDeque::new(),
             saf_queued,
-            durable: config.mode == "durable",
+            durable: config.mode == JournalMode::Durable,
         };
         tracker.spawn(writer.run(rx));
         info!(durable = journal.durable, "journal ready");

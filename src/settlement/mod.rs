@@ -49,6 +49,35 @@ use time::{Date, Duration as Days, OffsetDateTime, Time};
 use tracing::{error, info};
 
 use crate::journal::Backend;
+use serde::Deserialize;
+
+/// `[settlement]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SettlementSection {
+    /// The field of terminal messages that carries the batch number (first 6 characters).
+    pub batch_field: u8,
+}
+
+impl Default for SettlementSection {
+    fn default() -> Self {
+        Self { batch_field: 60 }
+    }
+}
+
+/// `[endpoints.settlement]`: the endpoint's business date and what it charges.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointSettlement {
+    /// `HH:MM` (UTC): the business date advances at this time every day, besides the
+    /// acquirer's 0800 cutover (DE70 201).
+    pub cutover_time: Option<String>,
+    /// Fee rate applied in the settlement report (a decimal fraction, e.g. "0.0125").
+    pub fee_rate: Option<String>,
+    /// Fixed fee per transaction in the settlement report, minor units.
+    pub fee_fixed_minor: u64,
+}
+
 
 /// A business date as stored: `YYYY-MM-DD` (how `time` displays a date).
 #[must_use]

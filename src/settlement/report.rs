@@ -11,7 +11,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
 use sqlx::Row as _;
 
-use crate::config::EndpointSettlement;
+use crate::settlement::EndpointSettlement;
 use crate::journal::Backend;
 
 /// One line: an endpoint, a currency, a type.

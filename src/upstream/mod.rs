@@ -36,10 +36,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+pub mod config;
+
+pub use config::{EndpointConfig, SafConfig};
+
 use crate::settlement::{self, BusinessDay, Cutover};
 use cardswitch_codec::hsm::KeyType;
 
-use crate::config::EndpointConfig;
 use crate::hsm::Hsm;
 use crate::security::{EndpointSecurity, Key};
 use crate::telemetry;
