@@ -4,22 +4,22 @@
 //! `transaction_events` saying why.
 //!
 //! ```text
-//!                      (duplicate key, same content) --> Duplicate   (the stored reply is sent again)
-//!                      (duplicate key, other content) -> Duplicate   (answered 94)
-//!   Received --checks, route--> Declined                             (format, card, route: 30/14/15)
-//!      |
-//!      +--> Forwarded --acquirer reply 00--> Approved --terminal 0400/0420--> Reversed
-//!      |        |                               |                 (DE95) --> PartiallyReversed
-//!      |        +--acquirer reply, not 00--> Declined
-//!      |        |
-//!      |        +--timeout / link lost--> ReversalPending --0430 from acquirer (SAF)--> Reversed
-//!      |        |       (0420, DE39 68, queued)    |
-//!      |        |                                  +--stand-in approves--> AdvicePending
-//!      |        |                                                             |
-//!      +--no link ready--> stand-in approves --> AdvicePending --0130/0230 (SAF)--> Advised
-//!                          stand-in declines --> Declined
+//!   request --duplicate key, same content--> Duplicate   (the stored reply is sent again)
+//!           --duplicate key, other content-> Duplicate   (answered 94)
+//!           --checks, route, fraud---------> Declined    (format, card, route: 30/14/15)
+//!           --to the acquirer:
+//!                 reply 00 ----------------> Approved --terminal 0400/0420--> Reversed
+//!                                                         (DE95) ----------> PartiallyReversed
+//!                 reply, not 00 -----------> Declined
+//!                 timeout / link lost -----> ReversalPending --0430 (SAF)---> Reversed
+//!                   (0420, DE39 68, queued)    |
+//!                                              +--stand-in approves--> AdvicePending
+//!           --no link ready, stand-in approves--------------------> AdvicePending
+//!                                              AdvicePending --0130/0230 (SAF)--> Advised
+//!           --no link ready, stand-in declines--------------------> Declined
 //!
 //!   0400/0420 with no original --> Orphan (0420 acknowledged 00 and queued; 0400 answered 25)
+//!   0320 batch-upload record ----> Uploaded
 //! ```
 //!
 //! A transaction answered approved by stand-in after a timeout is `AdvicePending`/`Advised`: the
@@ -32,10 +32,6 @@ use std::str::FromStr;
 /// The state of a transaction (or of a reversal or advice message row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TxnState {
-    /// Read from a terminal; its duplicate key claimed. Not yet decided.
-    Received,
-    /// Sent to an acquirer; waiting for the reply.
-    Forwarded,
     /// Answered approved (by the acquirer).
     Approved,
     /// Answered with a decline (by the acquirer, the switch or stand-in).
@@ -60,9 +56,7 @@ pub enum TxnState {
 
 impl TxnState {
     /// Every state.
-    pub const ALL: [Self; 12] = [
-        Self::Received,
-        Self::Forwarded,
+    pub const ALL: [Self; 10] = [
         Self::Approved,
         Self::Declined,
         Self::ReversalPending,
@@ -79,8 +73,6 @@ impl TxnState {
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Received => "received",
-            Self::Forwarded => "forwarded",
             Self::Approved => "approved",
             Self::Declined => "declined",
             Self::ReversalPending => "reversal_pending",
@@ -93,6 +85,14 @@ impl TxnState {
             Self::Uploaded => "uploaded",
         }
     }
+
+    /// The states a terminal reversal may change: those where money stands.
+    pub const REVERSIBLE: &'static [Self] = &[
+        Self::Approved,
+        Self::PartiallyReversed,
+        Self::AdvicePending,
+        Self::Advised,
+    ];
 
     /// Whether money stands: the cardholder is charged (approved, in part or by stand-in).
     #[must_use]
@@ -147,5 +147,6 @@ mod tests {
                 TxnState::Advised
             ]
         );
+        assert_eq!(charged, TxnState::REVERSIBLE);
     }
 }

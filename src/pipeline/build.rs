@@ -1,0 +1,301 @@
+//! The messages the pipeline builds and the decisions it takes from data alone: DE90, the
+//! automatic reversal, the stand-in advice, the reversal sent upstream, the reversal amount
+//! rules. No IO and no runtime: each is tested here.
+
+use cardswitch_codec::{Message, Mti, Pan, ResponseCode};
+
+use crate::journal::Original;
+use crate::state::TxnState;
+
+/// The card number: DE2, or the PAN of track 2.
+pub(super) fn card_pan(m: &Message) -> Option<Pan> {
+    m.pan().or_else(|| m.track2().and_then(|t| t.pan()))
+}
+
+pub(super) fn state_of(reply: &Message) -> TxnState {
+    if reply.response_code().is_some_and(|c| c.is_approved()) {
+        TxnState::Approved
+    } else {
+        TxnState::Declined
+    }
+}
+
+/// DE90 naming an original as the acquirer saw it: MTI, STAN, DE7, DE32, DE33.
+pub(super) fn de90(mti: &str, stan: u32, de7: &str, acquirer: Option<&str>) -> String {
+    format!(
+        "{mti:0>4.4}{stan:06}{de7:0>10.10}{:0>11.11}{:0>11}",
+        acquirer.unwrap_or(""),
+        ""
+    )
+}
+
+/// The reversal advice (0420, DE39 68) of a request whose outcome is unknown.
+pub(super) fn auto_reversal(
+    request: &Message,
+    pan: Option<&Pan>,
+    upstream_stan: u32,
+    acquirer: Option<&str>,
+) -> Message {
+    let mut m = request.clone();
+    let original = request.mti().original();
+    m.set_mti(Mti::REVERSAL_ADVICE);
+    if !m.has(2) {
+        if let Some(p) = pan {
+            m.set_pan(p);
+        }
+    }
+    for f in [35, 45, 52, 55, 64, 128] {
+        m.remove(f);
+    }
+    m.set_response_code(ResponseCode::TOO_LATE);
+    let de7 = request.get_str(7).unwrap_or("");
+    m.set(
+        90,
+        de90(original.as_str(), upstream_stan, de7, acquirer).as_bytes(),
+    );
+    m
+}
+
+/// The advice (0120/0220) of a stand-in approval.
+pub(super) fn advice(request: &Message, pan: &Pan, auth_code: &str) -> Message {
+    let mut m = request.clone();
+    let mti = if request.mti().class() == 1 {
+        *b"0120"
+    } else {
+        *b"0220"
+    };
+    if let Ok(mti) = Mti::new(mti) {
+        m.set_mti(mti);
+    }
+    if !m.has(2) {
+        m.set_pan(pan);
+    }
+    for f in [35, 45, 52, 64, 128] {
+        m.remove(f);
+    }
+    m.set_response_code(ResponseCode::APPROVED);
+    m.set(38, auth_code.as_bytes());
+    m
+}
+
+/// The reversal as the acquirer must see it: the original's MTI, DE90 naming the original by
+/// the STAN and DE7 the acquirer saw (when the journal has them), card data the acquirer does
+/// not need removed.
+pub(super) fn outgoing_reversal(
+    request: &Message,
+    original: &Original,
+    acquirer: Option<&str>,
+) -> Message {
+    let mut out = request.clone();
+    out.set_mti(request.mti().original());
+    if let (Some(stan), Some(de7)) = (
+        original
+            .upstream_stan
+            .as_deref()
+            .and_then(|s| s.parse::<u32>().ok()),
+        original.transmission_time.as_deref(),
+    ) {
+        out.set(90, de90(&original.mti, stan, de7, acquirer).as_bytes());
+    }
+    for f in [35, 45, 52, 55] {
+        out.remove(f);
+    }
+    out
+}
+
+/// The same message as a reversal advice (0420), to be queued for store-and-forward.
+pub(super) fn as_reversal_advice(m: &Message) -> Message {
+    let mut advice = m.clone();
+    advice.set_mti(Mti::REVERSAL_ADVICE);
+    advice
+}
+
+/// A terminal's reversal advice whose original the switch never saw, passed on to the card's
+/// endpoint: card data the acquirer does not need removed.
+pub(super) fn orphan_advice(request: &Message) -> Message {
+    let mut advice = as_reversal_advice(request);
+    for f in [35, 45, 52, 55] {
+        advice.remove(f);
+    }
+    advice
+}
+
+/// What a terminal reversal does to an original of `amount` with `already` reversed: the state
+/// it moves to and the total amount reversed after it. DE95's first 12 digits are the amount
+/// that stands (a partial reversal) when above zero and below the original's; anything else
+/// reverses in full. `None` when the original is reversed that far already (a repeat).
+pub(super) fn reversal_effect(
+    amount: i64,
+    already: i64,
+    de95: Option<&str>,
+) -> Option<(TxnState, i64)> {
+    let standing = de95
+        .and_then(|d| d.get(..12))
+        .and_then(|a| a.parse::<i64>().ok())
+        .filter(|&a| a > 0 && a < amount);
+    let (to, total) = match standing {
+        Some(a) => (TxnState::PartiallyReversed, amount - a),
+        None => (TxnState::Reversed, amount),
+    };
+    (total > already).then_some((to, total))
+}
+
+/// Whether an acquirer's answer to a reversal means it took it: approved, or 25 (it has no
+/// such original, so nothing stands there).
+pub(super) fn reversal_taken(code: Option<ResponseCode>) -> bool {
+    code.is_some_and(|c| c.is_approved() || c == ResponseCode::RECORD_NOT_FOUND)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn purchase() -> Message {
+        let mut m = Message::new(Mti::new(*b"0200").unwrap());
+        m.set(2, b"4761739001010010");
+        m.set(3, b"000000");
+        m.set(4, b"000000001000");
+        m.set(7, b"1201120000");
+        m.set(11, b"000123");
+        m.set(35, b"4761739001010010=22122011758928889");
+        m.set(41, b"TERM0001");
+        m.set(52, b"0123456789ABCDEF");
+        m
+    }
+
+    fn unknown_original() -> Original {
+        Original {
+            id: 1,
+            mti: "0200".into(),
+            endpoint: None,
+            state: TxnState::Approved,
+            amount_minor: Some(1000),
+            amount_reversed_minor: None,
+            upstream_stan: None,
+            transmission_time: None,
+            pan_hmac: None,
+            response_code: "00".into(),
+        }
+    }
+
+    #[test]
+    fn de90_names_the_original_as_the_acquirer_saw_it() {
+        assert_eq!(
+            de90("0200", 42, "1201120000", Some("12345")),
+            "020000004212011200000000001234500000000000"
+        );
+        let no_acquirer = de90("0100", 7, "1201120000", None);
+        assert_eq!(no_acquirer.len(), 42);
+        assert!(no_acquirer.ends_with(&"0".repeat(22)));
+    }
+
+    #[test]
+    fn automatic_reversal_is_a_0420_68_with_the_upstream_stan_and_no_card_secrets() {
+        let req = purchase();
+        let rev = auto_reversal(&req, req.pan().as_ref(), 900_001, Some("12345"));
+        assert_eq!(rev.mti().as_str(), "0420");
+        assert_eq!(rev.response_code(), Some(ResponseCode::TOO_LATE));
+        assert_eq!(
+            rev.get_str(90),
+            Some(de90("0200", 900_001, "1201120000", Some("12345")).as_str())
+        );
+        for f in [35, 45, 52, 55, 64, 128] {
+            assert!(!rev.has(f), "DE{f} kept");
+        }
+        assert_eq!(rev.get_str(2), Some("4761739001010010"));
+        assert_eq!(rev.get_str(4), Some("000000001000"));
+    }
+
+    #[test]
+    fn automatic_reversal_puts_the_track_pan_in_de2() {
+        let mut req = purchase();
+        req.remove(2);
+        let pan = card_pan(&req).unwrap();
+        let rev = auto_reversal(&req, Some(&pan), 1, None);
+        assert_eq!(rev.get_str(2), Some("4761739001010010"));
+        assert!(!rev.has(35));
+    }
+
+    #[test]
+    fn stand_in_advice_carries_the_approval() {
+        let req = purchase();
+        let adv = advice(&req, &req.pan().unwrap(), "123456");
+        assert_eq!(adv.mti().as_str(), "0220");
+        assert_eq!(adv.response_code(), Some(ResponseCode::APPROVED));
+        assert_eq!(adv.get_str(38), Some("123456"));
+        assert!(!adv.has(35) && !adv.has(52));
+        let mut auth = purchase();
+        auth.set_mti(Mti::new(*b"0100").unwrap());
+        assert_eq!(advice(&auth, &auth.pan().unwrap(), "1").mti().as_str(), "0120");
+    }
+
+    #[test]
+    fn outgoing_reversal_names_what_the_acquirer_saw() {
+        let mut req = purchase();
+        req.set_mti(Mti::new(*b"0400").unwrap());
+        req.set(90, b"020000012312011200000000000000000000000000");
+        let original = Original {
+            upstream_stan: Some("700001".into()),
+            transmission_time: Some("1201115959".into()),
+            ..unknown_original()
+        };
+        let out = outgoing_reversal(&req, &original, Some("999"));
+        assert_eq!(out.mti().as_str(), "0400");
+        assert_eq!(
+            out.get_str(90),
+            Some(de90("0200", 700_001, "1201115959", Some("999")).as_str())
+        );
+        assert!(!out.has(35) && !out.has(52));
+        // Without the upstream keys, the terminal's DE90 passes as it came.
+        let bare = outgoing_reversal(&req, &unknown_original(), None);
+        assert_eq!(bare.get_str(90), req.get_str(90));
+        assert_eq!(as_reversal_advice(&out).mti(), Mti::REVERSAL_ADVICE);
+        let orphan = orphan_advice(&req);
+        assert_eq!(orphan.mti(), Mti::REVERSAL_ADVICE);
+        assert!(!orphan.has(35));
+    }
+
+    #[test]
+    fn reversal_amounts() {
+        // Full reversal.
+        assert_eq!(
+            reversal_effect(1000, 0, None),
+            Some((TxnState::Reversed, 1000))
+        );
+        // DE95: 400 stands, 600 reversed.
+        let de95 = "000000000400000000000000C00000000C00000000";
+        assert_eq!(
+            reversal_effect(1000, 0, Some(de95)),
+            Some((TxnState::PartiallyReversed, 600))
+        );
+        // The same partial reversal again changes nothing; a full one after it does.
+        assert_eq!(reversal_effect(1000, 600, Some(de95)), None);
+        assert_eq!(
+            reversal_effect(1000, 600, None),
+            Some((TxnState::Reversed, 1000))
+        );
+        // A standing amount of zero, the whole amount or more, or unreadable: in full.
+        for odd in ["000000000000", "000000001000", "000000009999", "x"] {
+            assert_eq!(
+                reversal_effect(1000, 0, Some(odd)),
+                Some((TxnState::Reversed, 1000)),
+                "{odd}"
+            );
+        }
+        assert_eq!(reversal_effect(1000, 1000, None), None);
+    }
+
+    #[test]
+    fn replies_decide_states() {
+        let mut reply = purchase().response_with(ResponseCode::APPROVED).unwrap();
+        assert_eq!(state_of(&reply), TxnState::Approved);
+        reply.set_response_code(ResponseCode::new(*b"51").unwrap());
+        assert_eq!(state_of(&reply), TxnState::Declined);
+        assert!(reversal_taken(Some(ResponseCode::APPROVED)));
+        assert!(reversal_taken(Some(ResponseCode::RECORD_NOT_FOUND)));
+        assert!(!reversal_taken(Some(ResponseCode::new(*b"96").unwrap())));
+        assert!(!reversal_taken(None));
+    }
+}

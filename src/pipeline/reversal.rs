@@ -1,0 +1,179 @@
+//! Terminal reversals (0400/0420 and repeats): matched to their original in the journal, sent
+//! to the acquirer named the way it knows the original (DE90 from the STAN and DE7 it saw), or
+//! queued for store-and-forward when it cannot be reached; the original's state and reversed
+//! amount change in the same database transaction. A reversal of an original the switch never
+//! saw is an orphan.
+
+use std::time::Instant;
+
+use cardswitch_codec::{Message, Pan, ResponseCode};
+use cardswitch_routing::Failure;
+use tracing::warn;
+
+use super::outcome::Outcome;
+use super::{build, Pipeline};
+use crate::journal::{DecidedBy, OriginalKeys, SafKind, StateChange};
+use crate::state::TxnState;
+use crate::upstream::{Endpoint, Upstream};
+
+impl Pipeline {
+    /// A terminal's reversal (0400/0420 and repeats), matched to its original.
+    pub(super) async fn reversal(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        began: Instant,
+    ) -> Option<Outcome> {
+        let is_advice = request.mti().function() == 2;
+        let de90 = request.get_str(90);
+        let keys = OriginalKeys {
+            terminal: request.terminal_id().unwrap_or(""),
+            stan: de90.and_then(|d| d.get(4..10)),
+            transmission_time: de90.and_then(|d| d.get(10..20)),
+            rrn: request.rrn(),
+        };
+        let original = match self.journal.find_original(&keys).await {
+            Ok(o) => o,
+            Err(e) => {
+                warn!(error = %e, "original look-up failed");
+                return request
+                    .response_with(Failure::JournalUnavailable.response_code())
+                    .map(Outcome::switch);
+            }
+        };
+        let Some(original) = original else {
+            return self.orphan(request, txn_id, pan, is_advice);
+        };
+        let ok = |state: TxnState| {
+            let mut o = Outcome::new(
+                request.response_with(ResponseCode::APPROVED)?,
+                DecidedBy::Switch,
+                state,
+            );
+            o.original_id = Some(original.id);
+            Some(o)
+        };
+        // Only money that stands can be reversed.
+        if !original.state.is_charged() {
+            // Reversed already, declined, or its reversal is queued: nothing changes.
+            return ok(TxnState::Duplicate);
+        }
+        let Some((to, total)) = build::reversal_effect(
+            original.amount_minor.unwrap_or(0),
+            original.amount_reversed_minor.unwrap_or(0),
+            request.get_str(95),
+        ) else {
+            return ok(TxnState::Duplicate);
+        };
+        let endpoint = original.endpoint.as_deref().and_then(|n| self.endpoint(n));
+        let mut outcome = match endpoint {
+            None => ok(to)?,
+            Some(endpoint) => {
+                let outgoing = build::outgoing_reversal(request, &original, endpoint.acquirer_id());
+                let order_key = original.pan_hmac.clone();
+                let mut o = if is_advice {
+                    ok(to)?
+                } else {
+                    let asked = Instant::now();
+                    let result = endpoint.exchange(&outgoing, txn_id).await;
+                    match result {
+                        Upstream::Reply(reply, link, stan) => {
+                            let reply = Endpoint::relay(request, &reply)?;
+                            let took = build::reversal_taken(reply.response_code());
+                            let mut o = Outcome::new(
+                                reply,
+                                DecidedBy::Acquirer,
+                                if took { to } else { TxnState::Declined },
+                            );
+                            o.original_id = Some(original.id);
+                            o.link = Some(link);
+                            o.upstream_stan = Some(stan);
+                            o.routing = Some(asked.duration_since(began));
+                            o.upstream = Some(asked.elapsed());
+                            if !took {
+                                return Some(o);
+                            }
+                            o
+                        }
+                        // Not delivered now: the switch delivers it; the terminal is done.
+                        _ => {
+                            let mut o = ok(to)?;
+                            let advice = build::as_reversal_advice(&outgoing);
+                            o.change.saf.extend(self.saf_entry(
+                                endpoint,
+                                SafKind::Reversal,
+                                &advice,
+                                Some(txn_id),
+                                order_key.clone(),
+                            ));
+                            o
+                        }
+                    }
+                };
+                if is_advice {
+                    let advice = build::as_reversal_advice(&outgoing);
+                    o.change.saf.extend(self.saf_entry(
+                        endpoint,
+                        SafKind::Reversal,
+                        &advice,
+                        Some(txn_id),
+                        order_key,
+                    ));
+                }
+                o.endpoint = Some(endpoint.name().to_owned());
+                o
+            }
+        };
+        outcome.amount_reversed = Some(total);
+        outcome.change.conditional = true;
+        outcome.change.states.push(StateChange {
+            txn_id: original.id,
+            to: Some(to),
+            from: TxnState::REVERSIBLE,
+            amount_reversed_minor: Some(total),
+            cause: "terminal reversal".into(),
+            detail: Some(format!("{} {txn_id}", request.mti())),
+        });
+        Some(outcome)
+    }
+
+    /// A reversal of a transaction the switch never saw: 0400 answered 25; 0420 acknowledged
+    /// and passed on to the card's endpoint (the original may have reached it before a crash).
+    pub(super) fn orphan(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        pan: &Pan,
+        is_advice: bool,
+    ) -> Option<Outcome> {
+        if !is_advice {
+            return Some(Outcome::new(
+                request.response_with(ResponseCode::RECORD_NOT_FOUND)?,
+                DecidedBy::Switch,
+                TxnState::Orphan,
+            ));
+        }
+        let mut o = Outcome::new(
+            request.response_with(ResponseCode::APPROVED)?,
+            DecidedBy::Switch,
+            TxnState::Orphan,
+        );
+        if let Some(endpoint) = self
+            .bins
+            .lookup(pan)
+            .and_then(|r| self.endpoint(&r.endpoint))
+        {
+            let advice = build::orphan_advice(request);
+            o.change.saf.extend(self.saf_entry(
+                endpoint,
+                SafKind::Reversal,
+                &advice,
+                Some(txn_id),
+                Some(self.journal.pan_hmac(pan)),
+            ));
+            o.endpoint = Some(endpoint.name().to_owned());
+        }
+        Some(o)
+    }
+}
