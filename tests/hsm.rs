@@ -150,7 +150,8 @@ fn published_hsm_vectors_over_tcp() {
         let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
         let stream = TcpStream::connect(sim.local_addr()).await.unwrap();
         let mut framed = Framed::new(stream, cardswitch_simulators::hsm::framing());
-        // domain.md section 9, byte for byte, each with its own header, pipelined.
+        // The published payShield host-command examples, byte for byte, each with its own header,
+        // pipelined.
         let cases = [
             ("0001CA0406FBB23A5214DFBAB32D775A38E4AB12DC80B186C30902B00303550000025321", "0001CB0004F7808F2CBEC6316803"),
             ("0002CW0A61E674E88C6A7EEABC38C2B2BB492F4123456789012345;8701101", "0002CX00561"),

@@ -30,6 +30,8 @@ pub enum Failure {
     Duplicate,
     /// A reversal whose original is unknown.
     OriginalNotFound,
+    /// A terminal's batch totals disagree with the switch's (reconciliation error).
+    OutOfBalance,
     /// A transaction type the switch does not handle.
     Unsupported,
 }
@@ -48,6 +50,7 @@ impl Failure {
             Self::BadPinBlock => ResponseCode::INCORRECT_PIN,
             Self::BadMac => ResponseCode::SECURITY_VIOLATION,
             Self::OriginalNotFound => ResponseCode::RECORD_NOT_FOUND,
+            Self::OutOfBalance => ResponseCode::RECONCILE_ERROR,
             Self::Unsupported => ResponseCode::INVALID_TRANSACTION,
         }
     }
@@ -71,13 +74,14 @@ mod tests {
             Failure::HsmUnavailable,
             Failure::BadPinBlock,
             Failure::BadMac,
+            Failure::OutOfBalance,
         ]
         .iter()
         .map(|f| f.response_code().to_string())
         .collect();
         assert_eq!(
             codes,
-            ["30", "14", "15", "91", "91", "96", "94", "25", "96", "55", "63"]
+            ["30", "14", "15", "91", "91", "96", "94", "25", "96", "55", "63", "95"]
         );
     }
 }

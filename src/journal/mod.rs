@@ -34,6 +34,7 @@ mod keys;
 pub mod lookup;
 pub mod saf;
 use cardswitch_codec::{Dialect, Message, Pan};
+use cardswitch_routing::Failure;
 use serde::Deserialize;
 
 /// `[journal]`.
@@ -1225,7 +1226,10 @@ impl Writer {
             }
             if answered_96 {
                 for row in &mut change.rows {
-                    "96".clone_into(&mut row.response_code);
+                    Failure::JournalUnavailable
+                        .response_code()
+                        .as_str()
+                        .clone_into(&mut row.response_code);
                     row.decided_by = DecidedBy::Switch;
                     row.auth_code = None;
                     if row.state.is_charged() {

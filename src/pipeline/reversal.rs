@@ -149,7 +149,7 @@ impl Pipeline {
     ) -> Option<Outcome> {
         if !is_advice {
             return Some(Outcome::new(
-                request.response_with(ResponseCode::RECORD_NOT_FOUND)?,
+                request.response_with(Failure::OriginalNotFound.response_code())?,
                 DecidedBy::Switch,
                 TxnState::Orphan,
             ));

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Result;
 use cardswitch_codec::totals::{Kind, Totals};
 use cardswitch_codec::{Message, ResponseCode};
+use cardswitch_routing::Failure;
 use serde::Serialize;
 use sqlx::Row as _;
 
@@ -228,7 +229,7 @@ pub async fn settle(
     let view = view(backend, terminal, batch).await?;
     if view.totals != *theirs {
         return Ok(Settled {
-            code: ResponseCode::new(*b"95").unwrap_or(ResponseCode::SYSTEM_MALFUNCTION),
+            code: Failure::OutOfBalance.response_code(),
             view,
         });
     }

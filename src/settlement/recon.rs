@@ -1,5 +1,5 @@
 //! Clearing-file reconciliation: an acquirer's clearing file for one business date against the
-//! journal, every item classified (domain.md section 7).
+//! journal, every item classified into one of the classes below.
 //!
 //! The journal side is read once: every transaction of the endpoint that the terminal was told
 //! was approved, from `late_days` before the date to the date, kept in a compact table indexed

@@ -533,7 +533,7 @@ mod tests {
 
     #[test]
     fn published_vectors() {
-        // domain.md section 9, Thales test LMK.
+        // The published payShield host-command examples under the Thales test LMK.
         assert_eq!(
             run(
                 "CA",
