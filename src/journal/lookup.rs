@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sqlx::Row;
 
+use super::row::{column_list, Column, COLUMNS};
 use super::{Backend, Journal};
 
 /// Filters of `GET /api/transactions` and `cardswitch txn`; all optional, combined with AND.
@@ -31,50 +32,13 @@ pub struct TxnQuery {
     pub limit: Option<i64>,
 }
 
-const TEXT: &[&str] = &[
-    "node",
-    "listener",
-    "mti",
-    "processing_code",
-    "stan",
-    "rrn",
-    "transmission_time",
-    "terminal_id",
-    "merchant_id",
-    "pan_masked",
-    "currency",
-    "route",
-    "endpoint",
-    "link",
-    "response_code",
-    "decided_by",
-    "auth_code",
-    "state",
-    "upstream_stan",
-    "request_summary",
-    "reply_summary",
-    "fraud",
-    "business_date",
-    "batch_number",
-];
-const INT: &[&str] = &[
-    "id",
-    "received_us",
-    "amount_minor",
-    "amount_reversed_minor",
-    "original_id",
-    "t_decode_us",
-    "t_route_us",
-    "t_upstream_us",
-    "t_total_us",
-];
+/// The columns operators see: the row schema's allow-list.
+fn shown() -> impl Iterator<Item = &'static Column> {
+    COLUMNS.iter().filter(|c| c.shown)
+}
 
 fn columns() -> String {
-    TEXT.iter()
-        .chain(INT)
-        .copied()
-        .collect::<Vec<_>>()
-        .join(", ")
+    column_list(shown())
 }
 
 /// A bind value.
@@ -118,25 +82,25 @@ fn filters(q: &TxnQuery, pg: bool) -> (String, Vec<Arg>) {
 macro_rules! row_json {
     ($row:expr) => {{
         let mut m = Map::new();
-        for c in TEXT {
-            let v: Option<String> = $row.try_get(*c).ok().flatten();
-            let v = match (*c, v) {
+        for c in shown().filter(|c| !c.int).map(|c| c.name) {
+            let v: Option<String> = $row.try_get(c).ok().flatten();
+            let v = match (c, v) {
                 // Summaries are JSON already.
                 ("request_summary" | "reply_summary", Some(s)) => {
                     serde_json::from_str(&s).unwrap_or(Value::String(s))
                 }
                 (_, v) => v.map_or(Value::Null, Value::String),
             };
-            m.insert((*c).to_owned(), v);
+            m.insert(c.to_owned(), v);
         }
-        for c in INT {
-            let v: Option<i64> = $row.try_get(*c).ok().flatten();
+        for c in shown().filter(|c| c.int).map(|c| c.name) {
+            let v: Option<i64> = $row.try_get(c).ok().flatten();
             // Ids use all 64 bits: as strings, so that JavaScript does not round them.
-            let v = match (*c, v) {
+            let v = match (c, v) {
                 ("id" | "original_id", Some(i)) => Value::String(i.to_string()),
                 (_, v) => v.map_or(Value::Null, Value::from),
             };
-            m.insert((*c).to_owned(), v);
+            m.insert(c.to_owned(), v);
         }
         Value::Object(m)
     }};
