@@ -7,129 +7,15 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-use sqlx::{PgPool, QueryBuilder, SqlitePool};
+use sqlx::{PgPool, SqlitePool};
 
-use super::change::{Change, SafEntry};
+use super::change::{Change, SafEntry, StateChange};
+use super::db::{Arg, DbTx, Statement};
 use super::now_us;
-use super::row::{written_columns, Row, Value, COLUMNS};
+use super::row::{written_columns, Row, COLUMNS};
 use crate::state::TxnState;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("src/journal/migrations");
-
-/// State changes of a batch, first in its transaction: a conditional change whose transaction
-/// is no longer in an allowed state is not applied, and then its rows are marked duplicates and
-/// its store-and-forward entries dropped. (A macro because the two backends' transaction types
-/// differ and sqlx has no COPY for SQLite.)
-macro_rules! apply_states {
-    ($conn:expr, $changes:expr, $event_sql:expr) => {{
-        let mut applied = Vec::with_capacity($changes.len());
-        for change in $changes.iter_mut() {
-            let mut ok = true;
-            for sc in &change.states {
-                let Some(to) = sc.to else {
-                    sqlx::query($event_sql)
-                        .bind(sc.txn_id)
-                        .bind(now_us())
-                        .bind("unchanged")
-                        .bind(&sc.cause)
-                        .bind(&sc.detail)
-                        .execute(&mut *$conn)
-                        .await?;
-                    continue;
-                };
-                let mut q = QueryBuilder::new("UPDATE transactions SET state = ");
-                q.push_bind(to.as_str());
-                if let Some(a) = sc.amount_reversed_minor {
-                    q.push(", amount_reversed_minor = ").push_bind(a);
-                }
-                q.push(" WHERE id = ").push_bind(sc.txn_id);
-                if !sc.from.is_empty() {
-                    q.push(" AND state IN (");
-                    let mut sep = q.separated(", ");
-                    for st in sc.from {
-                        sep.push_bind(st.as_str());
-                    }
-                    q.push(")");
-                }
-                let done = q.build().execute(&mut *$conn).await?.rows_affected() > 0;
-                if done {
-                    sqlx::query($event_sql)
-                        .bind(sc.txn_id)
-                        .bind(now_us())
-                        .bind(to.as_str())
-                        .bind(&sc.cause)
-                        .bind(&sc.detail)
-                        .execute(&mut *$conn)
-                        .await?;
-                }
-                ok &= done;
-            }
-            if change.conditional && !ok {
-                for r in &mut change.rows {
-                    r.state = TxnState::Duplicate;
-                }
-                change.saf.clear();
-            }
-            applied.push(ok);
-        }
-        applied
-    }};
-}
-
-/// Everything after the rows: store-and-forward entries and their progress, completed
-/// duplicate keys.
-macro_rules! apply_rest {
-    ($conn:expr, $db:ty, $node:expr, $changes:expr) => {{
-        let saf: Vec<&SafEntry> = $changes.iter().flat_map(|c| &c.saf).collect();
-        for chunk in saf.chunks(256) {
-            let mut q: QueryBuilder<$db> = QueryBuilder::new(
-                "INSERT INTO saf (id, endpoint, order_key, kind, mti, txn_id, payload, state, next_at_us, expires_us, created_us) ",
-            );
-            let now = now_us();
-            q.push_values(chunk, |mut b, e| {
-                b.push_bind(e.id)
-                    .push_bind(&e.endpoint)
-                    .push_bind(&e.order_key)
-                    .push_bind(e.kind.as_str())
-                    .push_bind(&e.mti)
-                    .push_bind(e.txn_id)
-                    .push_bind(&e.payload)
-                    .push_bind("pending")
-                    .push_bind(e.next_at_us)
-                    .push_bind(e.expires_us)
-                    .push_bind(now);
-            });
-            q.build().execute(&mut *$conn).await?;
-        }
-        for p in $changes.iter().flat_map(|c| &c.saf_progress) {
-            let mut q: QueryBuilder<$db> = QueryBuilder::new("UPDATE saf SET state = ");
-            q.push_bind(p.state.as_str())
-                .push(", attempts = ")
-                .push_bind(p.attempts)
-                .push(", next_at_us = ")
-                .push_bind(p.next_at_us)
-                .push(", last_code = ")
-                .push_bind(&p.last_code)
-                .push(", lease_until_us = 0, leased_by = NULL, done_us = ")
-                .push_bind(p.state.is_final().then(now_us))
-                .push(" WHERE id = ")
-                .push_bind(p.id);
-            q.build().execute(&mut *$conn).await?;
-        }
-        let done: Vec<&(String, String)> =
-            $changes.iter().filter_map(|c| c.dedup_done.as_ref()).collect();
-        for chunk in done.chunks(512) {
-            let mut q: QueryBuilder<$db> =
-                QueryBuilder::new("UPDATE dedup SET state = 'done', reply = v.column2 FROM (");
-            q.push_values(chunk, |mut b, (k, r)| {
-                b.push_bind(k).push_bind(r);
-            });
-            q.push(") AS v WHERE dedup.dkey = v.column1");
-            q.build().execute(&mut *$conn).await?;
-        }
-        let _ = $node;
-    }};
-}
 
 /// Where rows go.
 #[derive(Debug, Clone)]
@@ -184,50 +70,145 @@ impl Backend {
         node: &str,
         changes: &mut [Change],
     ) -> Result<Vec<bool>, sqlx::Error> {
-        match self {
-            // Rows by COPY: one statement whatever the batch size, no per-batch planning; the
-            // commit at its end is the batch's one fsync.
-            Self::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                let applied = apply_states!(&mut *tx, changes, EVENT);
-                let mut buf = String::new();
-                for r in changes.iter().flat_map(|c| &c.rows) {
-                    copy_line(&mut buf, node, r);
-                }
-                if !buf.is_empty() {
-                    let mut copy = tx
-                        .copy_in_raw(&format!("COPY transactions ({}) FROM STDIN", written_columns()))
-                        .await?;
-                    copy.send(buf.into_bytes()).await?;
-                    copy.finish().await?;
-                }
-                apply_rest!(&mut *tx, sqlx::Postgres, node, changes);
-                tx.commit().await?;
-                Ok(applied)
+        let mut tx = self.begin().await?;
+        let applied = apply_states(&mut tx, changes).await?;
+        write_rows(&mut tx, node, changes).await?;
+        apply_rest(&mut tx, changes).await?;
+        tx.commit().await?;
+        Ok(applied)
+    }
+}
+
+/// State changes of a batch, first in its transaction: a conditional change whose transaction
+/// is no longer in an allowed state is not applied, and then its rows are marked duplicates and
+/// its store-and-forward entries dropped.
+fn event<'a>(sc: &'a StateChange, state: &'static str) -> Statement<'a> {
+    Statement::new(EVENT)
+        .bind(sc.txn_id)
+        .bind(now_us())
+        .bind(state)
+        .bind(&sc.cause)
+        .bind(&sc.detail)
+}
+
+async fn apply_states(tx: &mut DbTx, changes: &mut [Change]) -> Result<Vec<bool>, sqlx::Error> {
+    let mut applied = Vec::with_capacity(changes.len());
+    for change in changes.iter_mut() {
+        let mut ok = true;
+        for sc in &change.states {
+            let Some(to) = sc.to else {
+                tx.execute(&event(sc, "unchanged")).await?;
+                continue;
+            };
+            let mut st = Statement::new("UPDATE transactions SET state = ");
+            st.arg(to.as_str());
+            if let Some(a) = sc.amount_reversed_minor {
+                st.push(", amount_reversed_minor = ").arg(a);
             }
-            Self::Sqlite(p) => {
-                let mut tx = p.begin().await?;
-                let applied = apply_states!(&mut *tx, changes, EVENT);
-                let rows: Vec<&Row> = changes.iter().flat_map(|c| &c.rows).collect();
-                for chunk in rows.chunks(512) {
-                    let mut q: QueryBuilder<sqlx::Sqlite> =
-                        QueryBuilder::new(format!("INSERT INTO transactions ({}) ", written_columns()));
-                    q.push_values(chunk, |mut b, r| {
-                        for c in &COLUMNS {
-                            match (c.value)(r, node) {
-                                Value::Text(v) => b.push_bind(v),
-                                Value::Int(v) => b.push_bind(v),
-                            };
-                        }
-                    });
-                    q.build().execute(&mut *tx).await?;
-                }
-                apply_rest!(&mut *tx, sqlx::Sqlite, node, changes);
-                tx.commit().await?;
-                Ok(applied)
+            st.push(" WHERE id = ").arg(sc.txn_id);
+            if !sc.from.is_empty() {
+                st.push(" AND state IN ");
+                st.tuple(sc.from.iter().map(|s| Arg::from(s.as_str())));
+            }
+            let done = tx.execute(&st).await? > 0;
+            if done {
+                tx.execute(&event(sc, to.as_str())).await?;
+            }
+            ok &= done;
+        }
+        if change.conditional && !ok {
+            for r in &mut change.rows {
+                r.state = TxnState::Duplicate;
+            }
+            change.saf.clear();
+        }
+        applied.push(ok);
+    }
+    Ok(applied)
+}
+
+/// The batch's rows. On PostgreSQL by COPY: one statement whatever the batch size, no
+/// per-batch planning; the commit at its end is the batch's one fsync. SQLite has no COPY:
+/// multi-row inserts.
+async fn write_rows(tx: &mut DbTx, node: &str, changes: &[Change]) -> Result<(), sqlx::Error> {
+    let rows = changes.iter().flat_map(|c| &c.rows);
+    match tx {
+        DbTx::Pg(pg) => {
+            let mut buf = String::new();
+            for r in rows {
+                copy_line(&mut buf, node, r);
+            }
+            if !buf.is_empty() {
+                let mut copy = pg
+                    .copy_in_raw(&format!("COPY transactions ({}) FROM STDIN", written_columns()))
+                    .await?;
+                copy.send(buf.into_bytes()).await?;
+                copy.finish().await?;
+            }
+        }
+        DbTx::Lite(_) => {
+            let rows: Vec<&Row> = rows.collect();
+            for chunk in rows.chunks(512) {
+                let mut st = Statement::new(format!(
+                    "INSERT INTO transactions ({}) VALUES ",
+                    written_columns()
+                ));
+                st.tuples(chunk, |r| COLUMNS.iter().map(|c| (c.value)(r, node)));
+                tx.execute(&st).await?;
             }
         }
     }
+    Ok(())
+}
+
+/// Everything after the rows: store-and-forward entries and their progress, completed
+/// duplicate keys.
+async fn apply_rest(tx: &mut DbTx, changes: &[Change]) -> Result<(), sqlx::Error> {
+    let saf: Vec<&SafEntry> = changes.iter().flat_map(|c| &c.saf).collect();
+    let now = now_us();
+    for chunk in saf.chunks(256) {
+        let mut st = Statement::new(
+            "INSERT INTO saf (id, endpoint, order_key, kind, mti, txn_id, payload, state, next_at_us, expires_us, created_us) VALUES ",
+        );
+        st.tuples(chunk, |e| {
+            [
+                Arg::from(e.id),
+                Arg::from(&e.endpoint),
+                Arg::from(&e.order_key),
+                Arg::from(e.kind.as_str()),
+                Arg::from(&e.mti),
+                Arg::from(e.txn_id),
+                Arg::from(&e.payload),
+                Arg::from("pending"),
+                Arg::from(e.next_at_us),
+                Arg::from(e.expires_us),
+                Arg::from(now),
+            ]
+        });
+        tx.execute(&st).await?;
+    }
+    for p in changes.iter().flat_map(|c| &c.saf_progress) {
+        let st = Statement::new(
+            "UPDATE saf SET state = $1, attempts = $2, next_at_us = $3, last_code = $4, \
+             lease_until_us = 0, leased_by = NULL, done_us = $5 WHERE id = $6",
+        )
+        .bind(p.state.as_str())
+        .bind(p.attempts)
+        .bind(p.next_at_us)
+        .bind(&p.last_code)
+        .bind(p.state.is_final().then(now_us))
+        .bind(p.id);
+        tx.execute(&st).await?;
+    }
+    let done: Vec<&(String, String)> = changes.iter().filter_map(|c| c.dedup_done.as_ref()).collect();
+    for chunk in done.chunks(512) {
+        let mut st =
+            Statement::new("UPDATE dedup SET state = 'done', reply = v.column2 FROM (VALUES ");
+        st.tuples(chunk, |(k, r)| [Arg::from(k), Arg::from(r)]);
+        st.push(") AS v WHERE dedup.dkey = v.column1");
+        tx.execute(&st).await?;
+    }
+    Ok(())
 }
 
 /// A transaction's state change, with its cause (`$N` placeholders serve both backends).
@@ -283,8 +264,8 @@ pub(crate) fn copy_end(buf: &mut String) {
 fn copy_line(buf: &mut String, node: &str, r: &Row) {
     for c in &COLUMNS {
         match (c.value)(r, node) {
-            Value::Text(v) => copy_text(buf, v),
-            Value::Int(v) => copy_num(buf, v),
+            Arg::Text(v) => copy_text(buf, v),
+            Arg::Int(v) => copy_num(buf, v),
         }
     }
     copy_end(buf);

@@ -11,11 +11,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use sqlx::{QueryBuilder, Row as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
+use super::db::{Arg, DbTx, Statement};
 use super::{now_us, Backend};
 
 /// What the database knows of a key.
@@ -96,55 +96,28 @@ impl Claims {
         node: &str,
         stale_before_us: i64,
     ) -> bool {
-        const SQL_PG: &str = "UPDATE dedup SET txn_id = $1, node = $2, created_us = $3 \
-            WHERE dkey = $4 AND content_hash = $5 AND state = 'in_flight' AND created_us < $6";
-        const SQL_LITE: &str = "UPDATE dedup SET txn_id = ?, node = ?, created_us = ? \
-            WHERE dkey = ? AND content_hash = ? AND state = 'in_flight' AND created_us < ?";
-        let now = now_us();
-        let done = match &self.backend {
-            Backend::Postgres(p) => sqlx::query(SQL_PG)
-                .bind(txn_id)
-                .bind(node)
-                .bind(now)
-                .bind(key)
-                .bind(hash)
-                .bind(stale_before_us)
-                .execute(p)
-                .await
-                .map(|r| r.rows_affected()),
-            Backend::Sqlite(p) => sqlx::query(SQL_LITE)
-                .bind(txn_id)
-                .bind(node)
-                .bind(now)
-                .bind(key)
-                .bind(hash)
-                .bind(stale_before_us)
-                .execute(p)
-                .await
-                .map(|r| r.rows_affected()),
-        };
+        let st = Statement::new(
+            "UPDATE dedup SET txn_id = $1, node = $2, created_us = $3 \
+             WHERE dkey = $4 AND content_hash = $5 AND state = 'in_flight' AND created_us < $6",
+        )
+        .bind(txn_id)
+        .bind(node)
+        .bind(now_us())
+        .bind(key)
+        .bind(hash)
+        .bind(stale_before_us);
+        let done = self.backend.execute(&st).await;
         matches!(done, Ok(1))
     }
 
     /// Deletes keys older than `retention`, a bounded number at a time; how many.
     pub async fn purge(&self, retention: Duration) -> u64 {
         let before = now_us() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
-        let done = match &self.backend {
-            Backend::Postgres(p) => sqlx::query(
-                "DELETE FROM dedup WHERE dkey IN (SELECT dkey FROM dedup WHERE created_us < $1 LIMIT 50000)",
-            )
-            .bind(before)
-            .execute(p)
-            .await
-            .map(|r| r.rows_affected()),
-            Backend::Sqlite(p) => sqlx::query(
-                "DELETE FROM dedup WHERE dkey IN (SELECT dkey FROM dedup WHERE created_us < ? LIMIT 50000)",
-            )
-            .bind(before)
-            .execute(p)
-            .await
-            .map(|r| r.rows_affected()),
-        };
+        let st = Statement::new(
+            "DELETE FROM dedup WHERE dkey IN (SELECT dkey FROM dedup WHERE created_us < $1 LIMIT 50000)",
+        )
+        .bind(before);
+        let done = self.backend.execute(&st).await;
         done.unwrap_or_else(|e| {
             error!(error = %e, "purging old duplicate keys failed");
             0
@@ -172,35 +145,21 @@ impl Stored {
 }
 
 async fn lookup(backend: &Backend, keys: &[&str]) -> Result<Vec<Stored>, sqlx::Error> {
-    macro_rules! select {
-        ($db:ty, $pool:expr) => {{
-            let mut q: QueryBuilder<$db> = QueryBuilder::new(
-                "SELECT dkey, content_hash, state, reply FROM dedup WHERE dkey IN (",
-            );
-            let mut sep = q.separated(", ");
-            for k in keys {
-                sep.push_bind(*k);
-            }
-            q.push(")");
-            q.build()
-                .fetch_all($pool)
-                .await?
-                .into_iter()
-                .map(|r| {
-                    Ok(Stored {
-                        key: r.try_get(0)?,
-                        hash: r.try_get(1)?,
-                        state: r.try_get(2)?,
-                        reply: r.try_get(3)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-        }};
-    }
-    match backend {
-        Backend::Postgres(p) => select!(sqlx::Postgres, p),
-        Backend::Sqlite(p) => select!(sqlx::Sqlite, p),
-    }
+    let mut st = Statement::new("SELECT dkey, content_hash, state, reply FROM dedup WHERE dkey IN ");
+    st.tuple(keys.iter().map(|k| Arg::from(*k)));
+    backend
+        .fetch_all(&st)
+        .await?
+        .into_iter()
+        .map(|r| {
+            Ok(Stored {
+                key: r.get(0)?,
+                hash: r.get(1)?,
+                state: r.get(2)?,
+                reply: r.get(3)?,
+            })
+        })
+        .collect()
 }
 
 /// Inserts the batch's keys; the keys that were new.
@@ -210,40 +169,34 @@ async fn insert(
     batch: &[Request],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let now = now_us();
-    macro_rules! insert {
-        ($db:ty, $conn:expr) => {{
-            let mut q: QueryBuilder<$db> = QueryBuilder::new(
-                "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) ",
-            );
-            q.push_values(batch, |mut b, r| {
-                b.push_bind(&r.key)
-                    .push_bind(&r.hash)
-                    .push_bind(r.txn_id)
-                    .push_bind(node)
-                    .push_bind("in_flight")
-                    .push_bind(now);
-            });
-            q.push(" ON CONFLICT (dkey) DO NOTHING RETURNING dkey");
-            q.build()
-                .fetch_all($conn)
-                .await?
-                .into_iter()
-                .map(|r| r.try_get::<String, _>(0))
-                .collect::<Result<HashSet<String>, sqlx::Error>>()
-        }};
+    let mut st =
+        Statement::new("INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) VALUES ");
+    st.tuples(batch, |r| {
+        [
+            Arg::from(&r.key),
+            Arg::from(&r.hash),
+            Arg::from(r.txn_id),
+            Arg::from(node),
+            Arg::from("in_flight"),
+            Arg::from(now),
+        ]
+    });
+    st.push(" ON CONFLICT (dkey) DO NOTHING RETURNING dkey");
+    let mut tx = backend.begin().await?;
+    if let DbTx::Pg(pg) = &mut tx {
+        // The claim's commit need not wait for the disk (see the module's comment).
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut **pg)
+            .await?;
     }
-    match backend {
-        Backend::Postgres(p) => {
-            let mut tx = p.begin().await?;
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await?;
-            let new = insert!(sqlx::Postgres, &mut *tx)?;
-            tx.commit().await?;
-            Ok(new)
-        }
-        Backend::Sqlite(p) => insert!(sqlx::Sqlite, p),
-    }
+    let new = tx
+        .fetch_all(&st)
+        .await?
+        .into_iter()
+        .map(|r| r.get::<String>(0))
+        .collect::<Result<HashSet<String>, sqlx::Error>>()?;
+    tx.commit().await?;
+    Ok(new)
 }
 
 async fn run(backend: Backend, node: String, batch_max: usize, mut rx: mpsc::Receiver<Request>) {

@@ -5,10 +5,10 @@
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sqlx::Row;
 
+use super::db::{DbRow, Statement};
 use super::row::{column_list, Column, COLUMNS};
-use super::{Backend, Journal};
+use super::Journal;
 
 /// Filters of `GET /api/transactions` and `cardswitch txn`; all optional, combined with AND.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -41,24 +41,9 @@ fn columns() -> String {
     column_list(shown())
 }
 
-/// A bind value.
-enum Arg {
-    Text(String),
-    Int(i64),
-}
-
-/// Builds `WHERE` with `$n` (PostgreSQL) or `?` (SQLite) placeholders.
-fn filters(q: &TxnQuery, pg: bool) -> (String, Vec<Arg>) {
-    let mut sql = String::from(" WHERE 1 = 1");
-    let mut args = Vec::new();
-    let mut add = |col: &str, op: &str, arg: Arg| {
-        args.push(arg);
-        if pg {
-            sql.push_str(&format!(" AND {col} {op} ${}", args.len()));
-        } else {
-            sql.push_str(&format!(" AND {col} {op} ?"));
-        }
-    };
+/// Appends the `WHERE` of the filters to `st`.
+fn filters<'q>(st: &mut Statement<'q>, q: &'q TxnQuery) {
+    st.push(" WHERE 1 = 1");
     for (col, v) in [
         ("rrn", &q.rrn),
         ("stan", &q.stan),
@@ -67,56 +52,41 @@ fn filters(q: &TxnQuery, pg: bool) -> (String, Vec<Arg>) {
         ("response_code", &q.rc),
     ] {
         if let Some(v) = v {
-            add(col, "=", Arg::Text(v.clone()));
+            st.push(&format!(" AND {col} = ")).arg(v);
         }
     }
     if let Some(v) = q.from_us {
-        add("received_us", ">=", Arg::Int(v));
+        st.push(" AND received_us >= ").arg(v);
     }
     if let Some(v) = q.to_us {
-        add("received_us", "<", Arg::Int(v));
+        st.push(" AND received_us < ").arg(v);
     }
-    (sql, args)
 }
 
-macro_rules! row_json {
-    ($row:expr) => {{
-        let mut m = Map::new();
-        for c in shown().filter(|c| !c.int).map(|c| c.name) {
-            let v: Option<String> = $row.try_get(c).ok().flatten();
-            let v = match (c, v) {
-                // Summaries are JSON already.
-                ("request_summary" | "reply_summary", Some(s)) => {
-                    serde_json::from_str(&s).unwrap_or(Value::String(s))
-                }
-                (_, v) => v.map_or(Value::Null, Value::String),
-            };
-            m.insert(c.to_owned(), v);
-        }
-        for c in shown().filter(|c| c.int).map(|c| c.name) {
-            let v: Option<i64> = $row.try_get(c).ok().flatten();
-            // Ids use all 64 bits: as strings, so that JavaScript does not round them.
-            let v = match (c, v) {
-                ("id" | "original_id", Some(i)) => Value::String(i.to_string()),
-                (_, v) => v.map_or(Value::Null, Value::from),
-            };
-            m.insert(c.to_owned(), v);
-        }
-        Value::Object(m)
-    }};
-}
-
-macro_rules! fetch {
-    ($pool:expr, $sql:expr, $args:expr) => {{
-        let mut query = sqlx::query($sql);
-        for a in $args {
-            query = match a {
-                Arg::Text(s) => query.bind(s),
-                Arg::Int(i) => query.bind(i),
-            };
-        }
-        query.fetch_all($pool).await
-    }};
+/// A journal row as operators see it.
+fn row_json(row: &DbRow) -> Value {
+    let mut m = Map::new();
+    for c in shown().filter(|c| !c.int).map(|c| c.name) {
+        let v: Option<String> = row.named(c).ok().flatten();
+        let v = match (c, v) {
+            // Summaries are JSON already.
+            ("request_summary" | "reply_summary", Some(s)) => {
+                serde_json::from_str(&s).unwrap_or(Value::String(s))
+            }
+            (_, v) => v.map_or(Value::Null, Value::String),
+        };
+        m.insert(c.to_owned(), v);
+    }
+    for c in shown().filter(|c| c.int).map(|c| c.name) {
+        let v: Option<i64> = row.named(c).ok().flatten();
+        // Ids use all 64 bits: as strings, so that JavaScript does not round them.
+        let v = match (c, v) {
+            ("id" | "original_id", Some(i)) => Value::String(i.to_string()),
+            (_, v) => v.map_or(Value::Null, Value::from),
+        };
+        m.insert(c.to_owned(), v);
+    }
+    Value::Object(m)
 }
 
 impl Journal {
@@ -126,22 +96,16 @@ impl Journal {
     /// The database cannot be read.
     pub async fn find_transactions(&self, q: &TxnQuery) -> Result<Vec<Value>, sqlx::Error> {
         let limit = q.limit.unwrap_or(100).clamp(1, 1_000);
-        let pg = matches!(self.backend, Backend::Postgres(_));
-        let (filter, args) = filters(q, pg);
-        let sql = format!(
-            "SELECT {} FROM transactions{filter} ORDER BY received_us DESC LIMIT {limit}",
-            columns()
-        );
-        Ok(match &self.backend {
-            Backend::Postgres(p) => fetch!(p, &sql, args)?
-                .iter()
-                .map(|r| row_json!(r))
-                .collect(),
-            Backend::Sqlite(p) => fetch!(p, &sql, args)?
-                .iter()
-                .map(|r| row_json!(r))
-                .collect(),
-        })
+        let mut st = Statement::new(format!("SELECT {} FROM transactions", columns()));
+        filters(&mut st, q);
+        st.push(&format!(" ORDER BY received_us DESC LIMIT {limit}"));
+        Ok(self
+            .backend
+            .fetch_all(&st)
+            .await?
+            .iter()
+            .map(row_json)
+            .collect())
     }
 
     /// One transaction with everything that happened to it: the row (request and reply
@@ -151,84 +115,78 @@ impl Journal {
     /// # Errors
     /// The database cannot be read.
     pub async fn transaction_story(&self, id: i64) -> Result<Option<Value>, sqlx::Error> {
-        let pg = matches!(self.backend, Backend::Postgres(_));
-        let p1 = if pg { "$1" } else { "?" };
-        let row_sql = format!("SELECT {} FROM transactions WHERE id = {p1}", columns());
-        let rev_sql = format!(
-            "SELECT {} FROM transactions WHERE original_id = {p1} ORDER BY received_us",
+        let by_id = |sql: String| Statement::new(sql).bind(id);
+        let all = |sql: String| async move { self.backend.fetch_all(&by_id(sql)).await };
+        let rows = all(format!("SELECT {} FROM transactions WHERE id = $1", columns())).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let mut story = match row_json(row) {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let reversals: Vec<Value> = all(format!(
+            "SELECT {} FROM transactions WHERE original_id = $1 ORDER BY received_us",
             columns()
-        );
-        let ev_sql = format!(
-            "SELECT at_us, state, cause, detail FROM transaction_events WHERE txn_id = {p1} ORDER BY at_us"
-        );
-        let saf_sql = format!(
-            "SELECT id, kind, mti, state, attempts, last_code, created_us, done_us FROM saf WHERE txn_id = {p1} ORDER BY created_us"
-        );
-        let cb_sql = format!(
-            "SELECT business_date, endpoint, amount_minor, currency, line FROM chargebacks WHERE txn_id = {p1} ORDER BY run_id"
-        );
-        macro_rules! story {
-            ($pool:expr) => {{
-                let rows = fetch!($pool, &row_sql, [Arg::Int(id)])?;
-                let Some(row) = rows.first() else {
-                    return Ok(None);
-                };
-                let mut story = match row_json!(row) {
-                    Value::Object(m) => m,
-                    _ => Map::new(),
-                };
-                let reversals: Vec<Value> = fetch!($pool, &rev_sql, [Arg::Int(id)])?
-                    .iter()
-                    .map(|r| row_json!(r))
-                    .collect();
-                let events: Vec<Value> = fetch!($pool, &ev_sql, [Arg::Int(id)])?
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "at_us": r.try_get::<i64, _>("at_us").ok(),
-                            "state": r.try_get::<String, _>("state").ok(),
-                            "cause": r.try_get::<String, _>("cause").ok(),
-                            "detail": r.try_get::<Option<String>, _>("detail").ok().flatten(),
-                        })
-                    })
-                    .collect();
-                let saf: Vec<Value> = fetch!($pool, &saf_sql, [Arg::Int(id)])?
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "id": r.try_get::<i64, _>("id").ok(),
-                            "kind": r.try_get::<String, _>("kind").ok(),
-                            "mti": r.try_get::<String, _>("mti").ok(),
-                            "state": r.try_get::<String, _>("state").ok(),
-                            "attempts": r.try_get::<i32, _>("attempts").ok(),
-                            "last_code": r.try_get::<Option<String>, _>("last_code").ok().flatten(),
-                            "created_us": r.try_get::<i64, _>("created_us").ok(),
-                            "done_us": r.try_get::<Option<i64>, _>("done_us").ok().flatten(),
-                        })
-                    })
-                    .collect();
-                let chargebacks: Vec<Value> = fetch!($pool, &cb_sql, [Arg::Int(id)])?
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "business_date": r.try_get::<String, _>("business_date").ok(),
-                            "endpoint": r.try_get::<String, _>("endpoint").ok(),
-                            "amount_minor": r.try_get::<i64, _>("amount_minor").ok(),
-                            "currency": r.try_get::<Option<String>, _>("currency").ok().flatten(),
-                            "line": r.try_get::<i64, _>("line").ok(),
-                        })
-                    })
-                    .collect();
-                story.insert("reversals".into(), Value::Array(reversals));
-                story.insert("chargebacks".into(), Value::Array(chargebacks));
-                story.insert("events".into(), Value::Array(events));
-                story.insert("store_and_forward".into(), Value::Array(saf));
-                Some(Value::Object(story))
-            }};
-        }
-        Ok(match &self.backend {
-            Backend::Postgres(p) => story!(p),
-            Backend::Sqlite(p) => story!(p),
+        ))
+        .await?
+        .iter()
+        .map(row_json)
+        .collect();
+        let events: Vec<Value> = all(
+            "SELECT at_us, state, cause, detail FROM transaction_events WHERE txn_id = $1 ORDER BY at_us"
+                .into(),
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "at_us": r.named::<i64>("at_us").ok(),
+                "state": r.named::<String>("state").ok(),
+                "cause": r.named::<String>("cause").ok(),
+                "detail": r.named::<Option<String>>("detail").ok().flatten(),
+            })
         })
+        .collect();
+        let saf: Vec<Value> = all(
+            "SELECT id, kind, mti, state, attempts, last_code, created_us, done_us FROM saf WHERE txn_id = $1 ORDER BY created_us"
+                .into(),
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "id": r.named::<i64>("id").ok(),
+                "kind": r.named::<String>("kind").ok(),
+                "mti": r.named::<String>("mti").ok(),
+                "state": r.named::<String>("state").ok(),
+                "attempts": r.named::<i32>("attempts").ok(),
+                "last_code": r.named::<Option<String>>("last_code").ok().flatten(),
+                "created_us": r.named::<i64>("created_us").ok(),
+                "done_us": r.named::<Option<i64>>("done_us").ok().flatten(),
+            })
+        })
+        .collect();
+        let chargebacks: Vec<Value> = all(
+            "SELECT business_date, endpoint, amount_minor, currency, line FROM chargebacks WHERE txn_id = $1 ORDER BY run_id"
+                .into(),
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "business_date": r.named::<String>("business_date").ok(),
+                "endpoint": r.named::<String>("endpoint").ok(),
+                "amount_minor": r.named::<i64>("amount_minor").ok(),
+                "currency": r.named::<Option<String>>("currency").ok().flatten(),
+                "line": r.named::<i64>("line").ok(),
+            })
+        })
+        .collect();
+        story.insert("reversals".into(), Value::Array(reversals));
+        story.insert("chargebacks".into(), Value::Array(chargebacks));
+        story.insert("events".into(), Value::Array(events));
+        story.insert("store_and_forward".into(), Value::Array(saf));
+        Ok(Some(Value::Object(story)))
     }
 }

@@ -24,7 +24,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use cardswitch_codec::{Dialect, Message, Pan};
 use serde::Deserialize;
-use sqlx::{QueryBuilder, Row as _};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -34,6 +33,7 @@ use crate::state::TxnState;
 
 mod backend;
 mod change;
+pub(crate) mod db;
 pub mod claims;
 mod ids;
 mod keys;
@@ -45,6 +45,7 @@ mod writer;
 pub use backend::Backend;
 pub(crate) use backend::{copy_end, copy_num, copy_text};
 pub use change::{Change, Committed, SafEntry, SafKind, SafProgress, SafState, StateChange};
+use db::Statement;
 use ids::{Ids, Keyer};
 pub use row::{DecidedBy, Original, OriginalKeys, Row};
 use row::summary;
@@ -365,47 +366,45 @@ impl Journal {
         &self,
         keys: &OriginalKeys<'_>,
     ) -> Result<Option<Original>, sqlx::Error> {
-        macro_rules! find {
-            ($db:ty, $pool:expr) => {{
-                let mut q: QueryBuilder<$db> = QueryBuilder::new(
-                    "SELECT id, mti, endpoint, state, amount_minor, amount_reversed_minor, upstream_stan, \
-                     transmission_time, pan_hmac, response_code FROM transactions WHERE terminal_id = ",
-                );
-                q.push_bind(keys.terminal);
-                match (keys.stan, keys.transmission_time, keys.rrn) {
-                    (Some(stan), Some(de7), _) => {
-                        q.push(" AND stan = ").push_bind(stan).push(" AND transmission_time = ").push_bind(de7);
-                    }
-                    (_, _, Some(rrn)) => {
-                        q.push(" AND rrn = ").push_bind(rrn);
-                    }
-                    _ => return Ok(None),
-                }
-                q.push(" AND mti IN ('0100', '0101', '0200', '0201', '0120', '0121', '0220', '0221') AND state <> 'duplicate' ORDER BY id DESC LIMIT 1");
-                match q.build().fetch_optional($pool).await? {
-                    None => Ok(None),
-                    Some(r) => Ok(Some(Original {
-                        id: r.try_get(0)?,
-                        mti: r.try_get(1)?,
-                        endpoint: r.try_get(2)?,
-                        state: r
-                            .try_get::<String, _>(3)?
-                            .parse()
-                            .unwrap_or(TxnState::Declined),
-                        amount_minor: r.try_get(4)?,
-                        amount_reversed_minor: r.try_get(5)?,
-                        upstream_stan: r.try_get(6)?,
-                        transmission_time: r.try_get(7)?,
-                        pan_hmac: r.try_get(8)?,
-                        response_code: r.try_get(9)?,
-                    })),
-                }
-            }};
+        let mut st = Statement::new(
+            "SELECT id, mti, endpoint, state, amount_minor, amount_reversed_minor, upstream_stan, \
+             transmission_time, pan_hmac, response_code FROM transactions WHERE terminal_id = ",
+        );
+        st.arg(keys.terminal);
+        match (keys.stan, keys.transmission_time, keys.rrn) {
+            (Some(stan), Some(de7), _) => {
+                st.push(" AND stan = ")
+                    .arg(stan)
+                    .push(" AND transmission_time = ")
+                    .arg(de7);
+            }
+            (_, _, Some(rrn)) => {
+                st.push(" AND rrn = ").arg(rrn);
+            }
+            _ => return Ok(None),
         }
-        match &self.backend {
-            Backend::Postgres(p) => find!(sqlx::Postgres, p),
-            Backend::Sqlite(p) => find!(sqlx::Sqlite, p),
-        }
+        st.push(
+            " AND mti IN ('0100', '0101', '0200', '0201', '0120', '0121', '0220', '0221') \
+             AND state <> 'duplicate' ORDER BY id DESC LIMIT 1",
+        );
+        let Some(r) = self.backend.fetch_optional(&st).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Original {
+            id: r.get(0)?,
+            mti: r.get(1)?,
+            endpoint: r.get(2)?,
+            state: r
+                .get::<String>(3)?
+                .parse()
+                .unwrap_or(TxnState::Declined),
+            amount_minor: r.get(4)?,
+            amount_reversed_minor: r.get(5)?,
+            upstream_stan: r.get(6)?,
+            transmission_time: r.get(7)?,
+            pan_hmac: r.get(8)?,
+            response_code: r.get(9)?,
+        }))
     }
 
     /// Waits until every row queued so far has been handled (committed or put in the backlog).

@@ -3,6 +3,7 @@
 
 use cardswitch_codec::{Dialect, Message};
 
+use super::db::Arg;
 use crate::state::TxnState;
 
 /// Who decided a transaction's response code.
@@ -155,15 +156,6 @@ pub(super) fn summary(dialect: &Dialect, msg: &Message) -> String {
     msg.summary_json(dialect)
 }
 
-/// One column's value as written.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Value<'a> {
-    /// Text, or NULL.
-    Text(Option<&'a str>),
-    /// An integer, or NULL.
-    Int(Option<i64>),
-}
-
 /// One column of `transactions`: its name, whether operators see it in look-ups (an
 /// allow-list: the PAN HMAC and DE32 are not shown), and how its value is read off a row (the
 /// second argument is the node name).
@@ -173,73 +165,57 @@ pub(super) struct Column {
     /// An integer column (else text).
     pub(super) int: bool,
     pub(super) shown: bool,
-    pub(super) value: for<'a> fn(&'a Row, &'a str) -> Value<'a>,
+    pub(super) value: Read,
 }
 
-const fn text(
-    name: &'static str,
-    shown: bool,
-    value: for<'a> fn(&'a Row, &'a str) -> Value<'a>,
-) -> Column {
-    Column {
-        name,
-        int: false,
-        shown,
-        value,
-    }
+type Read = for<'a> fn(&'a Row, &'a str) -> Arg<'a>;
+
+const fn text(name: &'static str, shown: bool, value: Read) -> Column {
+    Column { name, int: false, shown, value }
 }
 
-const fn int(
-    name: &'static str,
-    shown: bool,
-    value: for<'a> fn(&'a Row, &'a str) -> Value<'a>,
-) -> Column {
-    Column {
-        name,
-        int: true,
-        shown,
-        value,
-    }
+const fn int(name: &'static str, shown: bool, value: Read) -> Column {
+    Column { name, int: true, shown, value }
 }
 
 /// The `transactions` columns a row writes, in order: the one declaration that COPY, the
 /// SQLite insert and the look-ups use.
 pub(super) const COLUMNS: [Column; 35] = [
-    int("id", true, |r, _| Value::Int(Some(r.id))),
-    text("node", true, |_, node| Value::Text(Some(node))),
-    int("received_us", true, |r, _| Value::Int(Some(r.received_us))),
-    text("listener", true, |r, _| Value::Text(Some(&r.listener))),
-    text("mti", true, |r, _| Value::Text(Some(&r.mti))),
-    text("processing_code", true, |r, _| Value::Text(r.processing_code.as_deref())),
-    text("stan", true, |r, _| Value::Text(r.stan.as_deref())),
-    text("rrn", true, |r, _| Value::Text(r.rrn.as_deref())),
-    text("transmission_time", true, |r, _| Value::Text(r.transmission_time.as_deref())),
-    text("terminal_id", true, |r, _| Value::Text(r.terminal_id.as_deref())),
-    text("merchant_id", true, |r, _| Value::Text(r.merchant_id.as_deref())),
-    text("pan_masked", true, |r, _| Value::Text(r.pan_masked.as_deref())),
-    text("pan_hmac", false, |r, _| Value::Text(r.pan_hmac.as_deref())),
-    int("amount_minor", true, |r, _| Value::Int(r.amount_minor)),
-    text("currency", true, |r, _| Value::Text(r.currency.as_deref())),
-    text("route", true, |r, _| Value::Text(r.route.as_deref())),
-    text("endpoint", true, |r, _| Value::Text(r.endpoint.as_deref())),
-    text("link", true, |r, _| Value::Text(r.link.as_deref())),
-    text("response_code", true, |r, _| Value::Text(Some(&r.response_code))),
-    text("decided_by", true, |r, _| Value::Text(Some(r.decided_by.as_str()))),
-    text("auth_code", true, |r, _| Value::Text(r.auth_code.as_deref())),
-    text("request_summary", true, |r, _| Value::Text(Some(&r.request_summary))),
-    text("reply_summary", true, |r, _| Value::Text(Some(&r.reply_summary))),
-    int("t_upstream_us", true, |r, _| Value::Int(r.t_upstream_us)),
-    int("t_total_us", true, |r, _| Value::Int(Some(r.t_total_us))),
-    int("t_decode_us", true, |r, _| Value::Int(r.t_decode_us)),
-    int("t_route_us", true, |r, _| Value::Int(r.t_route_us)),
-    text("state", true, |r, _| Value::Text(Some(r.state.as_str()))),
-    text("upstream_stan", true, |r, _| Value::Text(r.upstream_stan.as_deref())),
-    int("original_id", true, |r, _| Value::Int(r.original_id)),
-    int("amount_reversed_minor", true, |r, _| Value::Int(r.amount_reversed_minor)),
-    text("acquirer_inst", false, |r, _| Value::Text(r.acquirer_inst.as_deref())),
-    text("fraud", true, |r, _| Value::Text(r.fraud.as_deref())),
-    text("business_date", true, |r, _| Value::Text(r.business_date.as_deref())),
-    text("batch_number", true, |r, _| Value::Text(r.batch_number.as_deref())),
+    int("id", true, |r, _| Arg::Int(Some(r.id))),
+    text("node", true, |_, node| Arg::Text(Some(node))),
+    int("received_us", true, |r, _| Arg::Int(Some(r.received_us))),
+    text("listener", true, |r, _| Arg::Text(Some(&r.listener))),
+    text("mti", true, |r, _| Arg::Text(Some(&r.mti))),
+    text("processing_code", true, |r, _| Arg::Text(r.processing_code.as_deref())),
+    text("stan", true, |r, _| Arg::Text(r.stan.as_deref())),
+    text("rrn", true, |r, _| Arg::Text(r.rrn.as_deref())),
+    text("transmission_time", true, |r, _| Arg::Text(r.transmission_time.as_deref())),
+    text("terminal_id", true, |r, _| Arg::Text(r.terminal_id.as_deref())),
+    text("merchant_id", true, |r, _| Arg::Text(r.merchant_id.as_deref())),
+    text("pan_masked", true, |r, _| Arg::Text(r.pan_masked.as_deref())),
+    text("pan_hmac", false, |r, _| Arg::Text(r.pan_hmac.as_deref())),
+    int("amount_minor", true, |r, _| Arg::Int(r.amount_minor)),
+    text("currency", true, |r, _| Arg::Text(r.currency.as_deref())),
+    text("route", true, |r, _| Arg::Text(r.route.as_deref())),
+    text("endpoint", true, |r, _| Arg::Text(r.endpoint.as_deref())),
+    text("link", true, |r, _| Arg::Text(r.link.as_deref())),
+    text("response_code", true, |r, _| Arg::Text(Some(&r.response_code))),
+    text("decided_by", true, |r, _| Arg::Text(Some(r.decided_by.as_str()))),
+    text("auth_code", true, |r, _| Arg::Text(r.auth_code.as_deref())),
+    text("request_summary", true, |r, _| Arg::Text(Some(&r.request_summary))),
+    text("reply_summary", true, |r, _| Arg::Text(Some(&r.reply_summary))),
+    int("t_upstream_us", true, |r, _| Arg::Int(r.t_upstream_us)),
+    int("t_total_us", true, |r, _| Arg::Int(Some(r.t_total_us))),
+    int("t_decode_us", true, |r, _| Arg::Int(r.t_decode_us)),
+    int("t_route_us", true, |r, _| Arg::Int(r.t_route_us)),
+    text("state", true, |r, _| Arg::Text(Some(r.state.as_str()))),
+    text("upstream_stan", true, |r, _| Arg::Text(r.upstream_stan.as_deref())),
+    int("original_id", true, |r, _| Arg::Int(r.original_id)),
+    int("amount_reversed_minor", true, |r, _| Arg::Int(r.amount_reversed_minor)),
+    text("acquirer_inst", false, |r, _| Arg::Text(r.acquirer_inst.as_deref())),
+    text("fraud", true, |r, _| Arg::Text(r.fraud.as_deref())),
+    text("business_date", true, |r, _| Arg::Text(r.business_date.as_deref())),
+    text("batch_number", true, |r, _| Arg::Text(r.batch_number.as_deref())),
 ];
 
 /// The names of `columns`, comma-separated, for a statement.

@@ -2,8 +2,7 @@
 //! only, so one card's messages go in order), leases (so that several switch nodes sharing the
 //! database never send one entry at the same time), depth.
 
-use sqlx::{QueryBuilder, Row as _};
-
+use super::db::{Arg, Statement};
 use super::{Backend, Journal};
 
 /// A queued message due for (re)transmission.
@@ -52,33 +51,27 @@ impl Journal {
             WHERE s.endpoint = $1 AND s.state = 'pending' AND s.next_at_us <= $2 AND s.lease_until_us <= $2 \
             AND s.id = (SELECT min(p.id) FROM saf p WHERE p.endpoint = s.endpoint \
             AND p.order_key = s.order_key AND p.state = 'pending') ORDER BY s.id LIMIT $3";
-        macro_rules! due {
-            ($sql:expr, $pool:expr) => {{
-                sqlx::query($sql)
-                    .bind(endpoint)
-                    .bind(now_us)
-                    .bind(limit)
-                    .fetch_all($pool)
-                    .await?
-                    .into_iter()
-                    .map(|r| {
-                        Ok(Queued {
-                            id: r.try_get(0)?,
-                            kind: r.try_get(1)?,
-                            mti: r.try_get(2)?,
-                            txn_id: r.try_get(3)?,
-                            payload: r.try_get(4)?,
-                            attempts: r.try_get(5)?,
-                            expires_us: r.try_get(6)?,
-                        })
-                    })
-                    .collect()
-            }};
-        }
-        match self.backend() {
-            Backend::Postgres(p) => due!(POSTGRES, p),
-            Backend::Sqlite(p) => due!(SQLITE, p),
-        }
+        let sql = match self.backend() {
+            Backend::Postgres(_) => POSTGRES,
+            Backend::Sqlite(_) => SQLITE,
+        };
+        let st = Statement::new(sql).bind(endpoint).bind(now_us).bind(limit);
+        self.backend()
+            .fetch_all(&st)
+            .await?
+            .into_iter()
+            .map(|r| {
+                Ok(Queued {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    mti: r.get(2)?,
+                    txn_id: r.get(3)?,
+                    payload: r.get(4)?,
+                    attempts: r.get(5)?,
+                    expires_us: r.get(6)?,
+                })
+            })
+            .collect()
     }
 
     /// Takes entries for `until_us` unless someone else holds them; the ids taken.
@@ -94,34 +87,21 @@ impl Journal {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let node = self.node().to_owned();
-        macro_rules! lease {
-            ($db:ty, $pool:expr) => {{
-                let mut q: QueryBuilder<$db> =
-                    QueryBuilder::new("UPDATE saf SET lease_until_us = ");
-                q.push_bind(until_us)
-                    .push(", leased_by = ")
-                    .push_bind(node)
-                    .push(" WHERE state = 'pending' AND lease_until_us <= ")
-                    .push_bind(now_us)
-                    .push(" AND id IN (");
-                let mut sep = q.separated(", ");
-                for id in ids {
-                    sep.push_bind(*id);
-                }
-                q.push(") RETURNING id");
-                q.build()
-                    .fetch_all($pool)
-                    .await?
-                    .into_iter()
-                    .map(|r| r.try_get::<i64, _>(0))
-                    .collect()
-            }};
-        }
-        match self.backend() {
-            Backend::Postgres(p) => lease!(sqlx::Postgres, p),
-            Backend::Sqlite(p) => lease!(sqlx::Sqlite, p),
-        }
+        let mut st = Statement::new("UPDATE saf SET lease_until_us = ");
+        st.arg(until_us)
+            .push(", leased_by = ")
+            .arg(self.node())
+            .push(" WHERE state = 'pending' AND lease_until_us <= ")
+            .arg(now_us)
+            .push(" AND id IN ");
+        st.tuple(ids.iter().map(|id| Arg::from(*id)));
+        st.push(" RETURNING id");
+        self.backend()
+            .fetch_all(&st)
+            .await?
+            .into_iter()
+            .map(|r| r.get::<i64>(0))
+            .collect()
     }
 
     /// Pending entries, for one endpoint or all.
@@ -129,24 +109,11 @@ impl Journal {
     /// # Errors
     /// Database errors.
     pub async fn saf_depth(&self, endpoint: Option<&str>) -> Result<i64, sqlx::Error> {
-        match self.backend() {
-            Backend::Postgres(p) => {
-                sqlx::query_scalar(
-                    "SELECT count(*) FROM saf WHERE state = 'pending' AND ($1::text IS NULL OR endpoint = $1)",
-                )
-                .bind(endpoint)
-                .fetch_one(p)
-                .await
-            }
-            Backend::Sqlite(p) => {
-                sqlx::query_scalar(
-                    "SELECT count(*) FROM saf WHERE state = 'pending' AND (?1 IS NULL OR endpoint = ?1)",
-                )
-                .bind(endpoint)
-                .fetch_one(p)
-                .await
-            }
-        }
+        let st = Statement::new(
+            "SELECT count(*) FROM saf WHERE state = 'pending' AND (CAST($1 AS TEXT) IS NULL OR endpoint = $1)",
+        )
+        .bind(endpoint);
+        self.count(&st).await
     }
 
     /// Whether a reversal for `txn_id` is queued, or was acknowledged by an acquirer that
@@ -155,26 +122,19 @@ impl Journal {
     /// # Errors
     /// Database errors.
     pub async fn saf_reversal_covers(&self, txn_id: i64) -> Result<bool, sqlx::Error> {
-        let n: i64 = match self.backend() {
-            Backend::Postgres(p) => {
-                sqlx::query_scalar(
-                    "SELECT count(*) FROM saf WHERE txn_id = $1 AND kind = 'reversal' \
-                     AND (state = 'pending' OR (state = 'delivered' AND last_code <> '25'))",
-                )
-                .bind(txn_id)
-                .fetch_one(p)
-                .await?
-            }
-            Backend::Sqlite(p) => {
-                sqlx::query_scalar(
-                    "SELECT count(*) FROM saf WHERE txn_id = ? AND kind = 'reversal' \
-                     AND (state = 'pending' OR (state = 'delivered' AND last_code <> '25'))",
-                )
-                .bind(txn_id)
-                .fetch_one(p)
-                .await?
-            }
-        };
+        let st = Statement::new(
+            "SELECT count(*) FROM saf WHERE txn_id = $1 AND kind = 'reversal' \
+             AND (state = 'pending' OR (state = 'delivered' AND last_code <> '25'))",
+        )
+        .bind(txn_id);
+        let n = self.count(&st).await?;
         Ok(n > 0)
+    }
+
+    async fn count(&self, st: &Statement<'_>) -> Result<i64, sqlx::Error> {
+        match self.backend().fetch_optional(st).await? {
+            Some(r) => r.get(0),
+            None => Ok(0),
+        }
     }
 }

@@ -1,0 +1,289 @@
+//! One way to run a statement on either backend: SQL written once with `$1..$n` placeholders
+//! (PostgreSQL reads them, and so does SQLite through sqlx), its arguments as values, and rows
+//! read by index or name whatever the database.
+//!
+//! Hand-written over sqlx rather than `sqlx::Any`: the journal keeps the native pools, because
+//! rows go by COPY on PostgreSQL and a statement must be able to share that transaction; `Any`
+//! has neither COPY nor a way into a native transaction.
+
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::sqlite::{SqliteArguments, SqliteRow};
+use sqlx::{Decode, Postgres, Row as _, Sqlite, Transaction, Type};
+
+use super::Backend;
+
+/// A value bound to a placeholder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    /// Text, or NULL.
+    Text(Option<&'a str>),
+    /// An integer, or NULL.
+    Int(Option<i64>),
+}
+
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(v: &'a str) -> Self {
+        Self::Text(Some(v))
+    }
+}
+
+impl<'a> From<&'a String> for Arg<'a> {
+    fn from(v: &'a String) -> Self {
+        Self::Text(Some(v))
+    }
+}
+
+impl<'a> From<Option<&'a str>> for Arg<'a> {
+    fn from(v: Option<&'a str>) -> Self {
+        Self::Text(v)
+    }
+}
+
+impl<'a> From<&'a Option<String>> for Arg<'a> {
+    fn from(v: &'a Option<String>) -> Self {
+        Self::Text(v.as_deref())
+    }
+}
+
+impl From<i64> for Arg<'_> {
+    fn from(v: i64) -> Self {
+        Self::Int(Some(v))
+    }
+}
+
+impl From<i32> for Arg<'_> {
+    fn from(v: i32) -> Self {
+        Self::Int(Some(i64::from(v)))
+    }
+}
+
+impl From<Option<i64>> for Arg<'_> {
+    fn from(v: Option<i64>) -> Self {
+        Self::Int(v)
+    }
+}
+
+/// A statement and its arguments. Build it whole with [`Statement::new`] and
+/// [`Statement::bind`], or piece by piece with [`Statement::push`] and [`Statement::arg`]
+/// (which writes the next placeholder) for lists of any length.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Statement<'a> {
+    sql: String,
+    args: Vec<Arg<'a>>,
+}
+
+impl<'a> Statement<'a> {
+    /// A statement whose placeholders are written in `sql`.
+    pub(crate) fn new(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Binds the next placeholder written in the SQL.
+    #[must_use]
+    pub(crate) fn bind(mut self, v: impl Into<Arg<'a>>) -> Self {
+        self.args.push(v.into());
+        self
+    }
+
+    /// Appends SQL text.
+    pub(crate) fn push(&mut self, sql: &str) -> &mut Self {
+        self.sql.push_str(sql);
+        self
+    }
+
+    /// Appends the next placeholder (`$n`) bound to `v`.
+    pub(crate) fn arg(&mut self, v: impl Into<Arg<'a>>) -> &mut Self {
+        self.args.push(v.into());
+        self.sql.push('$');
+        self.sql.push_str(&self.args.len().to_string());
+        self
+    }
+
+    /// Appends `(p1, p2, ...)`: one placeholder for each value.
+    pub(crate) fn tuple(&mut self, values: impl IntoIterator<Item = Arg<'a>>) -> &mut Self {
+        self.sql.push('(');
+        for (i, v) in values.into_iter().enumerate() {
+            if i > 0 {
+                self.sql.push_str(", ");
+            }
+            self.arg(v);
+        }
+        self.sql.push(')');
+        self
+    }
+
+    /// Appends `sep`-separated tuples, one for each item (a `VALUES` list).
+    pub(crate) fn tuples<T, I>(&mut self, items: impl IntoIterator<Item = T>, each: impl Fn(T) -> I)
+    where
+        I: IntoIterator<Item = Arg<'a>>,
+    {
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                self.sql.push_str(", ");
+            }
+            self.tuple(each(item));
+        }
+    }
+
+    /// The SQL as written so far.
+    #[cfg(test)]
+    pub(crate) fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// The statement for PostgreSQL, to run on any of its executors.
+    pub(crate) fn pg(&self) -> Query<'_, Postgres, PgArguments> {
+        self.args.iter().fold(sqlx::query(&self.sql), |q, a| match *a {
+            Arg::Text(v) => q.bind(v),
+            Arg::Int(v) => q.bind(v),
+        })
+    }
+
+    /// The statement for SQLite, to run on any of its executors.
+    pub(crate) fn lite(&self) -> Query<'_, Sqlite, SqliteArguments<'_>> {
+        self.args.iter().fold(sqlx::query(&self.sql), |q, a| match *a {
+            Arg::Text(v) => q.bind(v),
+            Arg::Int(v) => q.bind(v),
+        })
+    }
+}
+
+/// A row read from either backend.
+pub(crate) enum DbRow {
+    /// From PostgreSQL.
+    Pg(PgRow),
+    /// From SQLite.
+    Lite(SqliteRow),
+}
+
+impl std::fmt::Debug for DbRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Values are not shown: a row may hold a summary or a sealed payload.
+        f.write_str("DbRow")
+    }
+}
+
+impl DbRow {
+    /// Column `i` (from 0).
+    pub(crate) fn get<T>(&self, i: usize) -> Result<T, sqlx::Error>
+    where
+        T: for<'r> Decode<'r, Postgres> + Type<Postgres>,
+        T: for<'r> Decode<'r, Sqlite> + Type<Sqlite>,
+    {
+        match self {
+            Self::Pg(r) => r.try_get(i),
+            Self::Lite(r) => r.try_get(i),
+        }
+    }
+
+    /// The column named `name`.
+    pub(crate) fn named<T>(&self, name: &str) -> Result<T, sqlx::Error>
+    where
+        T: for<'r> Decode<'r, Postgres> + Type<Postgres>,
+        T: for<'r> Decode<'r, Sqlite> + Type<Sqlite>,
+    {
+        match self {
+            Self::Pg(r) => r.try_get(name),
+            Self::Lite(r) => r.try_get(name),
+        }
+    }
+}
+
+/// A database transaction on either backend.
+#[derive(Debug)]
+pub(crate) enum DbTx {
+    /// On PostgreSQL.
+    Pg(Transaction<'static, Postgres>),
+    /// On SQLite.
+    Lite(Transaction<'static, Sqlite>),
+}
+
+impl DbTx {
+    /// Runs `st`; the rows it changed.
+    pub(crate) async fn execute(&mut self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
+        Ok(match self {
+            Self::Pg(tx) => st.pg().execute(&mut **tx).await?.rows_affected(),
+            Self::Lite(tx) => st.lite().execute(&mut **tx).await?.rows_affected(),
+        })
+    }
+
+    /// Runs `st`; every row it returns.
+    pub(crate) async fn fetch_all(&mut self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
+        Ok(match self {
+            Self::Pg(tx) => st.pg().fetch_all(&mut **tx).await?.into_iter().map(DbRow::Pg).collect(),
+            Self::Lite(tx) => st
+                .lite()
+                .fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .map(DbRow::Lite)
+                .collect(),
+        })
+    }
+
+    /// Commits.
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Pg(tx) => tx.commit().await,
+            Self::Lite(tx) => tx.commit().await,
+        }
+    }
+}
+
+impl Backend {
+    /// Runs `st`; the rows it changed.
+    pub(crate) async fn execute(&self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
+        Ok(match self {
+            Self::Postgres(p) => st.pg().execute(p).await?.rows_affected(),
+            Self::Sqlite(p) => st.lite().execute(p).await?.rows_affected(),
+        })
+    }
+
+    /// Runs `st`; every row it returns.
+    pub(crate) async fn fetch_all(&self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
+        Ok(match self {
+            Self::Postgres(p) => st.pg().fetch_all(p).await?.into_iter().map(DbRow::Pg).collect(),
+            Self::Sqlite(p) => st.lite().fetch_all(p).await?.into_iter().map(DbRow::Lite).collect(),
+        })
+    }
+
+    /// Runs `st`; its first row, if any.
+    pub(crate) async fn fetch_optional(
+        &self,
+        st: &Statement<'_>,
+    ) -> Result<Option<DbRow>, sqlx::Error> {
+        Ok(match self {
+            Self::Postgres(p) => st.pg().fetch_optional(p).await?.map(DbRow::Pg),
+            Self::Sqlite(p) => st.lite().fetch_optional(p).await?.map(DbRow::Lite),
+        })
+    }
+
+    /// Begins a transaction.
+    pub(crate) async fn begin(&self) -> Result<DbTx, sqlx::Error> {
+        Ok(match self {
+            Self::Postgres(p) => DbTx::Pg(p.begin().await?),
+            Self::Sqlite(p) => DbTx::Lite(p.begin().await?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_as_arguments_are_added() {
+        let mut st = Statement::new("UPDATE saf SET lease_until_us = ");
+        st.arg(5_i64).push(" WHERE id IN ");
+        st.tuple([1_i64, 2, 3].map(Arg::from));
+        assert_eq!(st.sql(), "UPDATE saf SET lease_until_us = $1 WHERE id IN ($2, $3, $4)");
+        let mut values = Statement::new("INSERT INTO t (a, b) VALUES ");
+        values.tuples([("x", 1_i64), ("y", 2)], |(a, b)| [Arg::from(a), Arg::from(b)]);
+        assert_eq!(values.sql(), "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)");
+        assert_eq!(values.args.len(), 4);
+    }
+}
