@@ -6,6 +6,7 @@
 //! rows go by COPY on PostgreSQL and a statement must be able to share that transaction; `Any`
 //! has neither COPY nor a way into a native transaction.
 
+use futures_util::TryStreamExt;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
@@ -117,7 +118,7 @@ impl<'a> Statement<'a> {
     }
 
     /// Appends `sep`-separated tuples, one for each item (a `VALUES` list).
-    pub(crate) fn tuples<T, I>(&mut self, items: impl IntoIterator<Item = T>, each: impl Fn(T) -> I)
+    pub(crate) fn tuples<T, I>(&mut self, items: impl IntoIterator<Item = T>, mut each: impl FnMut(T) -> I)
     where
         I: IntoIterator<Item = Arg<'a>>,
     {
@@ -260,6 +261,29 @@ impl Backend {
             Self::Postgres(p) => st.pg().fetch_optional(p).await?.map(DbRow::Pg),
             Self::Sqlite(p) => st.lite().fetch_optional(p).await?.map(DbRow::Lite),
         })
+    }
+
+    /// Runs `st` and hands each row to `each` as it arrives, without holding them all.
+    pub(crate) async fn for_each(
+        &self,
+        st: &Statement<'_>,
+        mut each: impl FnMut(&DbRow) -> Result<(), sqlx::Error>,
+    ) -> Result<(), sqlx::Error> {
+        match self {
+            Self::Postgres(p) => {
+                let mut rows = st.pg().fetch(p);
+                while let Some(r) = rows.try_next().await? {
+                    each(&DbRow::Pg(r))?;
+                }
+            }
+            Self::Sqlite(p) => {
+                let mut rows = st.lite().fetch(p);
+                while let Some(r) = rows.try_next().await? {
+                    each(&DbRow::Lite(r))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Begins a transaction.

@@ -23,8 +23,9 @@ use cardswitch_codec::totals::{Kind, Totals};
 use cardswitch_codec::{Message, ResponseCode};
 use cardswitch_routing::Failure;
 use serde::Serialize;
-use sqlx::Row as _;
 
+
+use crate::journal::db::{DbRow, Statement};
 use crate::journal::Backend;
 use crate::state::TxnState;
 
@@ -91,50 +92,33 @@ pub struct Settled {
 pub async fn view(backend: &Backend, terminal: &str, batch: &str) -> Result<BatchView> {
     const SQL: &str = "SELECT mti, processing_code, state, response_code, amount_minor, amount_reversed_minor, rrn, business_date \
          FROM transactions WHERE terminal_id = $1 AND batch_number = $2";
-    let rows = match backend {
-        Backend::Postgres(p) => sqlx::query(SQL)
-            .bind(terminal)
-            .bind(batch)
-            .fetch_all(p)
-            .await?
-            .into_iter()
-            .map(|r| read_pg(&r))
-            .collect::<Result<Vec<_>, _>>()?,
-        Backend::Sqlite(p) => sqlx::query(&super::lite(SQL))
-            .bind(terminal)
-            .bind(batch)
-            .fetch_all(p)
-            .await?
-            .into_iter()
-            .map(|r| read_lite(&r))
-            .collect::<Result<Vec<_>, _>>()?,
-    };
+    let st = Statement::new(SQL).bind(terminal).bind(batch);
+    let rows = backend
+        .fetch_all(&st)
+        .await?
+        .iter()
+        .map(read_row)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(compute(&rows))
 }
 
-macro_rules! read_row {
-    ($name:ident, $row:ty) => {
-        fn $name(r: &$row) -> Result<BatchRow, sqlx::Error> {
-            let amount: Option<i64> = r.try_get(4)?;
-            let reversed: Option<i64> = r.try_get(5)?;
-            Ok(BatchRow {
-                mti: r.try_get(0)?,
-                processing_code: r.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
-                state: r
-                    .try_get::<String, _>(2)?
-                    .parse()
-                    .unwrap_or(TxnState::Declined),
-                response_code: r.try_get(3)?,
-                amount: amount.and_then(|a| u64::try_from(a).ok()).unwrap_or(0),
-                reversed: reversed.and_then(|a| u64::try_from(a).ok()).unwrap_or(0),
-                rrn: r.try_get::<Option<String>, _>(6)?.unwrap_or_default(),
-                business_date: r.try_get(7)?,
-            })
-        }
-    };
+fn read_row(r: &DbRow) -> Result<BatchRow, sqlx::Error> {
+    let amount: Option<i64> = r.get(4)?;
+    let reversed: Option<i64> = r.get(5)?;
+    Ok(BatchRow {
+        mti: r.get(0)?,
+        processing_code: r.get::<Option<String>>(1)?.unwrap_or_default(),
+        state: r
+            .get::<String>(2)?
+            .parse()
+            .unwrap_or(TxnState::Declined),
+        response_code: r.get(3)?,
+        amount: amount.and_then(|a| u64::try_from(a).ok()).unwrap_or(0),
+        reversed: reversed.and_then(|a| u64::try_from(a).ok()).unwrap_or(0),
+        rrn: r.get::<Option<String>>(6)?.unwrap_or_default(),
+        business_date: r.get(7)?,
+    })
 }
-read_row!(read_pg, sqlx::postgres::PgRow);
-read_row!(read_lite, sqlx::sqlite::SqliteRow);
 
 fn compute(rows: &[BatchRow]) -> BatchView {
     let mut journal = Totals::default();
@@ -261,29 +245,15 @@ async fn close(backend: &Backend, terminal: &str, batch: &str, view: &BatchView)
     // A batch closes once; a repeated 0500 that agrees again changes nothing.
     const SQL: &str = "INSERT INTO batches (terminal_id, batch_number, state, business_date, totals, uploaded, exceptions, closed_us) \
          VALUES ($1, $2, 'closed', $3, $4, $5, $6, $7) ON CONFLICT (terminal_id, batch_number) DO NOTHING";
-    macro_rules! run {
-        ($pool:expr, $sql:expr) => {
-            sqlx::query($sql)
-                .bind(terminal)
-                .bind(batch)
-                .bind(&view.business_date)
-                .bind(&totals)
-                .bind(uploaded)
-                .bind(&exceptions)
-                .bind(now)
-                .execute($pool)
-                .await?
-        };
-    }
-    match backend {
-        Backend::Postgres(p) => {
-            run!(p, SQL);
-        }
-        Backend::Sqlite(p) => {
-            let sql = super::lite(SQL);
-            run!(p, &sql);
-        }
-    }
+    let st = Statement::new(SQL)
+        .bind(terminal)
+        .bind(batch)
+        .bind(&view.business_date)
+        .bind(&totals)
+        .bind(uploaded)
+        .bind(&exceptions)
+        .bind(now);
+    backend.execute(&st).await?;
     Ok(())
 }
 
@@ -309,35 +279,21 @@ pub struct ClosedBatch {
 pub async fn closed(backend: &Backend, terminal: &str, batch: &str) -> Result<Option<ClosedBatch>> {
     const SQL: &str =
         "SELECT totals, uploaded, exceptions FROM batches WHERE terminal_id = $1 AND batch_number = $2";
-    macro_rules! get {
-        ($pool:expr, $sql:expr) => {{
-            match sqlx::query($sql)
-                .bind(terminal)
-                .bind(batch)
-                .fetch_optional($pool)
-                .await?
-            {
-                None => None,
-                Some(r) => {
-                    let totals: String = r.try_get(0)?;
-                    let exceptions: Option<String> = r.try_get(2)?;
-                    Some(ClosedBatch {
-                        terminal: terminal.to_owned(),
-                        batch: batch.to_owned(),
-                        totals: serde_json::from_str(&totals).unwrap_or_default(),
-                        uploaded: r.try_get(1)?,
-                        exceptions: exceptions
-                            .and_then(|e| serde_json::from_str(&e).ok())
-                            .unwrap_or(serde_json::Value::Array(Vec::new())),
-                    })
-                }
-            }
-        }};
-    }
-    Ok(match backend {
-        Backend::Postgres(p) => get!(p, SQL),
-        Backend::Sqlite(p) => get!(p, &super::lite(SQL)),
-    })
+    let st = Statement::new(SQL).bind(terminal).bind(batch);
+    let Some(r) = backend.fetch_optional(&st).await? else {
+        return Ok(None);
+    };
+    let totals: String = r.get(0)?;
+    let exceptions: Option<String> = r.get(2)?;
+    Ok(Some(ClosedBatch {
+        terminal: terminal.to_owned(),
+        batch: batch.to_owned(),
+        totals: serde_json::from_str(&totals).unwrap_or_default(),
+        uploaded: r.get(1)?,
+        exceptions: exceptions
+            .and_then(|e| serde_json::from_str(&e).ok())
+            .unwrap_or(serde_json::Value::Array(Vec::new())),
+    }))
 }
 
 #[cfg(test)]

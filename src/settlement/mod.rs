@@ -15,30 +15,9 @@
 //! Rows that never reach an endpoint (declined by the switch, reversals, stand-in) take their
 //! endpoint's open date when they are answered; rows with no endpoint take the UTC date.
 
-/// Runs one statement written with `$1, $2 ...` on either backend (SQLite reads them as
-/// `?1, ?2 ...`).
-macro_rules! execute {
-    ($backend:expr, $sql:expr, $($bind:expr),* $(,)?) => {
-        match $backend {
-            Backend::Postgres(p) => {
-                sqlx::query($sql)$(.bind($bind))*.execute(p).await?;
-            }
-            Backend::Sqlite(p) => {
-                sqlx::query(&$crate::settlement::lite($sql))$(.bind($bind))*.execute(p).await?;
-            }
-        }
-    };
-}
-
 pub mod batch;
 pub mod recon;
 pub mod report;
-
-/// A statement's `$n` placeholders as SQLite's `?n`.
-#[must_use]
-pub fn lite(sql: &str) -> String {
-    sql.replace('$', "?")
-}
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
@@ -48,6 +27,7 @@ use cardswitch_codec::{Mti, ResponseCode};
 use time::{Date, Duration as Days, OffsetDateTime, Time};
 use tracing::{error, info};
 
+use crate::journal::db::Statement;
 use crate::journal::Backend;
 use serde::Deserialize;
 
@@ -250,15 +230,15 @@ async fn save_open(backend: &Backend, endpoint: &str, date: Date) -> Result<(), 
     let now = crate::journal::Journal::now_us();
     let d = format_date(date);
     // Only forwards: another node may have moved it on already.
-    execute!(
-        backend,
+    let st = Statement::new(
         "INSERT INTO business_dates (endpoint, business_date, opened_us) VALUES ($1, $2, $3) \
          ON CONFLICT (endpoint) DO UPDATE SET business_date = excluded.business_date, opened_us = excluded.opened_us \
          WHERE business_dates.business_date < excluded.business_date",
-        endpoint,
-        &d,
-        now
-    );
+    )
+    .bind(endpoint)
+    .bind(&d)
+    .bind(now);
+    backend.execute(&st).await?;
     Ok(())
 }
 
@@ -267,19 +247,11 @@ async fn save_open(backend: &Backend, endpoint: &str, date: Date) -> Result<(), 
 /// # Errors
 /// The database cannot be read or the date is unreadable.
 pub async fn stored_day(backend: &Backend, endpoint: &str) -> Result<Option<Date>> {
-    let stored: Option<String> = match backend {
-        Backend::Postgres(p) => {
-            sqlx::query_scalar("SELECT business_date FROM business_dates WHERE endpoint = $1")
-                .bind(endpoint)
-                .fetch_optional(p)
-                .await?
-        }
-        Backend::Sqlite(p) => {
-            sqlx::query_scalar("SELECT business_date FROM business_dates WHERE endpoint = ?")
-                .bind(endpoint)
-                .fetch_optional(p)
-                .await?
-        }
+    let st = Statement::new("SELECT business_date FROM business_dates WHERE endpoint = $1")
+        .bind(endpoint);
+    let stored: Option<String> = match backend.fetch_optional(&st).await? {
+        Some(r) => r.get(0)?,
+        None => None,
     };
     stored.as_deref().map(parse_date).transpose()
 }
@@ -314,16 +286,16 @@ pub async fn record_cutover(backend: &Backend, node: &str, c: &Cutover) -> Resul
     save_open(backend, &c.endpoint, c.opened).await?;
     let now = crate::journal::Journal::now_us();
     let (closed, opened) = (format_date(c.closed), format_date(c.opened));
-    execute!(
-        backend,
+    let st = Statement::new(
         "INSERT INTO cutovers (endpoint, closed, opened, cause, node, at_us) VALUES ($1, $2, $3, $4, $5, $6)",
-        &c.endpoint,
-        &closed,
-        &opened,
-        &c.cause,
-        node,
-        now
-    );
+    )
+    .bind(&c.endpoint)
+    .bind(&closed)
+    .bind(&opened)
+    .bind(&c.cause)
+    .bind(node)
+    .bind(now);
+    backend.execute(&st).await?;
     Ok(())
 }
 

@@ -9,9 +9,9 @@ use anyhow::{Context, Result};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
-use sqlx::Row as _;
 
 use crate::settlement::EndpointSettlement;
+use crate::journal::db::Statement;
 use crate::journal::Backend;
 
 /// One line: an endpoint, a currency, a type.
@@ -115,44 +115,34 @@ pub async fn build(
         l.count += u64::try_from(n).unwrap_or(0);
         l.amount_minor += amount;
     };
-    macro_rules! run {
-        ($pool:expr, $sql:expr, $cb:expr) => {{
-            for r in sqlx::query($sql).bind(date).bind(ep).fetch_all($pool).await? {
-                let (e, mti, pc, state, rc, cur): (String, String, String, String, String, String) = (
-                    r.try_get(0)?,
-                    r.try_get(1)?,
-                    r.try_get(2)?,
-                    r.try_get(3)?,
-                    r.try_get(4)?,
-                    r.try_get(5)?,
-                );
-                let n: i64 = r.try_get(6)?;
-                let sum: i64 = r.try_get(7)?;
-                let reversed: i64 = r.try_get(8)?;
-                let Some(kind) = kind_of(&mti, &pc, &state, &rc) else {
-                    continue;
-                };
-                match (kind, state.as_str()) {
-                    ("declined", _) => add(e, cur, kind, n, 0),
-                    (_, "reversed") => add(e, cur, "reversal", n, sum),
-                    (_, "partially_reversed") => {
-                        add(e.clone(), cur.clone(), kind, n, sum - reversed);
-                        add(e, cur, "reversal", n, reversed);
-                    }
-                    (_, "approved" | "advice_pending" | "advised") => add(e, cur, kind, n, sum),
-                    _ => {}
-                }
+    for r in backend.fetch_all(&Statement::new(SQL).bind(date).bind(ep)).await? {
+        let (e, mti, pc, state, rc, cur): (String, String, String, String, String, String) = (
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+        );
+        let n: i64 = r.get(6)?;
+        let sum: i64 = r.get(7)?;
+        let reversed: i64 = r.get(8)?;
+        let Some(kind) = kind_of(&mti, &pc, &state, &rc) else {
+            continue;
+        };
+        match (kind, state.as_str()) {
+            ("declined", _) => add(e, cur, kind, n, 0),
+            (_, "reversed") => add(e, cur, "reversal", n, sum),
+            (_, "partially_reversed") => {
+                add(e.clone(), cur.clone(), kind, n, sum - reversed);
+                add(e, cur, "reversal", n, reversed);
             }
-            for r in sqlx::query($cb).bind(date).bind(ep).fetch_all($pool).await? {
-                add(r.try_get(0)?, r.try_get(1)?, "chargeback", r.try_get(2)?, r.try_get(3)?);
-            }
-        }};
-    }
-    match backend {
-        Backend::Postgres(p) => run!(p, SQL, CB),
-        Backend::Sqlite(p) => {
-            run!(p, &super::lite(SQL), &super::lite(CB));
+            (_, "approved" | "advice_pending" | "advised") => add(e, cur, kind, n, sum),
+            _ => {}
         }
+    }
+    for r in backend.fetch_all(&Statement::new(CB).bind(date).bind(ep)).await? {
+        add(r.get(0)?, r.get(1)?, "chargeback", r.get(2)?, r.get(3)?);
     }
     let lines: Vec<Line> = lines.into_values().collect();
     let net = nets(&lines, fees)?;
