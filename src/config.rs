@@ -15,16 +15,16 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use cardswitch_codec::framing::Framing;
 use cardswitch_codec::Dialect;
-use cardswitch_routing::{BinTable, Route, Strategy};
+use cardswitch_routing::{BinTable, Route};
 use serde::Deserialize;
 
 use crate::fraud::FraudSection;
 use crate::journal::JournalSection;
 use crate::net::FramingConfig;
-use crate::security::{EndpointSecurity, ListenerSecurity};
+use crate::security::ListenerSecurity;
 use crate::settlement::SettlementSection;
-use crate::upstream::EndpointConfig;
-use crate::tls::{Acceptor, ClientTls, Connector, ServerTls};
+use crate::upstream::{EndpointConfig, ValidEndpoint};
+use crate::tls::{Acceptor, ServerTls};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "CARDSWITCH__";
@@ -138,21 +138,32 @@ pub struct RouteConfig {
     pub fallback: Option<String>,
 }
 
+/// A listener as validated: its section and what was loaded for it.
+#[derive(Debug, Clone)]
+pub struct ValidListener {
+    /// The section as read.
+    pub config: ListenerConfig,
+    /// The terminals' dialect.
+    pub dialect: Dialect,
+    /// Their framing.
+    pub framing: Framing,
+    /// TLS, when configured.
+    pub tls: Option<Acceptor>,
+    /// Terminal keys, when configured.
+    pub security: Option<ListenerSecurity>,
+}
+
 /// A validated configuration: dialects loaded, routes resolved.
 #[derive(Debug, Clone)]
 pub struct Validated {
     /// The configuration as read.
     pub config: Config,
-    /// Listener dialects, framings and TLS acceptors, in listener order.
-    pub listeners: Vec<(Dialect, Framing, Option<Acceptor>)>,
-    /// Endpoint dialects, framings, strategies and TLS connectors, in endpoint order.
-    pub endpoints: Vec<(Dialect, Framing, Strategy, Option<Connector>)>,
+    /// The listeners, in configured order.
+    pub listeners: Vec<ValidListener>,
+    /// The endpoints, in configured order.
+    pub endpoints: Vec<ValidEndpoint>,
     /// The routing table.
     pub bins: BinTable,
-    /// Terminal keys per listener, in listener order.
-    pub listener_security: Vec<Option<ListenerSecurity>>,
-    /// Acquirer keys per endpoint, in endpoint order.
-    pub endpoint_security: Vec<Option<Arc<EndpointSecurity>>>,
     /// The fraud rules, loaded and validated.
     pub fraud: Option<Arc<crate::fraud::Rules>>,
 }
@@ -206,152 +217,29 @@ impl Config {
             bail!("journal.duplicate_retention_s: at least 86400 (a day): STANs wrap");
         }
         let mut names = HashSet::new();
-        let mut listeners = Vec::new();
-        for l in &self.listeners {
-            if !names.insert(format!("listener {}", l.name)) {
-                bail!("listener {}: name used twice", l.name);
-            }
-            let dialect =
-                Dialect::load(&l.dialect).with_context(|| format!("listener {}", l.name))?;
-            let framing = l
-                .framing
-                .framing()
-                .with_context(|| format!("listener {}", l.name))?;
-            if l.max_connections == 0 || l.max_in_flight_per_connection == 0 {
-                bail!("listener {}: max_connections and max_in_flight_per_connection must be positive", l.name);
-            }
-            let tls = l
-                .tls
-                .as_ref()
-                .map(ServerTls::acceptor)
-                .transpose()
-                .with_context(|| format!("listener {}: tls", l.name))?;
-            listeners.push((dialect, framing, tls));
-        }
-        let mut endpoints = Vec::new();
-        for e in &self.endpoints {
-            if !names.insert(format!("endpoint {}", e.name)) {
-                bail!("endpoint {}: name used twice", e.name);
-            }
-            let dialect =
-                Dialect::load(&e.dialect).with_context(|| format!("endpoint {}", e.name))?;
-            let framing = e
-                .framing
-                .framing()
-                .with_context(|| format!("endpoint {}", e.name))?;
-            let strategy: Strategy = e
-                .strategy
-                .parse()
-                .map_err(|m: String| anyhow!("endpoint {}: {m}", e.name))?;
-            if let Some(t) = &e.settlement.cutover_time {
-                crate::settlement::parse_time(t)
-                    .with_context(|| format!("endpoint {}: settlement.cutover_time", e.name))?;
-            }
-            if let Some(r) = &e.settlement.fee_rate {
-                r.parse::<rust_decimal::Decimal>().map_err(|_| {
-                    anyhow!(
-                        "endpoint {}: settlement.fee_rate {r:?} is not a decimal",
-                        e.name
-                    )
-                })?;
-            }
-            if e.links.is_empty() || e.links.len() > 64 {
-                bail!("endpoint {}: 1 to 64 links", e.name);
-            }
-            if e.max_in_flight_per_link == 0 || e.request_timeout_ms == 0 {
-                bail!(
-                    "endpoint {}: max_in_flight_per_link and request_timeout_ms must be positive",
-                    e.name
-                );
-            }
-            for code in e.saf.valid_codes.iter().chain(&e.saf.retry_codes) {
-                if code.len() != 2 {
-                    bail!(
-                        "endpoint {}: saf response code {code:?} is not two characters",
-                        e.name
-                    );
-                }
-            }
-            if e.saf.retry_min_ms == 0
-                || e.saf.retry_max_ms < e.saf.retry_min_ms
-                || e.saf.max_in_flight == 0
-            {
-                bail!(
-                    "endpoint {}: saf needs 0 < retry_min_ms <= retry_max_ms and max_in_flight > 0",
-                    e.name
-                );
-            }
-            for f in &e.stand_in.floor_limits {
-                if let Some(p) = &f.prefix {
-                    if p.is_empty() || p.len() > 11 || !p.bytes().all(|b| b.is_ascii_digit()) {
-                        bail!(
-                            "endpoint {}: stand_in floor limit prefix {p:?} is not 1 to 11 digits",
-                            e.name
-                        );
-                    }
-                }
-            }
-            if let Some(id) = &e.acquirer_id {
-                if id.is_empty() || id.len() > 11 || !id.bytes().all(|b| b.is_ascii_digit()) {
-                    bail!("endpoint {}: acquirer_id must be 1 to 11 digits", e.name);
-                }
-            }
-            let tls = e
-                .tls
-                .as_ref()
-                .map(ClientTls::connector)
-                .transpose()
-                .with_context(|| format!("endpoint {}: tls", e.name))?;
-            endpoints.push((dialect, framing, strategy, tls));
-        }
-        let known: HashSet<&str> = self.endpoints.iter().map(|e| e.name.as_str()).collect();
-        for r in &self.routes {
-            for name in std::iter::once(&r.endpoint).chain(r.fallback.iter()) {
-                if !known.contains(name.as_str()) {
-                    bail!("route {}: no endpoint named {name}", r.prefix);
-                }
-            }
-        }
-        let bins = BinTable::new(
-            self.routes
-                .iter()
-                .map(|r| Route {
-                    prefix: r.prefix.clone(),
-                    endpoint: r.endpoint.clone(),
-                    fallback: r.fallback.clone(),
-                })
-                .collect(),
-        )?;
-        let listener_security = self
+        for (kind, name) in self
             .listeners
             .iter()
-            .map(|l| {
-                l.security
-                    .as_ref()
-                    .map(|s| ListenerSecurity::from_config(s, &l.name))
-                    .transpose()
-            })
+            .map(|l| ("listener", &l.name))
+            .chain(self.endpoints.iter().map(|e| ("endpoint", &e.name)))
+        {
+            if !names.insert(format!("{kind} {name}")) {
+                bail!("{kind} {name}: name used twice");
+            }
+        }
+        let listeners = self
+            .listeners
+            .iter()
+            .map(ListenerConfig::validate)
             .collect::<Result<Vec<_>>>()?;
-        let endpoint_security = self
+        let endpoints = self
             .endpoints
             .iter()
-            .map(|e| {
-                let sec = e
-                    .security
-                    .as_ref()
-                    .map(|s| EndpointSecurity::from_config(s, &e.name).map(Arc::new))
-                    .transpose()?;
-                if e.stand_in.verify_cvv && sec.as_ref().is_none_or(|s| s.cvk.is_none()) {
-                    bail!(
-                        "endpoint {}: stand_in.verify_cvv needs security.cvk",
-                        e.name
-                    );
-                }
-                Ok(sec)
-            })
+            .map(EndpointConfig::validate)
             .collect::<Result<Vec<_>>>()?;
-        let keys = listener_security.iter().any(Option::is_some)
-            || endpoint_security.iter().any(Option::is_some);
+        let bins = self.routing()?;
+        let keys = listeners.iter().any(|l| l.security.is_some())
+            || endpoints.iter().any(|e| e.security.is_some());
         if let Some(a) = &self.admin {
             if a.token.len() < 16 {
                 bail!("admin.token: at least 16 characters");
@@ -374,9 +262,65 @@ impl Config {
             listeners,
             endpoints,
             bins,
-            listener_security,
-            endpoint_security,
             fraud,
+        })
+    }
+
+    /// The routing table: every route's endpoints exist.
+    fn routing(&self) -> Result<BinTable> {
+        let known: HashSet<&str> = self.endpoints.iter().map(|e| e.name.as_str()).collect();
+        for r in &self.routes {
+            for name in std::iter::once(&r.endpoint).chain(r.fallback.iter()) {
+                if !known.contains(name.as_str()) {
+                    bail!("route {}: no endpoint named {name}", r.prefix);
+                }
+            }
+        }
+        Ok(BinTable::new(
+            self.routes
+                .iter()
+                .map(|r| Route {
+                    prefix: r.prefix.clone(),
+                    endpoint: r.endpoint.clone(),
+                    fallback: r.fallback.clone(),
+                })
+                .collect(),
+        )?)
+    }
+}
+
+impl ListenerConfig {
+    /// Loads the listener's dialect, framing, TLS and keys.
+    ///
+    /// # Errors
+    /// The first thing that does not validate, named with the listener.
+    pub fn validate(&self) -> Result<ValidListener> {
+        let name = &self.name;
+        let dialect = Dialect::load(&self.dialect).with_context(|| format!("listener {name}"))?;
+        let framing = self
+            .framing
+            .framing()
+            .with_context(|| format!("listener {name}"))?;
+        if self.max_connections == 0 || self.max_in_flight_per_connection == 0 {
+            bail!("listener {name}: max_connections and max_in_flight_per_connection must be positive");
+        }
+        let tls = self
+            .tls
+            .as_ref()
+            .map(ServerTls::acceptor)
+            .transpose()
+            .with_context(|| format!("listener {name}: tls"))?;
+        let security = self
+            .security
+            .as_ref()
+            .map(|s| ListenerSecurity::from_config(s, name))
+            .transpose()?;
+        Ok(ValidListener {
+            config: self.clone(),
+            dialect,
+            framing,
+            tls,
+            security,
         })
     }
 }

@@ -63,6 +63,15 @@ struct ListenerCtx {
     per_connection: usize,
 }
 
+/// The tasks and tokens a switch runs with, in the order they stop.
+struct Running {
+    stop_intake: CancellationToken,
+    stop_links: CancellationToken,
+    links: TaskTracker,
+    sessions: TaskTracker,
+    writer: TaskTracker,
+}
+
 impl Switch {
     /// Loads keys received in earlier key exchanges, then has the HSM confirm every key's
     /// check value; the switch does not start on a mismatch.
@@ -78,38 +87,29 @@ impl Switch {
         if !hsm.wait_ready(wait).await {
             anyhow::bail!("no HSM reachable: key check values cannot be verified");
         }
-        for (l, sec) in config
-            .config
-            .listeners
-            .iter()
-            .zip(&config.listener_security)
-        {
-            if let Some(sec) = sec {
-                sec.verify(hsm, &l.name).await?;
+        for l in &config.listeners {
+            if let Some(sec) = &l.security {
+                sec.verify(hsm, &l.config.name).await?;
             }
         }
-        for (e, sec) in config
-            .config
-            .endpoints
-            .iter()
-            .zip(&config.endpoint_security)
-        {
-            let Some(sec) = sec else { continue };
+        for e in &config.endpoints {
+            let Some(sec) = &e.security else { continue };
+            let name = &e.config.name;
             if let Some((key, check)) = journal
-                .load_key(&e.name, "zpk")
+                .load_key(name, "zpk")
                 .await
-                .with_context(|| format!("endpoint {}: reading its last ZPK", e.name))?
+                .with_context(|| format!("endpoint {name}: reading its last ZPK"))?
             {
                 let key = WrappedKey::parse(&key)
-                    .map_err(|_| anyhow::anyhow!("endpoint {}: stored ZPK unreadable", e.name))?;
-                info!(endpoint = %e.name, check_value = %check, "using the ZPK from the last key exchange");
+                    .map_err(|_| anyhow::anyhow!("endpoint {name}: stored ZPK unreadable"))?;
+                info!(endpoint = %name, check_value = %check, "using the ZPK from the last key exchange");
                 sec.set_zpk(Key {
                     key,
                     check,
                     kind: KeyType::ZPK,
                 });
             }
-            sec.verify(hsm, &e.name).await?;
+            sec.verify(hsm, name).await?;
         }
         info!("key check values verified by the HSM");
         Ok(())
@@ -120,64 +120,30 @@ impl Switch {
     /// # Errors
     /// When a listener address cannot be bound.
     pub async fn start(config: Validated) -> Result<Self> {
-        let stop_intake = CancellationToken::new();
-        let stop_links = CancellationToken::new();
-        let links = TaskTracker::new();
-        let sessions = TaskTracker::new();
-        let writer = TaskTracker::new();
+        let run = Running {
+            stop_intake: CancellationToken::new(),
+            stop_links: CancellationToken::new(),
+            links: TaskTracker::new(),
+            sessions: TaskTracker::new(),
+            writer: TaskTracker::new(),
+        };
         let cfg = &config.config;
-        let journal = Journal::start(&cfg.journal, &cfg.switch.node, &writer).await?;
-        let hsm = cfg.hsm.as_ref().map(|h| Hsm::start(h, &stop_links, &links));
-        let (key_changes, mut key_rx) = mpsc::channel::<(String, Key)>(64);
+        let journal = Journal::start(&cfg.journal, &cfg.switch.node, &run.writer).await?;
+        let hsm = cfg
+            .hsm
+            .as_ref()
+            .map(|h| Hsm::start(h, &run.stop_links, &run.links));
         if let Some(hsm) = &hsm {
             Self::verify_keys(&config, hsm, &journal).await?;
         }
-        // Business dates: each endpoint's open date, its cutovers recorded as they happen.
-        let (cutover_tx, cutover_rx) = mpsc::channel::<Cutover>(64);
-        writer.spawn(crate::settlement::cutover_writer(
-            journal.backend().clone(),
-            cfg.switch.node.clone(),
-            cutover_rx,
-        ));
-        let mut days = Vec::with_capacity(cfg.endpoints.len());
-        for e in &cfg.endpoints {
-            let day = crate::settlement::load_day(
-                journal.backend(),
-                &e.name,
-                e.settlement.cutover_time.as_deref(),
-            )
-            .await?;
-            info!(endpoint = %e.name, business_date = %crate::settlement::format_date(day.current()), "business date open");
-            let day = EndpointDay {
-                day: Arc::new(day),
-                cutovers: cutover_tx.clone(),
-            };
-            links.spawn(crate::settlement::cutover_timer(
-                e.name.clone(),
-                Arc::clone(&day.day),
-                cutover_tx.clone(),
-                stop_links.clone(),
-            ));
-            days.push(day);
-        }
-        drop(cutover_tx);
-        links.spawn(crate::settlement::follow_days(
-            journal.backend().clone(),
-            cfg.endpoints
-                .iter()
-                .zip(&days)
-                .map(|(e, d)| (e.name.clone(), Arc::clone(&d.day)))
-                .collect(),
-            stop_links.clone(),
-        ));
-        let (endpoints, strays): (Vec<Arc<Endpoint>>, Vec<_>) = cfg
+        let days = open_days(&config, &journal, &run).await?;
+        let (key_changes, key_rx) = mpsc::channel::<(String, Key)>(64);
+        let (endpoints, strays): (Vec<Arc<Endpoint>>, Vec<_>) = config
             .endpoints
             .iter()
-            .zip(&config.endpoints)
-            .zip(&config.endpoint_security)
             .zip(&days)
-            .map(|(((e, (dialect, framing, strategy, tls)), sec), day)| {
-                let keys = match (sec, &hsm) {
+            .map(|(e, day)| {
+                let keys = match (&e.security, &hsm) {
                     (Some(keys), Some(hsm)) => Some(EndpointKeys {
                         keys: Arc::clone(keys),
                         hsm: Arc::clone(hsm),
@@ -186,41 +152,24 @@ impl Switch {
                     _ => None,
                 };
                 Endpoint::start(
-                    e,
-                    dialect.clone(),
-                    *framing,
-                    *strategy,
-                    tls.clone(),
+                    &e.config,
+                    e.dialect.clone(),
+                    e.framing,
+                    e.strategy,
+                    e.tls.clone(),
                     cfg.switch.acquirer_id.clone(),
                     keys,
                     day,
-                    &stop_links,
-                    &links,
+                    &run.stop_links,
+                    &run.links,
                 )
             })
             .unzip();
-        // Keys received in key exchanges are kept (under the LMK) for the next start.
-        {
-            let (j, stop) = (journal.clone(), stop_links.clone());
-            links.spawn(async move {
-                while let Some((endpoint, key)) = tokio::select! {
-                    () = stop.cancelled() => None,
-                    k = key_rx.recv() => k,
-                } {
-                    if let Err(e) = j
-                        .save_key(&endpoint, "zpk", &key.key.to_field(), &key.check)
-                        .await
-                    {
-                        tracing::error!(endpoint = %endpoint, error = %e, "new ZPK not saved: a restart would use the previous one");
-                    }
-                }
-            });
-        }
-        let listener_security: HashMap<String, ListenerSecurity> = cfg
+        keep_exchanged_keys(journal.clone(), key_rx, &run);
+        let listener_security: HashMap<String, ListenerSecurity> = config
             .listeners
             .iter()
-            .zip(&config.listener_security)
-            .filter_map(|(l, s)| s.clone().map(|s| (l.name.clone(), s)))
+            .filter_map(|l| l.security.clone().map(|s| (l.config.name.clone(), s)))
             .collect();
         let pipeline = Arc::new(
             Pipeline::new(config.bins.clone(), endpoints, journal.clone())
@@ -228,70 +177,12 @@ impl Switch {
                 .with_fraud(config.fraud.clone())
                 .with_batch_field(cfg.settlement.batch_field),
         );
-        // Per endpoint: the store-and-forward sender, and the handler of replies nobody waited
-        // for. Both stop with the links.
-        for (endpoint, mut rx) in pipeline.endpoints().iter().zip(strays) {
-            links.spawn(crate::saf::run(
-                journal.clone(),
-                Arc::clone(endpoint),
-                stop_links.clone(),
-            ));
-            let (p, e, stop) = (
-                Arc::clone(&pipeline),
-                Arc::clone(endpoint),
-                stop_links.clone(),
-            );
-            links.spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        stray = rx.recv() => match stray {
-                            Some(s) => p.stray(&e, s).await,
-                            None => return,
-                        },
-                    }
-                }
-            });
-        }
-        // Duplicate keys past their retention.
-        {
-            let (j, stop) = (journal.clone(), stop_links.clone());
-            links.spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(Duration::from_secs(60)) => {
-                            let n = j.claims().purge(j.retention()).await;
-                            if n > 0 {
-                                info!(keys = n, "old duplicate keys purged");
-                            }
-                        }
-                    }
-                }
-            });
-        }
-        let mut bound = Vec::new();
-        for (l, (dialect, framing, tls)) in cfg.listeners.iter().zip(&config.listeners) {
-            let listener = TcpListener::bind(l.address)
-                .await
-                .with_context(|| format!("listener {}: binding {}", l.name, l.address))?;
-            let addr = listener.local_addr()?;
-            info!(listener = %l.name, %addr, dialect = dialect.name(), "listening");
-            bound.push(addr);
-            let ctx = Arc::new(ctx(l, dialect.clone(), *framing, tls.clone()));
-            let limit = Arc::new(Semaphore::new(l.max_connections));
-            sessions.spawn(accept_loop(
-                listener,
-                ctx,
-                limit,
-                Arc::clone(&pipeline),
-                stop_intake.clone(),
-                sessions.clone(),
-            ));
-        }
+        serve_endpoints(&pipeline, strays, &journal, &run);
+        purge_duplicate_keys(journal.clone(), &run);
+        let bound = bind_listeners(&config, &pipeline, &run).await?;
         let admin = match &cfg.admin {
             Some(a) => Some(
-                crate::admin::start(a, Arc::clone(&pipeline), stop_links.clone(), &links)
+                crate::admin::start(a, Arc::clone(&pipeline), run.stop_links.clone(), &run.links)
                     .await
                     .with_context(|| format!("admin: binding {}", a.address))?,
             ),
@@ -301,11 +192,11 @@ impl Switch {
             pipeline,
             admin,
             listeners: bound,
-            stop_intake,
-            stop_links,
-            sessions,
-            links,
-            writer,
+            stop_intake: run.stop_intake,
+            stop_links: run.stop_links,
+            sessions: run.sessions,
+            links: run.links,
+            writer: run.writer,
             journal,
             grace: Duration::from_millis(cfg.switch.shutdown_grace_ms),
         })
@@ -364,6 +255,147 @@ impl Switch {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.writer.wait()).await;
         info!("stopped");
     }
+}
+
+/// Each endpoint's open business date, its cutovers recorded as they happen, its cutover
+/// timer, and the follower of other nodes' cutovers.
+async fn open_days(config: &Validated, journal: &Journal, run: &Running) -> Result<Vec<EndpointDay>> {
+    let (cutover_tx, cutover_rx) = mpsc::channel::<Cutover>(64);
+    run.writer.spawn(crate::settlement::cutover_writer(
+        journal.backend().clone(),
+        config.config.switch.node.clone(),
+        cutover_rx,
+    ));
+    let mut days = Vec::with_capacity(config.endpoints.len());
+    for e in config.endpoints.iter().map(|e| &e.config) {
+        let day = crate::settlement::load_day(
+            journal.backend(),
+            &e.name,
+            e.settlement.cutover_time.as_deref(),
+        )
+        .await?;
+        info!(endpoint = %e.name, business_date = %crate::settlement::format_date(day.current()), "business date open");
+        let day = EndpointDay {
+            day: Arc::new(day),
+            cutovers: cutover_tx.clone(),
+        };
+        run.links.spawn(crate::settlement::cutover_timer(
+            e.name.clone(),
+            Arc::clone(&day.day),
+            cutover_tx.clone(),
+            run.stop_links.clone(),
+        ));
+        days.push(day);
+    }
+    run.links.spawn(crate::settlement::follow_days(
+        journal.backend().clone(),
+        config
+            .endpoints
+            .iter()
+            .zip(&days)
+            .map(|(e, d)| (e.config.name.clone(), Arc::clone(&d.day)))
+            .collect(),
+        run.stop_links.clone(),
+    ));
+    Ok(days)
+}
+
+/// Keys received in key exchanges are kept (under the LMK) for the next start.
+fn keep_exchanged_keys(journal: Journal, mut key_rx: mpsc::Receiver<(String, Key)>, run: &Running) {
+    let stop = run.stop_links.clone();
+    run.links.spawn(async move {
+        while let Some((endpoint, key)) = tokio::select! {
+            () = stop.cancelled() => None,
+            k = key_rx.recv() => k,
+        } {
+            if let Err(e) = journal
+                .save_key(&endpoint, "zpk", &key.key.to_field(), &key.check)
+                .await
+            {
+                tracing::error!(endpoint = %endpoint, error = %e, "new ZPK not saved: a restart would use the previous one");
+            }
+        }
+    });
+}
+
+/// Per endpoint: the store-and-forward sender, and the handler of replies nobody waited for.
+/// Both stop with the links.
+fn serve_endpoints(
+    pipeline: &Arc<Pipeline>,
+    strays: Vec<mpsc::Receiver<crate::upstream::Stray>>,
+    journal: &Journal,
+    run: &Running,
+) {
+    for (endpoint, mut rx) in pipeline.endpoints().iter().zip(strays) {
+        run.links.spawn(crate::saf::run(
+            journal.clone(),
+            Arc::clone(endpoint),
+            run.stop_links.clone(),
+        ));
+        let (p, e, stop) = (
+            Arc::clone(pipeline),
+            Arc::clone(endpoint),
+            run.stop_links.clone(),
+        );
+        run.links.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    stray = rx.recv() => match stray {
+                        Some(s) => p.stray(&e, s).await,
+                        None => return,
+                    },
+                }
+            }
+        });
+    }
+}
+
+/// Duplicate keys past their retention, purged every minute.
+fn purge_duplicate_keys(journal: Journal, run: &Running) {
+    let stop = run.stop_links.clone();
+    run.links.spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(60)) => {
+                    let n = journal.claims().purge(journal.retention()).await;
+                    if n > 0 {
+                        info!(keys = n, "old duplicate keys purged");
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Binds each listener and starts its accept loop; the bound addresses, in configured order.
+async fn bind_listeners(
+    config: &Validated,
+    pipeline: &Arc<Pipeline>,
+    run: &Running,
+) -> Result<Vec<SocketAddr>> {
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let c = &l.config;
+        let listener = TcpListener::bind(c.address)
+            .await
+            .with_context(|| format!("listener {}: binding {}", c.name, c.address))?;
+        let addr = listener.local_addr()?;
+        info!(listener = %c.name, %addr, dialect = l.dialect.name(), "listening");
+        bound.push(addr);
+        let ctx = Arc::new(ctx(c, l.dialect.clone(), l.framing, l.tls.clone()));
+        let limit = Arc::new(Semaphore::new(c.max_connections));
+        run.sessions.spawn(accept_loop(
+            listener,
+            ctx,
+            limit,
+            Arc::clone(pipeline),
+            run.stop_intake.clone(),
+            run.sessions.clone(),
+        ));
+    }
+    Ok(bound)
 }
 
 fn ctx(

@@ -38,6 +38,25 @@ pub struct StandInConfig {
     pub cvv_offset: usize,
 }
 
+impl StandInConfig {
+    /// Checks the floor limits' card ranges.
+    ///
+    /// # Errors
+    /// A prefix that is not 1 to 11 digits, named with the endpoint.
+    pub fn check(&self, endpoint: &str) -> anyhow::Result<()> {
+        for f in &self.floor_limits {
+            if let Some(p) = &f.prefix {
+                if p.is_empty() || p.len() > 11 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    anyhow::bail!(
+                        "endpoint {endpoint}: stand_in floor limit prefix {p:?} is not 1 to 11 digits"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for StandInConfig {
     fn default() -> Self {
         Self {

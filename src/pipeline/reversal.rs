@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::outcome::Outcome;
 use super::{build, Pipeline};
-use crate::journal::{DecidedBy, OriginalKeys, SafKind, StateChange};
+use crate::journal::{DecidedBy, Original, OriginalKeys, SafKind, StateChange};
 use crate::state::TxnState;
 use crate::upstream::{Endpoint, Upstream};
 
@@ -70,58 +70,13 @@ impl Pipeline {
         let mut outcome = match endpoint {
             None => ok(to)?,
             Some(endpoint) => {
-                let outgoing = build::outgoing_reversal(request, &original, endpoint.acquirer_id());
-                let order_key = original.pan_hmac.clone();
-                let mut o = if is_advice {
-                    ok(to)?
-                } else {
-                    let asked = Instant::now();
-                    let result = endpoint.exchange(&outgoing, txn_id).await;
-                    match result {
-                        Upstream::Reply(reply, link, stan) => {
-                            let reply = Endpoint::relay(request, &reply)?;
-                            let took = build::reversal_taken(reply.response_code());
-                            let mut o = Outcome::new(
-                                reply,
-                                DecidedBy::Acquirer,
-                                if took { to } else { TxnState::Declined },
-                            );
-                            o.original_id = Some(original.id);
-                            o.link = Some(link);
-                            o.upstream_stan = Some(stan);
-                            o.routing = Some(asked.duration_since(began));
-                            o.upstream = Some(asked.elapsed());
-                            if !took {
-                                return Some(o);
-                            }
-                            o
-                        }
-                        // Not delivered now: the switch delivers it; the terminal is done.
-                        _ => {
-                            let mut o = ok(to)?;
-                            let advice = build::as_reversal_advice(&outgoing);
-                            o.change.saf.extend(self.saf_entry(
-                                endpoint,
-                                SafKind::Reversal,
-                                &advice,
-                                Some(txn_id),
-                                order_key.clone(),
-                            ));
-                            o
-                        }
-                    }
-                };
-                if is_advice {
-                    let advice = build::as_reversal_advice(&outgoing);
-                    o.change.saf.extend(self.saf_entry(
-                        endpoint,
-                        SafKind::Reversal,
-                        &advice,
-                        Some(txn_id),
-                        order_key,
-                    ));
+                let (o, taken) = self
+                    .forward_reversal(request, &original, endpoint, to, txn_id, began)
+                    .await?;
+                if !taken {
+                    // The acquirer refused it: the original stands.
+                    return Some(o);
                 }
-                o.endpoint = Some(endpoint.name().to_owned());
                 o
             }
         };
@@ -136,6 +91,75 @@ impl Pipeline {
             detail: Some(format!("{} {txn_id}", request.mti())),
         });
         Some(outcome)
+    }
+
+    /// A terminal's reversal for the original's endpoint: a 0400 is sent now and the acquirer's
+    /// answer relayed; a 0420, or a 0400 that cannot be delivered now, is acknowledged and
+    /// queued as a 0420 for store-and-forward. The outcome, and whether the reversal was taken
+    /// (not refused by the acquirer).
+    async fn forward_reversal(
+        &self,
+        request: &Message,
+        original: &Original,
+        endpoint: &Endpoint,
+        to: TxnState,
+        txn_id: i64,
+        began: Instant,
+    ) -> Option<(Outcome, bool)> {
+        let acknowledged = || {
+            let mut o = Outcome::new(
+                request.response_with(ResponseCode::APPROVED)?,
+                DecidedBy::Switch,
+                to,
+            );
+            o.original_id = Some(original.id);
+            Some(o)
+        };
+        let outgoing = build::outgoing_reversal(request, original, endpoint.acquirer_id());
+        let mut queue = false;
+        let mut o = if request.mti().function() == 2 {
+            queue = true;
+            acknowledged()?
+        } else {
+            let asked = Instant::now();
+            match endpoint.exchange(&outgoing, txn_id).await {
+                Upstream::Reply(reply, link, stan) => {
+                    let reply = Endpoint::relay(request, &reply)?;
+                    let taken = build::reversal_taken(reply.response_code());
+                    let mut o = Outcome::new(
+                        reply,
+                        DecidedBy::Acquirer,
+                        if taken { to } else { TxnState::Declined },
+                    );
+                    o.original_id = Some(original.id);
+                    o.link = Some(link);
+                    o.upstream_stan = Some(stan);
+                    o.routing = Some(asked.duration_since(began));
+                    o.upstream = Some(asked.elapsed());
+                    if !taken {
+                        return Some((o, false));
+                    }
+                    o
+                }
+                // Not delivered now: the switch delivers it; the terminal is done.
+                _ => {
+                    queue = true;
+                    acknowledged()?
+                }
+            }
+        };
+        if queue {
+            let advice = build::as_reversal_advice(&outgoing);
+            o.change.saf.extend(self.saf_entry(
+                endpoint,
+                SafKind::Reversal,
+                &advice,
+                Some(txn_id),
+                original.pan_hmac.clone(),
+            ));
+        }
+        o.endpoint = Some(endpoint.name().to_owned());
+        Some((o, true))
     }
 
     /// A reversal of a transaction the switch never saw: 0400 answered 25; 0420 acknowledged

@@ -1,14 +1,20 @@
 //! `[[endpoints]]`: an acquirer, its links and what the switch does for it (store-and-forward,
 //! stand-in, keys, business date).
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{anyhow, bail, Context, Result};
+use cardswitch_codec::framing::Framing;
+use cardswitch_codec::Dialect;
+use cardswitch_routing::Strategy;
 use serde::Deserialize;
 
 use crate::net::FramingConfig;
 use crate::settlement::EndpointSettlement;
 use crate::stand_in::StandInConfig;
-use crate::tls::ClientTls;
+use crate::security::EndpointSecurity;
+use crate::tls::{ClientTls, Connector};
 
 /// `[[endpoints]]`: an acquirer reached over a pool of links.
 #[derive(Debug, Clone, Deserialize)]
@@ -138,5 +144,100 @@ impl EndpointConfig {
     #[must_use]
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// An endpoint as validated: its section and what was loaded for it.
+#[derive(Debug, Clone)]
+pub struct ValidEndpoint {
+    /// The section as read.
+    pub config: EndpointConfig,
+    /// The acquirer's dialect.
+    pub dialect: Dialect,
+    /// Its framing.
+    pub framing: Framing,
+    /// How links are chosen.
+    pub strategy: Strategy,
+    /// TLS, when configured.
+    pub tls: Option<Connector>,
+    /// The keys shared with the acquirer, when configured.
+    pub security: Option<Arc<EndpointSecurity>>,
+}
+
+impl EndpointConfig {
+    /// Loads the endpoint's dialect, framing, TLS and keys, and checks its settings.
+    ///
+    /// # Errors
+    /// The first thing that does not validate, named with the endpoint.
+    pub fn validate(&self) -> Result<ValidEndpoint> {
+        let name = &self.name;
+        let dialect = Dialect::load(&self.dialect).with_context(|| format!("endpoint {name}"))?;
+        let framing = self
+            .framing
+            .framing()
+            .with_context(|| format!("endpoint {name}"))?;
+        let strategy: Strategy = self
+            .strategy
+            .parse()
+            .map_err(|m: String| anyhow!("endpoint {name}: {m}"))?;
+        self.check_limits()?;
+        self.saf.check(name)?;
+        self.stand_in.check(name)?;
+        self.settlement.check(name)?;
+        let tls = self
+            .tls
+            .as_ref()
+            .map(ClientTls::connector)
+            .transpose()
+            .with_context(|| format!("endpoint {name}: tls"))?;
+        let security = self
+            .security
+            .as_ref()
+            .map(|s| EndpointSecurity::from_config(s, name).map(Arc::new))
+            .transpose()?;
+        if self.stand_in.verify_cvv && security.as_ref().is_none_or(|s| s.cvk.is_none()) {
+            bail!("endpoint {name}: stand_in.verify_cvv needs security.cvk");
+        }
+        Ok(ValidEndpoint {
+            config: self.clone(),
+            dialect,
+            framing,
+            strategy,
+            tls,
+            security,
+        })
+    }
+
+    fn check_limits(&self) -> Result<()> {
+        let name = &self.name;
+        if self.links.is_empty() || self.links.len() > 64 {
+            bail!("endpoint {name}: 1 to 64 links");
+        }
+        if self.max_in_flight_per_link == 0 || self.request_timeout_ms == 0 {
+            bail!("endpoint {name}: max_in_flight_per_link and request_timeout_ms must be positive");
+        }
+        if let Some(id) = &self.acquirer_id {
+            if id.is_empty() || id.len() > 11 || !id.bytes().all(|b| b.is_ascii_digit()) {
+                bail!("endpoint {name}: acquirer_id must be 1 to 11 digits");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SafConfig {
+    fn check(&self, endpoint: &str) -> Result<()> {
+        for code in self.valid_codes.iter().chain(&self.retry_codes) {
+            if code.len() != 2 {
+                bail!("endpoint {endpoint}: saf response code {code:?} is not two characters");
+            }
+        }
+        if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms || self.max_in_flight == 0
+        {
+            bail!(
+                "endpoint {endpoint}: saf needs 0 < retry_min_ms <= retry_max_ms and max_in_flight > 0"
+            );
+        }
+        Ok(())
     }
 }

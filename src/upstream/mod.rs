@@ -38,7 +38,7 @@ use tracing::{debug, info, warn};
 
 pub mod config;
 
-pub use config::{EndpointConfig, SafConfig};
+pub use config::{EndpointConfig, SafConfig, ValidEndpoint};
 
 use crate::settlement::{self, BusinessDay, Cutover};
 use cardswitch_codec::hsm::KeyType;

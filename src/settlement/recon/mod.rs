@@ -46,7 +46,7 @@ use time::Date;
 
 use super::format_date;
 use crate::journal::{Backend, Journal};
-use classify::{classify, fixed, signed, totals, unpresented};
+use classify::{classify, fixed, signed, totals, unpresented, Table};
 pub use render::{print_csv, print_table};
 use store::{load_table, older_original, store, stored_run, MatchedLine};
 
@@ -218,25 +218,23 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Reconciles a clearing file, or reads the stored result when the same file was reconciled
-/// before for the same endpoint and date.
-///
-/// # Errors
-/// The file cannot be read or the database cannot be read or written.
-pub async fn reconcile(backend: &Backend, req: &Request<'_>) -> Result<Report> {
-    let date = format_date(req.date);
-    let sha = sha256_file(req.file)?;
-    if let Some(stored) = stored_run(backend, req.endpoint, &date, &sha).await? {
-        return Ok(stored);
-    }
-    let mut table = load_table(backend, req.endpoint, req.date, req.late_days).await?;
-    let julian = req.date.to_julian_day();
+/// What the file held: its matched lines (kept small), every other item in full, its net
+/// amount per currency, and its number of lines.
+struct FileRead {
+    matched: Vec<MatchedLine>,
+    items: Vec<Item>,
+    file_net: BTreeMap<String, i64>,
+    lines: u64,
+}
+
+/// Streams the clearing file at `path`, classifying each record against the table.
+fn read_file(table: &mut Table, julian: i32, path: &Path) -> Result<FileRead> {
     // Most lines match: those are kept small; everything else in full.
     let mut matched: Vec<MatchedLine> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
     let mut file_net: BTreeMap<String, i64> = BTreeMap::new();
     let mut lines = 0u64;
-    let file = std::fs::File::open(req.file).with_context(|| format!("{}", req.file.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     clearing::read(
         std::io::BufReader::with_capacity(1 << 20, file),
         |line, rec| {
@@ -252,7 +250,7 @@ pub async fn reconcile(backend: &Backend, req: &Request<'_>) -> Result<Report> {
                         *file_net.entry(rec.currency.clone()).or_default() +=
                             sign * signed(rec.amount_minor);
                     }
-                    let item = classify(&mut table, julian, line, &rec);
+                    let item = classify(table, julian, line, &rec);
                     match (item.class, item.txn_id) {
                         (Class::Matched, Some(txn_id)) => matched.push(MatchedLine {
                             line,
@@ -285,6 +283,33 @@ pub async fn reconcile(backend: &Backend, req: &Request<'_>) -> Result<Report> {
             }
         },
     )?;
+    Ok(FileRead {
+        matched,
+        items,
+        file_net,
+        lines,
+    })
+}
+
+/// Reconciles a clearing file, or reads the stored result when the same file was reconciled
+/// before for the same endpoint and date.
+///
+/// # Errors
+/// The file cannot be read or the database cannot be read or written.
+pub async fn reconcile(backend: &Backend, req: &Request<'_>) -> Result<Report> {
+    let date = format_date(req.date);
+    let sha = sha256_file(req.file)?;
+    if let Some(stored) = stored_run(backend, req.endpoint, &date, &sha).await? {
+        return Ok(stored);
+    }
+    let mut table = load_table(backend, req.endpoint, req.date, req.late_days).await?;
+    let julian = req.date.to_julian_day();
+    let FileRead {
+        matched,
+        mut items,
+        file_net,
+        lines,
+    } = read_file(&mut table, julian, req.file)?;
     unpresented(&table, julian, &mut items);
     let totals = totals(&table, julian, &file_net);
     drop(table);
