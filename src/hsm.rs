@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cardswitch_codec::hsm::{framing, KeyType, WrappedKey};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +25,9 @@ use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+
+use crate::net::connection::{keep_connected, Backoff, Ended, Peer};
+use crate::net::write::write_coalesced;
 
 /// `[hsm]`: where the HSMs are and how to use them.
 #[derive(Debug, Clone, Deserialize)]
@@ -438,62 +441,71 @@ fn forget(conn: &Conn, header: u32) {
     }
 }
 
+/// One HSM connection as the reconnecting loop sees it.
+struct HsmPeer {
+    conn: Arc<Conn>,
+    queue: mpsc::Receiver<Bytes>,
+    header_len: usize,
+    shutdown: CancellationToken,
+    was_up: bool,
+}
+
+impl Peer for HsmPeer {
+    fn addr(&self) -> &str {
+        &self.conn.addr
+    }
+
+    async fn serve(&mut self, stream: TcpStream) -> Ended {
+        self.conn.up.store(true, Ordering::Release);
+        if !self.was_up {
+            info!(hsm = %self.conn.addr, "HSM connection up");
+        }
+        self.was_up = true;
+        let framed = Framed::new(stream, framing());
+        if serve(&self.conn, framed, &mut self.queue, self.header_len, &self.shutdown).await {
+            Ended::Shutdown
+        } else {
+            Ended::Broken
+        }
+    }
+
+    fn ended(&mut self, how: Ended) {
+        self.conn.up.store(false, Ordering::Release);
+        // Whoever waits on this connection learns at once.
+        if let Ok(mut p) = self.conn.pending.lock() {
+            p.clear();
+        }
+        while self.queue.try_recv().is_ok() {}
+        if how != Ended::Shutdown {
+            warn!(hsm = %self.conn.addr, "HSM connection lost");
+        }
+    }
+
+    fn unreachable(&mut self) {
+        if self.was_up {
+            warn!(hsm = %self.conn.addr, "HSM unreachable");
+        }
+        self.was_up = false;
+        debug!(hsm = %self.conn.addr, "HSM connect failed");
+    }
+}
+
 async fn run(
     conn: Arc<Conn>,
-    mut queue: mpsc::Receiver<Bytes>,
+    queue: mpsc::Receiver<Bytes>,
     header_len: usize,
     reconnect_min: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = reconnect_min;
-    let mut was_up = false;
-    loop {
-        let connected = tokio::select! {
-            () = shutdown.cancelled() => return,
-            c = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&conn.addr)) => c,
-        };
-        if let Ok(Ok(stream)) = connected {
-            let _ = stream.set_nodelay(true);
-            backoff = reconnect_min;
-            conn.up.store(true, Ordering::Release);
-            if !was_up {
-                info!(hsm = %conn.addr, "HSM connection up");
-            }
-            was_up = true;
-            let shut = serve(
-                &conn,
-                Framed::new(stream, framing()),
-                &mut queue,
-                header_len,
-                &shutdown,
-            )
-            .await;
-            conn.up.store(false, Ordering::Release);
-            // Whoever waits on this connection learns at once.
-            if let Ok(mut p) = conn.pending.lock() {
-                p.clear();
-            }
-            while queue.try_recv().is_ok() {}
-            if shut {
-                return;
-            }
-            warn!(hsm = %conn.addr, "HSM connection lost");
-        } else {
-            if was_up {
-                warn!(hsm = %conn.addr, "HSM unreachable");
-            }
-            was_up = false;
-            debug!(hsm = %conn.addr, "HSM connect failed");
-        }
-        let jitter = Duration::from_millis(fastrand::u64(
-            0..=backoff.as_millis().try_into().unwrap_or(0) / 4 + 1,
-        ));
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff + jitter) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
+    let mut peer = HsmPeer {
+        conn,
+        queue,
+        header_len,
+        shutdown: shutdown.clone(),
+        was_up: false,
+    };
+    let backoff = Backoff::new(reconnect_min, Duration::from_secs(5));
+    keep_connected(&mut peer, Duration::from_secs(2), backoff, &shutdown).await;
 }
 
 /// Serves one connection; `true` when it ended for shutdown.
@@ -513,15 +525,7 @@ async fn serve(
             }
             out = queue.recv() => {
                 let Some(out) = out else { return true };
-                if framed.feed(out).await.is_err() {
-                    return false;
-                }
-                while let Ok(more) = queue.try_recv() {
-                    if framed.feed(more).await.is_err() {
-                        return false;
-                    }
-                }
-                if SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
+                if write_coalesced(&mut framed, out, queue).await.is_err() {
                     return false;
                 }
             }

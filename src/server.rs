@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
 use cardswitch_codec::Dialect;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::Framed;
@@ -31,6 +31,7 @@ use cardswitch_codec::hsm::{KeyType, WrappedKey};
 use crate::config::{ListenerConfig, Validated};
 use crate::hsm::Hsm;
 use crate::journal::Journal;
+use crate::net::write::write_coalesced;
 use crate::pipeline::Pipeline;
 use crate::security::{Key, ListenerSecurity};
 use crate::settlement::Cutover;
@@ -483,15 +484,7 @@ async fn session<S>(
     let (tx, mut rx) = mpsc::channel::<Frame>(ctx.per_connection);
     let writer = tracker.spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if sink.feed(frame).await.is_err() {
-                return;
-            }
-            while let Ok(more) = rx.try_recv() {
-                if sink.feed(more).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
+            if write_coalesced(&mut sink, frame, &mut rx).await.is_err() {
                 return;
             }
         }

@@ -1,5 +1,9 @@
-//! What terminal listeners and acquirer links share about the network: frame delimiting as
-//! configured.
+//! The network kit that terminal sessions, acquirer links and the HSM client share: frame
+//! delimiting as configured, the coalescing writer ([`write`]) and the reconnecting-connection
+//! loop ([`connection`]).
+
+pub(crate) mod connection;
+pub(crate) mod write;
 
 use anyhow::{anyhow, Result};
 use cardswitch_codec::framing::{Framing, LengthPrefix, DEFAULT_MAX_FRAME};

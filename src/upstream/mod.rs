@@ -28,7 +28,7 @@ use bytes::Bytes;
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
 use cardswitch_codec::{Dialect, Message, Mti, ResponseCode};
 use cardswitch_routing::{LinkView, Strategy};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
@@ -37,15 +37,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub mod config;
+mod network;
 
 pub use config::{EndpointConfig, SafConfig, ValidEndpoint};
 
-use crate::settlement::{self, BusinessDay, Cutover};
+use crate::settlement::{BusinessDay, Cutover};
 use cardswitch_codec::hsm::KeyType;
 
 use crate::hsm::Hsm;
 use crate::security::{EndpointSecurity, Key};
 use crate::telemetry;
+use crate::net::connection::{keep_connected, Backoff, Ended, Peer};
+use crate::net::write::write_coalesced;
 use crate::tls::Connector;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -572,10 +575,52 @@ pub struct EndpointDay {
     pub cutovers: mpsc::Sender<Cutover>,
 }
 
-/// Why a connection ended.
-enum Ended {
-    Shutdown,
-    Broken,
+/// A link as the reconnecting loop sees it: its task and its queue of requests.
+struct LinkPeer<'a> {
+    task: &'a LinkTask,
+    queue: mpsc::Receiver<Frame>,
+}
+
+impl Peer for LinkPeer<'_> {
+    fn addr(&self) -> &str {
+        &self.task.link.addr
+    }
+
+    async fn serve(&mut self, stream: TcpStream) -> Ended {
+        let t = self.task;
+        match &t.tls {
+            None => {
+                t.set_state(LinkState::Connected);
+                info!(endpoint = %t.endpoint, link = %t.link.addr, "link connected");
+                t.serve(Framed::new(stream, FrameCodec::new(t.framing)), &mut self.queue)
+                    .await
+            }
+            Some(tls) => {
+                let Some(secure) = t.handshake(tls, stream).await else {
+                    return Ended::NotUp;
+                };
+                t.set_state(LinkState::Connected);
+                info!(endpoint = %t.endpoint, link = %t.link.addr, "link connected (TLS)");
+                t.serve(Framed::new(secure, FrameCodec::new(t.framing)), &mut self.queue)
+                    .await
+            }
+        }
+    }
+
+    fn ended(&mut self, how: Ended) {
+        let t = self.task;
+        t.set_state(LinkState::Disconnected);
+        t.link.fail_all();
+        // Requests queued but not written: their waiters were just failed.
+        while self.queue.try_recv().is_ok() {}
+        if how != Ended::Shutdown {
+            warn!(endpoint = %t.endpoint, link = %t.link.addr, "link lost");
+        }
+    }
+
+    fn unreachable(&mut self) {
+        debug!(endpoint = %self.task.endpoint, link = %self.task.link.addr, "connect failed");
+    }
 }
 
 impl LinkTask {
@@ -585,160 +630,15 @@ impl LinkTask {
             .set(f64::from(state as u8));
     }
 
-    async fn run(self, mut queue: mpsc::Receiver<Frame>) {
-        let mut backoff = self.reconnect.0;
-        loop {
-            if self.shutdown.is_cancelled() {
-                return;
-            }
-            let connected = tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                c = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), TcpStream::connect(&*self.link.addr)) => c,
-            };
-            match connected {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    let ended = match &self.tls {
-                        None => {
-                            backoff = self.reconnect.0;
-                            self.set_state(LinkState::Connected);
-                            info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected");
-                            self.serve(
-                                Framed::new(stream, FrameCodec::new(self.framing)),
-                                &mut queue,
-                            )
-                            .await
-                        }
-                        Some(tls) => match self.handshake(tls, stream).await {
-                            Some(secure) => {
-                                backoff = self.reconnect.0;
-                                self.set_state(LinkState::Connected);
-                                info!(endpoint = %self.endpoint, link = %self.link.addr, "link connected (TLS)");
-                                self.serve(
-                                    Framed::new(secure, FrameCodec::new(self.framing)),
-                                    &mut queue,
-                                )
-                                .await
-                            }
-                            None => Ended::Broken,
-                        },
-                    };
-                    self.set_state(LinkState::Disconnected);
-                    self.link.fail_all();
-                    // Requests queued but not written: their waiters were just failed.
-                    while queue.try_recv().is_ok() {}
-                    if matches!(ended, Ended::Shutdown) {
-                        return;
-                    }
-                    warn!(endpoint = %self.endpoint, link = %self.link.addr, "link lost");
-                }
-                _ => debug!(endpoint = %self.endpoint, link = %self.link.addr, "connect failed"),
-            }
-            let jitter = Duration::from_millis(fastrand::u64(
-                0..=backoff.as_millis().try_into().unwrap_or(0) / 4 + 1,
-            ));
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff + jitter) => {}
-            }
-            backoff = (backoff * 2).min(self.reconnect.1);
-        }
-    }
-
-    /// An acquirer's key change: the new ZPK arrives under the ZMK with its check value. The
-    /// HSM imports it under the LMK; when the check values agree it replaces the ZPK in use and
-    /// is kept in the database; the 0810 says 00, or 63 (check value differs) or 96 (no ZMK,
-    /// unreadable field, HSM failure). Runs beside the link so that traffic keeps flowing.
-    fn key_exchange(&self, request: Message) {
-        let Some(sec) = self.security.clone() else {
-            return;
-        };
-        let (endpoint, dialect, queue) = (
-            self.endpoint.clone(),
-            self.dialect.clone(),
-            self.link.queue.clone(),
-        );
-        tokio::spawn(async move {
-            let code = match (
-                &sec.keys.zmk,
-                request
-                    .get(sec.keys.key_field)
-                    .and_then(EndpointSecurity::parse_key_field),
-            ) {
-                (Some(zmk), Some((under_zmk, check))) => {
-                    match sec.hsm.import_key(KeyType::ZPK, &zmk.key, &under_zmk).await {
-                        Ok((under_lmk, kcv))
-                            if kcv.starts_with(&check) || check.starts_with(&kcv) =>
-                        {
-                            let key = Key {
-                                key: under_lmk,
-                                check: kcv.clone(),
-                                kind: KeyType::ZPK,
-                            };
-                            sec.keys.set_zpk(key.clone());
-                            let _ = sec.changes.send((endpoint.clone(), key)).await;
-                            info!(endpoint = %endpoint, check_value = %kcv, "ZPK changed by key exchange");
-                            ResponseCode::APPROVED
-                        }
-                        Ok((_, kcv)) => {
-                            warn!(endpoint = %endpoint, sent = %check, computed = %kcv, "key exchange: check values differ; key refused");
-                            ResponseCode::SECURITY_VIOLATION
-                        }
-                        Err(e) => {
-                            warn!(endpoint = %endpoint, error = %e, "key exchange: HSM import failed");
-                            ResponseCode::SYSTEM_MALFUNCTION
-                        }
-                    }
-                }
-                (None, _) => {
-                    warn!(endpoint = %endpoint, "key exchange but no ZMK configured");
-                    ResponseCode::SYSTEM_MALFUNCTION
-                }
-                (_, None) => {
-                    warn!(endpoint = %endpoint, "key exchange: key field missing or unreadable");
-                    ResponseCode::SYSTEM_MALFUNCTION
-                }
-            };
-            if let Some(mut rsp) = request.response_with(code) {
-                rsp.remove(sec.keys.key_field);
-                if let Ok(body) = dialect.encode_to_vec(&rsp) {
-                    let _ = queue.send(Frame::new(Bytes::from(body))).await;
-                }
-            }
-        });
-    }
-
-    /// The acquirer's cutover (0800, DE70 201): the business date advances to DE15 (nearest
-    /// year) or, without it, to the next day, and the 0810 says 00. A repeat (same or earlier
-    /// date, as when every link of the endpoint receives it) changes nothing and is answered 00
-    /// too.
-    async fn cutover<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        request: &Message,
-        framed: &mut Framed<S, FrameCodec>,
-    ) {
-        let current = self.day.day.current();
-        let to = request
-            .get_str(15)
-            .and_then(|d| settlement::resolve_mmdd(d, current));
-        if let Some((closed, opened)) = self.day.day.advance(to) {
-            let _ = self
-                .day
-                .cutovers
-                .send(Cutover {
-                    endpoint: self.endpoint.clone(),
-                    closed,
-                    opened,
-                    cause: "0800/201".to_owned(),
-                })
-                .await;
-        }
-        if let Some(mut rsp) = request.response_with(ResponseCode::APPROVED) {
-            rsp.set(15, settlement::mmdd(self.day.day.current()).as_bytes());
-            if let Ok(body) = self.dialect.encode_to_vec(&rsp) {
-                let _ = framed.send(Frame::new(body)).await;
-            }
-        }
+    async fn run(self, queue: mpsc::Receiver<Frame>) {
+        let mut peer = LinkPeer { task: &self, queue };
+        keep_connected(
+            &mut peer,
+            self.timeout.max(Duration::from_secs(1)),
+            Backoff::new(self.reconnect.0, self.reconnect.1),
+            &self.shutdown,
+        )
+        .await;
     }
 
     async fn handshake(
@@ -771,60 +671,14 @@ impl LinkTask {
         }
     }
 
-    fn network_message(&self, code: &str) -> (u32, Message) {
-        let stan = self.link.next_stan();
-        let (de7, _, _) = cardswitch_codec::clock::now_fields();
-        (
-            stan,
-            Message::builder(Mti::NETWORK_REQUEST)
-                .field(7, de7)
-                .stan(stan)
-                .field(70, code)
-                .build(),
-        )
-    }
-
-    async fn send_network<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        framed: &mut Framed<S, FrameCodec>,
-        code: &str,
-    ) -> Option<u32> {
-        let (stan, msg) = self.network_message(code);
-        let body = self.dialect.encode_to_vec(&msg).ok()?;
-        framed.send(Frame::new(body)).await.ok()?;
-        Some(stan)
-    }
-
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut framed: Framed<S, FrameCodec>,
         queue: &mut mpsc::Receiver<Frame>,
     ) -> Ended {
-        // Sign-on: 0800/001 answered 00 before any traffic.
         if self.sign_on {
-            let Some(stan) = self.send_network(&mut framed, "001").await else {
-                return Ended::Broken;
-            };
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            loop {
-                let next = tokio::select! {
-                    () = self.shutdown.cancelled() => return Ended::Shutdown,
-                    n = tokio::time::timeout_at(deadline, framed.next()) => n,
-                };
-                let Ok(Some(Ok(frame))) = next else {
-                    warn!(endpoint = %self.endpoint, link = %self.link.addr, "sign-on not answered");
-                    return Ended::Broken;
-                };
-                let Ok(reply) = self.dialect.decode(&frame.body) else {
-                    continue;
-                };
-                if reply.mti() == Mti::NETWORK_RESPONSE && reply.stan() == Some(stan) {
-                    if reply.response_code() == Some(ResponseCode::APPROVED) {
-                        break;
-                    }
-                    warn!(endpoint = %self.endpoint, link = %self.link.addr, "sign-on refused");
-                    return Ended::Broken;
-                }
+            if let Err(ended) = self.sign_on(&mut framed).await {
+                return ended;
             }
         }
         self.set_state(LinkState::Ready);
@@ -844,16 +698,7 @@ impl LinkTask {
                 }
                 frame = queue.recv() => {
                     let Some(frame) = frame else { return Ended::Shutdown };
-                    if framed.feed(frame).await.is_err() {
-                        return Ended::Broken;
-                    }
-                    // Write everything already queued in one flush.
-                    while let Ok(more) = queue.try_recv() {
-                        if framed.feed(more).await.is_err() {
-                            return Ended::Broken;
-                        }
-                    }
-                    if framed.flush().await.is_err() {
+                    if write_coalesced(&mut framed, frame, queue).await.is_err() {
                         return Ended::Broken;
                     }
                 }
@@ -872,27 +717,8 @@ impl LinkTask {
                         echo_stan = None;
                         continue;
                     }
-                    if reply.mti() == Mti::NETWORK_REQUEST
-                        && self.security.as_ref().is_some_and(|s| {
-                            reply.network_code() == Some(s.keys.key_exchange_code)
-                        })
-                    {
-                        self.key_exchange(reply);
-                        continue;
-                    }
-                    if reply.mti() == Mti::NETWORK_REQUEST && reply.network_code() == Some(201) {
-                        self.cutover(&reply, &mut framed).await;
-                        continue;
-                    }
                     if reply.mti() == Mti::NETWORK_REQUEST {
-                        // The acquirer's own echo or sign-on: answer it.
-                        if let Some(mut rsp) = reply.response_with(ResponseCode::APPROVED) {
-                            rsp.remove(39);
-                            rsp.set_response_code(ResponseCode::APPROVED);
-                            if let Ok(body) = self.dialect.encode_to_vec(&rsp) {
-                                let _ = framed.send(Frame::new(body)).await;
-                            }
-                        }
+                        self.acquirer_request(reply, &mut framed).await;
                         continue;
                     }
                     if let Err(reply) = self.link.deliver(reply) {
