@@ -9,18 +9,19 @@ use cardswitch::config::Config;
 use cardswitch::server::Switch;
 use cardswitch_codec::{Message, Mti};
 use cardswitch_simulators::Acquirer;
-use sqlx::PgPool;
 use tokio::net::TcpStream;
 
 mod common;
 
-use common::{acquirer, pg_schema, request, Terminal};
+use common::{acquirer, pg_schema, request, Terminal, TestDb};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
-async fn start(listener: &str) -> (Acquirer, Switch, PgPool) {
+/// The acquirer, the switch, and the test's database (its schema lives as long as it).
+async fn start(listener: &str) -> (Acquirer, Switch, TestDb) {
     cardswitch::telemetry::install().unwrap();
-    let (url, pool) = pg_schema("admin").await;
+    let db = pg_schema("admin").await;
+    let url = db.0.clone();
     let acq = acquirer(None).await;
     let text = format!(
         r#"
@@ -47,7 +48,7 @@ endpoint = "acq"
         .await
         .unwrap();
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
-    (acq, sw, pool)
+    (acq, sw, db)
 }
 
 /// GET with an optional token: status and body.

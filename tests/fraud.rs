@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 mod common;
 
-use common::{acquirer, pg_schema, Terminal};
+use common::{acquirer, pg_schema, Terminal, TestDb};
 
 const TOKEN: &str = "fraud-token-0123456789abcdef";
 
@@ -65,7 +65,7 @@ async fn post(url: String) -> (u16, String) {
 #[test]
 fn rules_decline_record_and_reload() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, pool) = pg_schema("fraud").await;
+        let TestDb(url, pool, _schema) = pg_schema("fraud").await;
         let dir = std::env::temp_dir().join(format!("cardswitch-fraud-{}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("rules.toml");

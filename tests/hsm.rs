@@ -22,7 +22,7 @@ use tokio_util::codec::Framed;
 
 mod common;
 
-use common::pg_schema;
+use common::{pg_schema, TestDb};
 
 async fn hsm_sim(listen: SocketAddr) -> HsmSim {
     HsmSim::start(HsmConfig {
@@ -177,7 +177,7 @@ fn published_hsm_vectors_over_tcp() {
 #[test]
 fn pin_translated_mac_checked_and_made() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, pool) = pg_schema("hsm_pin").await;
+        let TestDb(url, pool, _schema) = pg_schema("hsm_pin").await;
         let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
         let acq = acquirer().await;
         let sw = switch(
@@ -256,7 +256,7 @@ fn pin_translated_mac_checked_and_made() {
 #[test]
 fn key_exchange_then_pin_under_the_new_key() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, pool) = pg_schema("hsm_kx").await;
+        let TestDb(url, pool, _schema) = pg_schema("hsm_kx").await;
         let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
         let acq = acquirer().await;
         let link = acq.local_addr().to_string();
@@ -304,7 +304,7 @@ fn key_exchange_then_pin_under_the_new_key() {
 #[test]
 fn hsm_down_gives_96_and_health_shows_it() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, _pool) = pg_schema("hsm_down").await;
+        let TestDb(url, _pool, _schema) = pg_schema("hsm_down").await;
         let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
         let hsm_addr = sim.local_addr();
         let acq = acquirer().await;
@@ -353,7 +353,7 @@ fn hsm_down_gives_96_and_health_shows_it() {
 #[test]
 fn a_wrong_check_value_stops_the_switch() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, _pool) = pg_schema("hsm_kcv").await;
+        let TestDb(url, _pool, _schema) = pg_schema("hsm_kcv").await;
         let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
         let k = TestKeys::fixed();
         let text = config_text(&url, "127.0.0.1:1", &sim.local_addr().to_string(), "")

@@ -12,33 +12,17 @@ use std::time::{Duration, Instant};
 
 use cardswitch::config::Config;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
-use cardswitch_codec::{sample, Dialect, Message, Mti};
+use cardswitch_codec::framing::Framing;
+use cardswitch_codec::{Dialect, Message, Mti};
 use cardswitch_simulators::acquirer::{Faults, Latency};
 use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
 
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+mod common;
 
-/// A fresh schema: its URL (through `search_path`) and a pool on it.
-async fn pg_schema(name: &str) -> (String, PgPool) {
-    let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
-    let pool = PgPool::connect(&pg_url()).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
-    let pool = PgPool::connect(&url).await.unwrap();
-    (url, pool)
-}
+use common::{pg_schema, request, TestDb, Terminal};
 
 async fn acquirer_at(listen: SocketAddr, rules: Rules) -> Acquirer {
     Acquirer::start(AcquirerConfig {
@@ -96,47 +80,6 @@ async fn switch(url: &str, link: &str, timeout_ms: u64, extra: &str) -> Switch {
     Switch::start(config).await.unwrap()
 }
 
-struct Terminal {
-    framed: Framed<TcpStream, FrameCodec>,
-    dialect: Dialect,
-}
-
-impl Terminal {
-    async fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        Self {
-            framed: Framed::new(stream, FrameCodec::new(Framing::default())),
-            dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        }
-    }
-
-    async fn send(&mut self, msg: &Message) {
-        let body = self.dialect.encode_to_vec(msg).unwrap();
-        self.framed.send(Frame::new(body)).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> Message {
-        let frame = tokio::time::timeout(Duration::from_secs(10), self.framed.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        self.dialect.decode(&frame.body).unwrap()
-    }
-
-    async fn exchange(&mut self, msg: &Message) -> Message {
-        self.send(msg).await;
-        self.recv().await
-    }
-}
-
-fn request(amount: u64, stan: u32, rrn: &str) -> Message {
-    let mut m = sample::auth_request();
-    m.set_amount(amount);
-    m.set_stan(stan);
-    m.set(37, rrn.as_bytes());
-    m
-}
 
 /// A reversal of `original` (new STAN, DE90 naming the original).
 fn reversal(original: &Message, mti: Mti, stan: u32) -> Message {
@@ -194,7 +137,7 @@ fn rules_with(faults: Faults) -> Rules {
 
 #[tokio::test]
 async fn timeout_answers_91_and_a_reversal_is_delivered() {
-    let (url, pool) = pg_schema("timeout").await;
+    let TestDb(url, pool, _schema) = pg_schema("timeout").await;
     let acq = acquirer(rules_with(Faults {
         no_reply: 100.0,
         ..Faults::default()
@@ -243,7 +186,7 @@ async fn timeout_answers_91_and_a_reversal_is_delivered() {
 
 #[tokio::test]
 async fn a_late_approval_is_never_forwarded_and_is_reversed() {
-    let (url, pool) = pg_schema("late").await;
+    let TestDb(url, pool, _schema) = pg_schema("late").await;
     let acq = acquirer(rules_with(Faults {
         late: 100.0,
         late_ms: 600,
@@ -295,7 +238,7 @@ async fn a_late_approval_is_never_forwarded_and_is_reversed() {
 
 #[tokio::test]
 async fn duplicates_get_the_same_reply_and_other_content_gets_94() {
-    let (url, pool) = pg_schema("dup").await;
+    let TestDb(url, pool, _schema) = pg_schema("dup").await;
     let acq = acquirer(Rules {
         latency: Latency {
             min_ms: 200,
@@ -356,7 +299,7 @@ async fn duplicates_get_the_same_reply_and_other_content_gets_94() {
 
 #[tokio::test]
 async fn terminal_reversals_unknown_originals_twice_and_partial() {
-    let (url, pool) = pg_schema("rev").await;
+    let TestDb(url, pool, _schema) = pg_schema("rev").await;
     let acq = acquirer(Rules::default_rules()).await;
     let sw = switch(&url, &acq.local_addr().to_string(), 2000, "").await;
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
@@ -447,7 +390,7 @@ async fn terminal_reversals_unknown_originals_twice_and_partial() {
 
 #[tokio::test]
 async fn stand_in_approves_under_the_limit_and_advises_later() {
-    let (url, pool) = pg_schema("stip").await;
+    let TestDb(url, pool, _schema) = pg_schema("stip").await;
     // The acquirer's address, with nothing listening yet.
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -513,7 +456,7 @@ impl Drop for Killed {
 
 #[tokio::test]
 async fn store_and_forward_survives_kill_9() {
-    let (url, pool) = pg_schema("kill").await;
+    let TestDb(url, pool, _schema) = pg_schema("kill").await;
     // The host drops everything: the reversal cannot be delivered yet.
     let acq = acquirer(rules_with(Faults {
         no_reply: 100.0,

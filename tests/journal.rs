@@ -22,22 +22,9 @@ use sqlx::Row as _;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
+mod common;
 
-/// A fresh PostgreSQL schema; the URL selects it through `search_path`.
-async fn pg_schema(name: &str) -> String {
-    let schema = format!("cs_{name}_{}_{}", std::process::id(), fastrand::u32(..));
-    let pool = sqlx::PgPool::connect(&pg_url()).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let sep = if pg_url().contains('?') { '&' } else { '?' };
-    format!("{}{sep}options=-csearch_path%3D{schema}", pg_url())
-}
+use common::{pg_schema, TestDb};
 
 fn sqlite_url(name: &str) -> (String, std::path::PathBuf) {
     let path = std::env::temp_dir().join(format!(
@@ -287,7 +274,8 @@ async fn one_row_per_transaction_and_no_card_data(url: &str) {
 
 #[tokio::test]
 async fn postgres_journal_rows() {
-    one_row_per_transaction_and_no_card_data(&pg_schema("rows").await).await;
+    let TestDb(url, _pool, _schema) = pg_schema("rows").await;
+    one_row_per_transaction_and_no_card_data(&url).await;
 }
 
 #[tokio::test]
@@ -299,7 +287,7 @@ async fn sqlite_journal_rows() {
 
 #[tokio::test]
 async fn durable_mode_answers_96_while_the_journal_is_down_and_recovers() {
-    let url = pg_schema("outage").await;
+    let TestDb(url, _pool, _schema) = pg_schema("outage").await;
     let acq = acquirer().await;
     let sw = switch(&url, &acq, "durable").await;
     assert_eq!(exchange(&sw, &request(100, 1)).await, "00");
@@ -352,7 +340,7 @@ async fn durable_mode_answers_96_while_the_journal_is_down_and_recovers() {
 
 #[tokio::test]
 async fn async_mode_replies_first_and_writes_after() {
-    let url = pg_schema("async").await;
+    let TestDb(url, _pool, _schema) = pg_schema("async").await;
     let acq = acquirer().await;
     let sw = switch(&url, &acq, "async").await;
     for stan in 1..=20 {
@@ -467,7 +455,8 @@ async fn saf_queue_keeps_each_cards_order(url: &str) {
 
 #[tokio::test]
 async fn postgres_saf_queue_keeps_each_cards_order() {
-    saf_queue_keeps_each_cards_order(&pg_schema("safq").await).await;
+    let TestDb(url, _pool, _schema) = pg_schema("safq").await;
+    saf_queue_keeps_each_cards_order(&url).await;
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use sqlx::PgPool;
 
 mod common;
 
-use common::{acquirer, pg_schema, Terminal};
+use common::{acquirer, pg_schema, Terminal, TestDb};
 
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const TOKEN: &str = "settlement-token-0123456789";
@@ -141,7 +141,7 @@ async fn closed_batches(pool: &PgPool, batch: &str) -> i64 {
 #[test]
 fn terminal_batches_settle_and_uploads_fix_an_unbalanced_one() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, pool) = pg_schema("batch").await;
+        let TestDb(url, pool, _schema) = pg_schema("batch").await;
         let acq = acquirer(None).await;
         let sw = switch(&url, &acq).await;
         let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
@@ -280,7 +280,7 @@ fn terminal_batches_settle_and_uploads_fix_an_unbalanced_one() {
 #[test]
 fn a_transaction_in_flight_across_a_cutover_counts_once_on_the_old_date() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, pool) = pg_schema("cutover").await;
+        let TestDb(url, pool, _schema) = pg_schema("cutover").await;
         let acq = acquirer(None).await;
         let sw = switch(&url, &acq).await;
         let addr = sw.listener_addrs()[0];
@@ -430,7 +430,7 @@ fn pairs(r: &recon::Report) -> Vec<(String, String)> {
 #[test]
 fn clearing_files_reconcile_item_by_item_and_a_rerun_changes_nothing() {
     tokio::runtime::Runtime::new().unwrap().block_on(async {
-        let (url, pool) = pg_schema("recon").await;
+        let TestDb(url, pool, _schema) = pg_schema("recon").await;
         let acq = acquirer(None).await;
         let sw = switch(&url, &acq).await;
         let mut t = Terminal::connect(sw.listener_addrs()[0]).await;

@@ -3,18 +3,19 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cardswitch::config::Config;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
+use cardswitch_codec::framing::Framing;
 use cardswitch_codec::{sample, Dialect, Message, Mti};
 use cardswitch_simulators::acquirer::{Faults, Latency};
 use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
-use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+
+mod common;
+
+use common::Terminal;
 
 async fn acquirer(rules: Rules) -> Acquirer {
     Acquirer::start(AcquirerConfig {
@@ -65,44 +66,6 @@ endpoint = "acq"
     let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
     let config = Config::from_toml(&text, env).unwrap();
     Switch::start(config).await.unwrap()
-}
-
-struct Terminal {
-    framed: Framed<TcpStream, FrameCodec>,
-    dialect: Dialect,
-}
-
-impl Terminal {
-    async fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        Self {
-            framed: Framed::new(stream, FrameCodec::new(Framing::default())),
-            dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        }
-    }
-
-    async fn send(&mut self, msg: &Message) {
-        self.send_raw(self.dialect.encode_to_vec(msg).unwrap())
-            .await;
-    }
-
-    async fn send_raw(&mut self, body: Vec<u8>) {
-        self.framed.send(Frame::new(body)).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> Message {
-        let frame = tokio::time::timeout(Duration::from_secs(5), self.framed.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        self.dialect.decode(&frame.body).unwrap()
-    }
-
-    async fn exchange(&mut self, msg: &Message) -> Message {
-        self.send(msg).await;
-        self.recv().await
-    }
 }
 
 fn request(amount: u64, stan: u32) -> Message {

@@ -1,5 +1,6 @@
-//! What several end-to-end test files share: a PostgreSQL schema per test, the acquirer
-//! simulator, a terminal connection, a sample request. Each file uses a part of it.
+//! What the end-to-end test files share: a PostgreSQL schema per test (dropped when the test
+//! ends), the acquirer simulator, a terminal connection, a sample request. Each file uses a
+//! part of it.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -21,18 +22,49 @@ pub fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// A fresh schema: its URL (through `search_path`) and a pool on it.
-pub async fn pg_schema(name: &str) -> (String, PgPool) {
+/// A schema of one test: dropped when this guard is (keep it bound to the end of the test).
+pub struct Schema(String);
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        // Drop cannot wait on the test's runtime: a thread of its own, with a lock timeout so
+        // that a switch still writing cannot hold the test up.
+        let schema = std::mem::take(&mut self.0);
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(pool) = PgPool::connect(&pg_url()).await {
+                    let _ = sqlx::query("SET lock_timeout = '5s'").execute(&pool).await;
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .execute(&pool)
+                        .await;
+                    pool.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A test's database: the URL selecting its schema (through `search_path`), a pool on it, and
+/// the guard that drops the schema.
+pub struct TestDb(pub String, pub PgPool, pub Schema);
+
+/// A fresh schema for one test.
+pub async fn pg_schema(name: &str) -> TestDb {
     let schema = format!("ci_{name}_{}_{}", std::process::id(), fastrand::u32(..));
     let pool = PgPool::connect(&pg_url()).await.unwrap();
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
         .execute(&pool)
         .await
         .unwrap();
+    pool.close().await;
     let sep = if pg_url().contains('?') { '&' } else { '?' };
     let url = format!("{}{sep}options=-csearch_path%3D{schema}", pg_url());
     let pool = PgPool::connect(&url).await.unwrap();
-    (url, pool)
+    TestDb(url, pool, Schema(schema))
 }
 
 /// The acquirer simulator on a free port: `iso87-ascii`, default rules, these keys.
@@ -67,7 +99,11 @@ impl Terminal {
     }
 
     pub async fn send(&mut self, m: &Message) {
-        let body = self.dialect.encode_to_vec(m).unwrap();
+        self.send_raw(self.dialect.encode_to_vec(m).unwrap()).await;
+    }
+
+    /// Sends a frame body as it is (garbage included).
+    pub async fn send_raw(&mut self, body: Vec<u8>) {
         self.framed.send(Frame::new(body)).await.unwrap();
     }
 
