@@ -21,16 +21,16 @@ use crate::journal::claims::Claim;
 use crate::journal::Journal;
 
 /// Fields of a reply that carry the decision; what a copy is answered with.
-pub const DECISION_FIELDS: &[u8] = &[38, 39, 44, 54, 55, 102, 103];
+pub(crate) const DECISION_FIELDS: &[u8] = &[38, 39, 44, 54, 55, 102, 103];
 
 /// The decision fields of a reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision(Vec<(u8, Vec<u8>)>);
+pub(crate) struct Decision(Vec<(u8, Vec<u8>)>);
 
 impl Decision {
     /// The decision carried by `reply`.
     #[must_use]
-    pub fn of(reply: &Message) -> Self {
+    pub(crate) fn of(reply: &Message) -> Self {
         Self(
             DECISION_FIELDS
                 .iter()
@@ -41,7 +41,7 @@ impl Decision {
 
     /// The reply to `request` carrying this decision.
     #[must_use]
-    pub fn reply_to(&self, request: &Message) -> Option<Message> {
+    pub(crate) fn reply_to(&self, request: &Message) -> Option<Message> {
         let mut out = request.response()?;
         for (f, v) in &self.0 {
             out.set(*f, v);
@@ -71,20 +71,20 @@ impl Decision {
 
     /// The sealed form stored in the database.
     #[must_use]
-    pub fn seal(&self, journal: &Journal) -> String {
+    pub(crate) fn seal(&self, journal: &Journal) -> String {
         journal.sealer().seal(&self.to_bytes())
     }
 
     /// A stored decision; `None` when it cannot be opened.
     #[must_use]
-    pub fn open(journal: &Journal, sealed: &str) -> Option<Self> {
+    pub(crate) fn open(journal: &Journal, sealed: &str) -> Option<Self> {
         Self::from_bytes(&journal.sealer().open(sealed)?)
     }
 }
 
 /// What to do with a request after the duplicate check.
 #[derive(Debug)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// New: go ahead, and complete the guard with the reply.
     Go(Guard),
     /// A copy of a completed request: answer with its decision.
@@ -106,7 +106,7 @@ struct Local {
 
 /// The duplicate checker.
 #[derive(Debug)]
-pub struct Dedup {
+pub(crate) struct Dedup {
     journal: Journal,
     local: Arc<Mutex<Local>>,
     wait: Duration,
@@ -115,7 +115,7 @@ pub struct Dedup {
 /// A claimed key; completing it answers the copies waiting on this node. Dropped without
 /// completing, the waiters are released with nothing.
 #[derive(Debug)]
-pub struct Guard {
+pub(crate) struct Guard {
     key: String,
     local: Arc<Mutex<Local>>,
 }
@@ -123,12 +123,12 @@ pub struct Guard {
 impl Guard {
     /// The key.
     #[must_use]
-    pub fn key(&self) -> &str {
+    pub(crate) fn key(&self) -> &str {
         &self.key
     }
 
     /// Hands the decision to the copies waiting here.
-    pub fn complete(self, decision: &Decision) {
+    pub(crate) fn complete(self, decision: &Decision) {
         if let Ok(mut l) = self.local.lock() {
             if let Some((_, tx)) = l.in_flight.remove(&self.key) {
                 let _ = tx.send(Some(decision.clone()));
@@ -148,7 +148,7 @@ impl Drop for Guard {
 impl Dedup {
     /// A checker over the journal's database; copies wait at most `wait` for their first.
     #[must_use]
-    pub fn new(journal: Journal, wait: Duration) -> Self {
+    pub(crate) fn new(journal: Journal, wait: Duration) -> Self {
         Self {
             journal,
             local: Arc::default(),
@@ -158,7 +158,7 @@ impl Dedup {
 
     /// The key of a request from `listener`.
     #[must_use]
-    pub fn key(listener: &str, request: &Message) -> String {
+    pub(crate) fn key(listener: &str, request: &Message) -> String {
         let f = |n| request.get_str(n).unwrap_or("");
         format!(
             "{listener}|{}|{}|{}|{}|{}",
@@ -172,7 +172,7 @@ impl Dedup {
 
     /// The content hash: a keyed hash of DE2, DE3 and DE4.
     #[must_use]
-    pub fn content_hash(&self, request: &Message, pan: Option<&Pan>) -> String {
+    pub(crate) fn content_hash(&self, request: &Message, pan: Option<&Pan>) -> String {
         let pan = pan.map(|p| p.expose().as_bytes()).unwrap_or_default();
         self.journal.keyed_hash(&[
             pan,
@@ -184,7 +184,7 @@ impl Dedup {
     /// Checks a request; `Go` claims its key. A key left in flight by a request that never
     /// completed (its node died) is taken over when `may_take_over` (reversals: doing one
     /// twice changes nothing); otherwise the copy learns the outcome is unknown.
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
         key: String,
         hash: String,

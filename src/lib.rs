@@ -5,21 +5,21 @@
 //! decisions and the simulators are crates of their own, and this library does not depend on
 //! the simulators.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
-pub mod dedup;
+pub(crate) mod dedup;
 pub mod fraud;
 pub mod hsm;
 pub mod journal;
-pub mod net;
-pub mod pipeline;
-pub mod saf;
-pub mod seal;
-pub mod security;
+pub(crate) mod net;
+pub(crate) mod pipeline;
+pub(crate) mod saf;
+pub(crate) mod seal;
+pub(crate) mod security;
 pub mod server;
 pub mod settlement;
-pub mod stand_in;
-pub mod state;
+pub(crate) mod stand_in;
+pub(crate) mod state;
 pub mod telemetry;
 pub mod tls;
-pub mod upstream;
+pub(crate) mod upstream;

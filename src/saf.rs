@@ -23,7 +23,7 @@ use crate::state::TxnState;
 use crate::upstream::{Endpoint, Upstream};
 
 /// Runs the sender of one endpoint until `stop`.
-pub async fn run(journal: Journal, endpoint: Arc<Endpoint>, stop: CancellationToken) {
+pub(crate) async fn run(journal: Journal, endpoint: Arc<Endpoint>, stop: CancellationToken) {
     let cfg = endpoint.config().saf.clone();
     let poll = Duration::from_millis(cfg.poll_ms.clamp(10, 250));
     let lease = endpoint.config().request_timeout() + Duration::from_secs(5);

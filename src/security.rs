@@ -157,7 +157,7 @@ fn pin_format(code: &str, what: &str) -> Result<String> {
 
 /// Keys of one terminal (or the listener's default).
 #[derive(Debug, Clone, Default)]
-pub struct TerminalKeys {
+pub(crate) struct TerminalKeys {
     /// PIN key.
     pub tpk: Option<Key>,
     /// MAC key.

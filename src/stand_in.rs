@@ -92,7 +92,7 @@ pub struct FloorLimit {
 
 /// Why stand-in declined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The card or its range is on the negative list.
     NegativeList,
     /// The card has expired.
@@ -106,7 +106,7 @@ pub enum Refusal {
 impl Refusal {
     /// A short reason for the journal.
     #[must_use]
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::NegativeList => "negative list",
             Self::Expired => "expired card",
@@ -118,7 +118,7 @@ impl Refusal {
 
 /// The floor limit for a card and MCC.
 #[must_use]
-pub fn floor_limit(config: &StandInConfig, pan: &str, mcc: Option<u16>) -> u64 {
+pub(crate) fn floor_limit(config: &StandInConfig, pan: &str, mcc: Option<u16>) -> u64 {
     let mut best: Option<(u8, usize, u64)> = None;
     for f in &config.floor_limits {
         let prefix_len = match &f.prefix {
@@ -158,7 +158,7 @@ fn expiry(request: &Message) -> Option<String> {
 
 /// This month as YYMM.
 #[must_use]
-pub fn this_month() -> String {
+pub(crate) fn this_month() -> String {
     let now = humantime::format_rfc3339(std::time::SystemTime::now()).to_string();
     // 2026-11-21T...: YY from 2..4, MM from 5..7
     format!(
@@ -172,7 +172,7 @@ pub fn this_month() -> String {
 ///
 /// # Errors
 /// The reason it declines.
-pub fn decide(
+pub(crate) fn decide(
     config: &StandInConfig,
     request: &Message,
     pan: &Pan,
@@ -206,7 +206,7 @@ pub fn decide(
 
 /// An authorization code for a stand-in approval: `S` and five digits from the transaction id.
 #[must_use]
-pub fn auth_code(txn_id: i64) -> String {
+pub(crate) fn auth_code(txn_id: i64) -> String {
     format!("S{:05}", txn_id.rem_euclid(100_000))
 }
 

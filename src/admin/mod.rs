@@ -12,7 +12,7 @@
 //! The token comes from `[admin] token`, as `Authorization: Bearer <token>` or, for a browser
 //! (which cannot set headers on a page load or an `EventSource`), `?token=<token>`.
 
-pub mod live;
+pub(crate) mod live;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -66,7 +66,7 @@ struct AdminState {
 ///
 /// # Errors
 /// The address cannot be bound.
-pub async fn start(
+pub(crate) async fn start(
     cfg: &AdminSection,
     pipeline: Arc<Pipeline>,
     shutdown: CancellationToken,

@@ -36,10 +36,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-pub mod config;
+pub(crate) mod config;
 mod network;
 
-pub use config::{EndpointConfig, SafConfig, ValidEndpoint};
+pub(crate) use config::{EndpointConfig, ValidEndpoint};
 
 use crate::settlement::{BusinessDay, Cutover};
 use cardswitch_codec::hsm::KeyType;
