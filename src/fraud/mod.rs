@@ -22,14 +22,20 @@
 //! | `impossible_travel` | the card was used at another terminal (table `terminals`, lat/lon) faster than `max_speed_kmh` apart |
 //! | `score` | the weights of the active rules that fired add up to `decline_at` (declines) or `flag_at` (flags) |
 //!
+//! Each kind has its own file under [`kinds`], with how its parameters compile and when it fires.
+//!
 //! Evaluation allocates nothing: keys are hashes, look-ups take `&str`, and the keyed state lives
 //! in fixed-size tables ([`table`]) made when the rules are loaded, bounded by
 //! `settings.max_keys` per rule (the stalest key of a full set makes room).
 
+mod kinds;
+mod model;
 pub mod table;
 
+pub use model::{CardRange, KeyBy, MccLimit, Txn};
+use model::{hash_str, Compiling, Seen};
+
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -37,7 +43,6 @@ use anyhow::{bail, Context, Result};
 use cardswitch_codec::ResponseCode;
 use serde::Deserialize;
 
-use table::{Distinct, LastSeen, Table, Window, BUCKETS, SEEN};
 
 /// `[fraud]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,40 +67,6 @@ pub enum Mode {
     Shadow,
     /// Evaluated; declines when it fires.
     Active,
-}
-
-/// What a velocity rule counts by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyBy {
-    /// The card (its HMAC).
-    Pan,
-    /// DE41.
-    Terminal,
-    /// DE42.
-    Merchant,
-}
-
-/// An MCC and its amount limit.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MccLimit {
-    /// Merchant category code.
-    pub mcc: u16,
-    /// Largest amount allowed, minor units.
-    pub max_amount_minor: u64,
-}
-
-/// A card range's home.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CardRange {
-    /// PAN prefix.
-    pub prefix: String,
-    /// ISO 3166 numeric country.
-    pub country: u16,
-    /// ISO 4217 numeric currency.
-    pub currency: u16,
 }
 
 /// Where a terminal is.
@@ -221,71 +192,19 @@ struct Rule {
     shadow_hits: AtomicU64,
 }
 
+/// A compiled check: one variant per rule kind, each in its own file under [`kinds`].
 enum Check {
-    Velocity {
-        key: KeyBy,
-        bucket_s: u32,
-        max_count: Option<u32>,
-        max_amount: Option<u64>,
-        state: Arc<Table<Window>>,
-    },
-    CardTesting {
-        window_s: u32,
-        max: u32,
-        state: Arc<Table<Distinct>>,
-    },
-    MccAmount(HashMap<u16, u64>),
-    HighRiskMcc(HashSet<u16>),
-    BlockList {
-        hmacs: HashSet<String>,
-        ranges: Vec<String>,
-    },
-    CountryMismatch {
-        currency: bool,
-    },
-    CardNotPresent {
-        modes: Vec<String>,
-        max: u64,
-    },
-    Expired,
-    ChipFallback,
-    ImpossibleTravel {
-        max_kmh: f64,
-        state: Arc<Table<LastSeen>>,
-    },
-    Score {
-        flag_at: u32,
-        decline_at: u32,
-    },
-}
-
-/// What the engine needs to know of a transaction, borrowed from the request.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Txn<'a> {
-    /// PAN digits.
-    pub pan: &'a str,
-    /// PAN HMAC (hex), as in the journal.
-    pub pan_hmac: &'a str,
-    /// DE41.
-    pub terminal: &'a str,
-    /// DE42.
-    pub merchant: &'a str,
-    /// DE4, minor units.
-    pub amount: u64,
-    /// DE18.
-    pub mcc: Option<u16>,
-    /// DE49.
-    pub currency: Option<u16>,
-    /// DE19.
-    pub country: Option<u16>,
-    /// DE22.
-    pub entry_mode: Option<&'a str>,
-    /// YYMM (DE14 or track 2).
-    pub expiry: Option<&'a str>,
-    /// This month, YYMM.
-    pub month: &'a str,
-    /// Now, Unix seconds.
-    pub now_s: u32,
+    Velocity(kinds::Velocity),
+    CardTesting(kinds::CardTesting),
+    MccAmount(kinds::MccAmountLimit),
+    HighRiskMcc(kinds::HighRiskMcc),
+    BlockList(kinds::BlockList),
+    CountryMismatch(kinds::CountryMismatch),
+    CardNotPresent(kinds::CardNotPresent),
+    Expired(kinds::ExpiredCard),
+    ChipFallback(kinds::ChipFallback),
+    ImpossibleTravel(kinds::ImpossibleTravel),
+    Score(kinds::Score),
 }
 
 /// The engine's answer for one transaction.
@@ -360,26 +279,11 @@ fn code(c: &str, what: &str) -> Result<ResponseCode> {
     ResponseCode::new(b).ok_or_else(|| anyhow::anyhow!("{what}: response code {c:?} is not valid"))
 }
 
-fn hash_str(s: &str) -> u64 {
-    // SipHash with fixed keys: the same key on every node and after every reload.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
-}
-
 /// The table key of a PAN HMAC: its first 16 hex digits.
 fn pan_key(hmac: &str) -> u64 {
     hmac.get(..16)
         .and_then(|h| u64::from_str_radix(h, 16).ok())
         .unwrap_or_else(|| hash_str(hmac))
-}
-
-fn km_between(a: (f64, f64), b: (f64, f64)) -> f64 {
-    let (la1, lo1) = (a.0.to_radians(), a.1.to_radians());
-    let (la2, lo2) = (b.0.to_radians(), b.1.to_radians());
-    let h = ((la2 - la1) / 2.0).sin().powi(2)
-        + la1.cos() * la2.cos() * ((lo2 - lo1) / 2.0).sin().powi(2);
-    2.0 * 6_371.0 * h.sqrt().min(1.0).asin()
 }
 
 impl Engine {
@@ -443,11 +347,10 @@ impl Engine {
             let kind: Kind = toml::Value::Table(t)
                 .try_into()
                 .with_context(|| what.clone())?;
-            let kept = |matches: &dyn Fn(&Check) -> bool| {
-                previous
-                    .and_then(|p| p.rules.iter().find(|r| r.name == name))
-                    .filter(|r| matches(&r.check))
-            };
+            let c = Compiling { what: &what, cap };
+            let prior = previous
+                .and_then(|p| p.rules.iter().find(|r| r.name == name))
+                .map(|r| &r.check);
             let (check, reason) = match kind {
                 Kind::Velocity {
                     key,
@@ -455,136 +358,78 @@ impl Engine {
                     max_count,
                     max_amount_minor,
                 } => {
-                    if window_s < 8 {
-                        bail!("{what}: window_s at least 8");
-                    }
-                    if max_count.is_none() && max_amount_minor.is_none() {
-                        bail!("{what}: max_count or max_amount_minor is needed");
-                    }
-                    let bucket_s = window_s / u32::try_from(BUCKETS).unwrap_or(8);
-                    let state = kept(&|c| {
-                        matches!(c, Check::Velocity { key: k, bucket_s: b, state: s, .. }
-                            if *k == key && *b == bucket_s && s.capacity() >= cap)
-                    })
-                    .and_then(|r| match &r.check {
-                        Check::Velocity { state, .. } => Some(Arc::clone(state)),
-                        _ => None,
-                    })
-                    .unwrap_or_else(|| Arc::new(Table::new(cap)));
-                    (
-                        Check::Velocity {
-                            key,
-                            bucket_s,
-                            max_count,
-                            max_amount: max_amount_minor,
-                            state,
+                    let (v, why) =
+                        kinds::Velocity::compile(
+                        &c,
+                        match prior {
+                            Some(Check::Velocity(p)) => Some(p),
+                            _ => None,
                         },
-                        format!(
-                            "{key:?} velocity over {window_s} s{}{}",
-                            max_count.map_or(String::new(), |c| format!(" > {c} transactions")),
-                            max_amount_minor
-                                .map_or(String::new(), |a| format!(" or > {a} minor units"))
-                        ),
-                    )
+                        key,
+                        window_s,
+                        max_count,
+                        max_amount_minor,
+                    )?;
+                    (Check::Velocity(v), why)
                 }
                 Kind::CardTesting {
                     window_s,
                     max_distinct_cards,
                 } => {
-                    if max_distinct_cards == 0
-                        || max_distinct_cards >= u32::try_from(SEEN).unwrap_or(32)
-                    {
-                        bail!("{what}: max_distinct_cards 1 to {}", SEEN - 1);
-                    }
-                    let state = kept(&|c| {
-                        matches!(c, Check::CardTesting { state: s, .. } if s.capacity() >= cap)
-                    })
-                    .and_then(|r| match &r.check {
-                        Check::CardTesting { state, .. } => Some(Arc::clone(state)),
+                    let prior = match prior {
+                        Some(Check::CardTesting(p)) => Some(p),
                         _ => None,
-                    })
-                    .unwrap_or_else(|| Arc::new(Table::new(cap)));
-                    (
-                        Check::CardTesting {
-                            window_s,
-                            max: max_distinct_cards,
-                            state,
-                        },
-                        format!(
-                            "more than {max_distinct_cards} cards at the terminal in {window_s} s"
-                        ),
-                    )
+                    };
+                    let (v, why) =
+                        kinds::CardTesting::compile(&c, prior, window_s, max_distinct_cards)?;
+                    (Check::CardTesting(v), why)
                 }
-                Kind::MccAmountLimit { limits } => (
-                    Check::MccAmount(limits.iter().map(|l| (l.mcc, l.max_amount_minor)).collect()),
-                    "amount above the MCC's limit".into(),
-                ),
-                Kind::HighRiskMcc { mccs } => (
-                    Check::HighRiskMcc(mccs.into_iter().collect()),
-                    "high-risk MCC".into(),
-                ),
-                Kind::BlockList { pan_hmacs, ranges } => (
-                    Check::BlockList {
-                        hmacs: pan_hmacs.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                        ranges,
-                    },
-                    "card or range on the block list".into(),
-                ),
-                Kind::CountryMismatch { currency } => (
-                    Check::CountryMismatch { currency },
-                    if currency {
-                        "card country or currency differs from the transaction's".into()
-                    } else {
-                        "card country differs from the transaction's".into()
-                    },
-                ),
+                Kind::MccAmountLimit { limits } => {
+                    let (v, why) = kinds::MccAmountLimit::compile(&limits);
+                    (Check::MccAmount(v), why)
+                }
+                Kind::HighRiskMcc { mccs } => {
+                    let (v, why) = kinds::HighRiskMcc::compile(mccs);
+                    (Check::HighRiskMcc(v), why)
+                }
+                Kind::BlockList { pan_hmacs, ranges } => {
+                    let (v, why) = kinds::BlockList::compile(&pan_hmacs, ranges);
+                    (Check::BlockList(v), why)
+                }
+                Kind::CountryMismatch { currency } => {
+                    let (v, why) = kinds::CountryMismatch::compile(currency);
+                    (Check::CountryMismatch(v), why)
+                }
                 Kind::CardNotPresent {
                     entry_modes,
                     max_amount_minor,
-                } => (
-                    Check::CardNotPresent {
-                        modes: entry_modes,
-                        max: max_amount_minor,
-                    },
-                    format!("card not present above {max_amount_minor} minor units"),
-                ),
-                Kind::ExpiredCard {} => (Check::Expired, "expired card".into()),
-                Kind::ChipFallback {} => (
-                    Check::ChipFallback,
-                    "chip fallback to magnetic stripe".into(),
-                ),
+                } => {
+                    let (v, why) = kinds::CardNotPresent::compile(entry_modes, max_amount_minor);
+                    (Check::CardNotPresent(v), why)
+                }
+                Kind::ExpiredCard {} => {
+                    let (v, why) = kinds::ExpiredCard::compile();
+                    (Check::Expired(v), why)
+                }
+                Kind::ChipFallback {} => {
+                    let (v, why) = kinds::ChipFallback::compile();
+                    (Check::ChipFallback(v), why)
+                }
                 Kind::ImpossibleTravel { max_speed_kmh } => {
-                    let state = kept(&|c| {
-                        matches!(c, Check::ImpossibleTravel { state: s, .. } if s.capacity() >= cap)
-                    })
-                    .and_then(|r| match &r.check {
-                        Check::ImpossibleTravel { state, .. } => Some(Arc::clone(state)),
+                    let prior = match prior {
+                        Some(Check::ImpossibleTravel(p)) => Some(p),
                         _ => None,
-                    })
-                    .unwrap_or_else(|| Arc::new(Table::new(cap)));
-                    (
-                        Check::ImpossibleTravel {
-                            max_kmh: f64::from(max_speed_kmh),
-                            state,
-                        },
-                        format!("travel faster than {max_speed_kmh} km/h"),
-                    )
+                    };
+                    let (v, why) = kinds::ImpossibleTravel::compile(&c, prior, max_speed_kmh);
+                    (Check::ImpossibleTravel(v), why)
                 }
                 Kind::Score {
                     flag_at,
                     decline_at,
                 } => {
                     scores += 1;
-                    if flag_at > decline_at {
-                        bail!("{what}: flag_at above decline_at");
-                    }
-                    (
-                        Check::Score {
-                            flag_at,
-                            decline_at,
-                        },
-                        format!("score at or above {decline_at}"),
-                    )
+                    let (v, why) = kinds::Score::compile(&c, flag_at, decline_at)?;
+                    (Check::Score(v), why)
                 }
             };
             // Hit counters go on across reloads for a rule of the same name.
@@ -638,9 +483,9 @@ impl Engine {
         self.rules
             .iter()
             .map(|r| match &r.check {
-                Check::Velocity { state, .. } => state.bytes(),
-                Check::CardTesting { state, .. } => state.bytes(),
-                Check::ImpossibleTravel { state, .. } => state.bytes(),
+                Check::Velocity(v) => v.state.bytes(),
+                Check::CardTesting(v) => v.state.bytes(),
+                Check::ImpossibleTravel(v) => v.state.bytes(),
                 _ => 0,
             })
             .sum()
@@ -686,149 +531,78 @@ impl Engine {
         out
     }
 
-    fn card_home(&self, pan: &str) -> Option<&CardRange> {
-        self.ranges
-            .iter()
-            .find(|r| pan.starts_with(r.prefix.as_str()))
-    }
-
     /// Evaluates every rule that is not off, updates their state, counts hits.
     #[must_use]
     pub fn evaluate(&self, t: &Txn<'_>) -> Verdict {
         let mut v = Verdict::default();
-        let pan_k = pan_key(t.pan_hmac);
+        let seen = Seen {
+            txn: t,
+            pan_key: pan_key(t.pan_hmac),
+            ranges: &self.ranges,
+            terminals: &self.terminals,
+        };
         let mut score_rule = None;
         for (i, r) in self.rules.iter().enumerate() {
             if r.mode == Mode::Off {
                 continue;
             }
             let fired = match &r.check {
-                Check::Velocity {
-                    key,
-                    bucket_s,
-                    max_count,
-                    max_amount,
-                    state,
-                } => {
-                    let k = match key {
-                        KeyBy::Pan => pan_k,
-                        KeyBy::Terminal => hash_str(t.terminal),
-                        KeyBy::Merchant => hash_str(t.merchant),
-                    };
-                    state
-                        .with(k, t.now_s, |w| w.add(t.now_s, *bucket_s, t.amount))
-                        .is_some_and(|(count, amount)| {
-                            max_count.is_some_and(|m| count > m)
-                                || max_amount.is_some_and(|m| amount > m)
-                        })
-                }
-                Check::CardTesting {
-                    window_s,
-                    max,
-                    state,
-                } => {
-                    let card = u32::try_from((pan_k ^ (pan_k >> 32)) & 0xFFFF_FFFF).unwrap_or(1);
-                    state
-                        .with(hash_str(t.terminal), t.now_s, |d| {
-                            d.add(card, t.now_s, t.now_s.saturating_sub(*window_s))
-                        })
-                        .is_some_and(|n| n > *max)
-                }
-                Check::MccAmount(limits) => t
-                    .mcc
-                    .and_then(|m| limits.get(&m))
-                    .is_some_and(|limit| t.amount > *limit),
-                Check::HighRiskMcc(mccs) => t.mcc.is_some_and(|m| mccs.contains(&m)),
-                Check::BlockList { hmacs, ranges } => {
-                    hmacs.contains(t.pan_hmac)
-                        || ranges.iter().any(|p| t.pan.starts_with(p.as_str()))
-                }
-                Check::CountryMismatch { currency } => self.card_home(t.pan).is_some_and(|h| {
-                    t.country.is_some_and(|c| c != h.country)
-                        || (*currency && t.currency.is_some_and(|c| c != h.currency))
-                }),
-                Check::CardNotPresent { modes, max } => {
-                    t.amount > *max
-                        && t.entry_mode
-                            .is_some_and(|e| modes.iter().any(|m| e.starts_with(m.as_str())))
-                }
-                Check::Expired => t.expiry.is_some_and(|e| e.len() == 4 && e < t.month),
-                Check::ChipFallback => t.entry_mode.is_some_and(|e| e.starts_with("80")),
-                Check::ImpossibleTravel { max_kmh, state } => {
-                    match self.terminals.get(t.terminal) {
-                        None => false,
-                        Some(&(lat, lon)) => state
-                            .with(pan_k, t.now_s, |last| {
-                                let fired = last.known && {
-                                    let km = km_between((last.lat, last.lon), (lat, lon));
-                                    let hours =
-                                        f64::from(t.now_s.saturating_sub(last.at_s)) / 3600.0;
-                                    km > 50.0 && (hours <= 0.0 || km / hours > *max_kmh)
-                                };
-                                *last = LastSeen {
-                                    lat,
-                                    lon,
-                                    at_s: t.now_s,
-                                    known: true,
-                                };
-                                fired
-                            })
-                            .unwrap_or(false),
-                    }
-                }
-                Check::Score { .. } => {
+                Check::Velocity(c) => c.fires(&seen),
+                Check::CardTesting(c) => c.fires(&seen),
+                Check::MccAmount(c) => c.fires(&seen),
+                Check::HighRiskMcc(c) => c.fires(&seen),
+                Check::BlockList(c) => c.fires(&seen),
+                Check::CountryMismatch(c) => c.fires(&seen),
+                Check::CardNotPresent(c) => c.fires(&seen),
+                Check::Expired(c) => c.fires(&seen),
+                Check::ChipFallback(c) => c.fires(&seen),
+                Check::ImpossibleTravel(c) => c.fires(&seen),
+                Check::Score(_) => {
                     score_rule = Some(i);
                     false
                 }
             };
             if fired {
-                let bit = 1u64 << i;
-                match r.mode {
-                    Mode::Active => {
-                        v.fired |= bit;
-                        v.score = v.score.saturating_add(r.weight);
-                        r.hits.fetch_add(1, Ordering::Relaxed);
-                        if let (None, Some(action)) = (v.decline, r.action) {
-                            v.decline = Some((i, action));
-                        }
-                    }
-                    Mode::Shadow => {
-                        v.shadow |= bit;
-                        r.shadow_hits.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Mode::Off => {}
-                }
+                hit(&mut v, i, r, r.weight);
             }
         }
         if let Some(i) = score_rule {
             if let Some(r) = self.rules.get(i) {
-                if let Check::Score {
+                if let Check::Score(kinds::Score {
                     flag_at,
                     decline_at,
-                } = r.check
+                }) = r.check
                 {
-                    let bit = 1u64 << i;
                     v.flagged = v.score >= flag_at;
                     if v.score >= decline_at {
-                        match r.mode {
-                            Mode::Active => {
-                                v.fired |= bit;
-                                r.hits.fetch_add(1, Ordering::Relaxed);
-                                if let (None, Some(action)) = (v.decline, r.action) {
-                                    v.decline = Some((i, action));
-                                }
-                            }
-                            Mode::Shadow => {
-                                v.shadow |= bit;
-                                r.shadow_hits.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Mode::Off => {}
-                        }
+                        // The score adds nothing to itself.
+                        hit(&mut v, i, r, 0);
                     }
                 }
             }
         }
         v
+    }
+}
+
+/// Records that rule `i` fired: its bit and hit counter and, when active, its decline and
+/// `weight` added to the score.
+fn hit(v: &mut Verdict, i: usize, r: &Rule, weight: u32) {
+    let bit = 1u64 << i;
+    match r.mode {
+        Mode::Active => {
+            v.fired |= bit;
+            v.score = v.score.saturating_add(weight);
+            r.hits.fetch_add(1, Ordering::Relaxed);
+            if let (None, Some(action)) = (v.decline, r.action) {
+                v.decline = Some((i, action));
+            }
+        }
+        Mode::Shadow => {
+            v.shadow |= bit;
+            r.shadow_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Mode::Off => {}
     }
 }
 

@@ -292,7 +292,7 @@ fn state_stays_within_its_cap_and_survives_a_reload() {
     }
     assert_eq!(e.state_bytes(), bytes, "no growth with 10x the keys");
     let cap = match &e.rules[0].check {
-        Check::Velocity { state, .. } => state.capacity(),
+        Check::Velocity(v) => v.state.capacity(),
         _ => 0,
     };
     assert!((5_000..6_000).contains(&cap), "{cap}");
