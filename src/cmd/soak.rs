@@ -31,11 +31,11 @@ use cardswitch_simulators::terminal::Generator;
 use cardswitch_simulators::{Acquirer, AcquirerConfig, LedgerSummary, Rules};
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
-use sqlx::Row as _;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 use clap::Args;
+use cardswitch::journal::db::Statement;
 use cardswitch::journal::Backend;
 
 /// How the switch is restarted in the middle of a soak.
@@ -469,21 +469,25 @@ async fn drain(backend: &Backend, deadline: Instant) -> Result<()> {
 }
 
 async fn saf_counts(backend: &Backend) -> Result<BTreeMap<String, i64>> {
-    let sql = "SELECT state, count(*) FROM saf GROUP BY state";
-    let rows: Vec<(String, i64)> = match backend {
-        Backend::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
-        Backend::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
-    };
-    Ok(rows.into_iter().collect())
+    counts(backend, "SELECT state, count(*) FROM saf GROUP BY state").await
 }
 
 async fn journal_states(backend: &Backend) -> Result<BTreeMap<String, i64>> {
-    let sql = "SELECT mti || ' ' || state, count(*) FROM transactions GROUP BY mti, state";
-    let rows: Vec<(String, i64)> = match backend {
-        Backend::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
-        Backend::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
-    };
-    Ok(rows.into_iter().collect())
+    counts(
+        backend,
+        "SELECT mti || ' ' || state, count(*) FROM transactions GROUP BY mti, state",
+    )
+    .await
+}
+
+/// A `name, count` query as a map.
+async fn counts(backend: &Backend, sql: &str) -> Result<BTreeMap<String, i64>> {
+    backend
+        .fetch_all(&Statement::new(sql))
+        .await?
+        .iter()
+        .map(|r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)))
+        .collect()
 }
 
 type Keys = BTreeSet<(String, String)>;
@@ -493,20 +497,12 @@ async fn journal_charged(backend: &Backend) -> Result<(Keys, Vec<(String, String
     let sql =
         "SELECT terminal_id, rrn FROM transactions WHERE mti IN ('0100', '0101', '0200', '0201') \
         AND state IN ('approved', 'partially_reversed', 'advice_pending', 'advised')";
-    let rows = match backend {
-        Backend::Postgres(p) => sqlx::query(sql)
-            .fetch_all(p)
-            .await?
-            .into_iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()?,
-        Backend::Sqlite(p) => sqlx::query(sql)
-            .fetch_all(p)
-            .await?
-            .into_iter()
-            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()?,
-    };
+    let rows = backend
+        .fetch_all(&Statement::new(sql))
+        .await?
+        .iter()
+        .map(|r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let mut set = BTreeSet::new();
     let mut twice = Vec::new();
     for k in rows {

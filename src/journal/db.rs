@@ -16,7 +16,7 @@ use super::Backend;
 
 /// A value bound to a placeholder.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg<'a> {
+pub enum Arg<'a> {
     /// Text, or NULL.
     Text(Option<&'a str>),
     /// An integer, or NULL.
@@ -69,14 +69,14 @@ impl From<Option<i64>> for Arg<'_> {
 /// [`Statement::bind`], or piece by piece with [`Statement::push`] and [`Statement::arg`]
 /// (which writes the next placeholder) for lists of any length.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Statement<'a> {
+pub struct Statement<'a> {
     sql: String,
     args: Vec<Arg<'a>>,
 }
 
 impl<'a> Statement<'a> {
     /// A statement whose placeholders are written in `sql`.
-    pub(crate) fn new(sql: impl Into<String>) -> Self {
+    pub fn new(sql: impl Into<String>) -> Self {
         Self {
             sql: sql.into(),
             args: Vec::new(),
@@ -85,19 +85,19 @@ impl<'a> Statement<'a> {
 
     /// Binds the next placeholder written in the SQL.
     #[must_use]
-    pub(crate) fn bind(mut self, v: impl Into<Arg<'a>>) -> Self {
+    pub fn bind(mut self, v: impl Into<Arg<'a>>) -> Self {
         self.args.push(v.into());
         self
     }
 
     /// Appends SQL text.
-    pub(crate) fn push(&mut self, sql: &str) -> &mut Self {
+    pub fn push(&mut self, sql: &str) -> &mut Self {
         self.sql.push_str(sql);
         self
     }
 
     /// Appends the next placeholder (`$n`) bound to `v`.
-    pub(crate) fn arg(&mut self, v: impl Into<Arg<'a>>) -> &mut Self {
+    pub fn arg(&mut self, v: impl Into<Arg<'a>>) -> &mut Self {
         self.args.push(v.into());
         self.sql.push('$');
         self.sql.push_str(&self.args.len().to_string());
@@ -105,7 +105,7 @@ impl<'a> Statement<'a> {
     }
 
     /// Appends `(p1, p2, ...)`: one placeholder for each value.
-    pub(crate) fn tuple(&mut self, values: impl IntoIterator<Item = Arg<'a>>) -> &mut Self {
+    pub fn tuple(&mut self, values: impl IntoIterator<Item = Arg<'a>>) -> &mut Self {
         self.sql.push('(');
         for (i, v) in values.into_iter().enumerate() {
             if i > 0 {
@@ -118,7 +118,7 @@ impl<'a> Statement<'a> {
     }
 
     /// Appends `sep`-separated tuples, one for each item (a `VALUES` list).
-    pub(crate) fn tuples<T, I>(&mut self, items: impl IntoIterator<Item = T>, mut each: impl FnMut(T) -> I)
+    pub fn tuples<T, I>(&mut self, items: impl IntoIterator<Item = T>, mut each: impl FnMut(T) -> I)
     where
         I: IntoIterator<Item = Arg<'a>>,
     {
@@ -132,12 +132,12 @@ impl<'a> Statement<'a> {
 
     /// The SQL as written so far.
     #[cfg(test)]
-    pub(crate) fn sql(&self) -> &str {
+    pub fn sql(&self) -> &str {
         &self.sql
     }
 
     /// The statement for PostgreSQL, to run on any of its executors.
-    pub(crate) fn pg(&self) -> Query<'_, Postgres, PgArguments> {
+    pub fn pg(&self) -> Query<'_, Postgres, PgArguments> {
         self.args.iter().fold(sqlx::query(&self.sql), |q, a| match *a {
             Arg::Text(v) => q.bind(v),
             Arg::Int(v) => q.bind(v),
@@ -145,7 +145,7 @@ impl<'a> Statement<'a> {
     }
 
     /// The statement for SQLite, to run on any of its executors.
-    pub(crate) fn lite(&self) -> Query<'_, Sqlite, SqliteArguments<'_>> {
+    pub fn lite(&self) -> Query<'_, Sqlite, SqliteArguments<'_>> {
         self.args.iter().fold(sqlx::query(&self.sql), |q, a| match *a {
             Arg::Text(v) => q.bind(v),
             Arg::Int(v) => q.bind(v),
@@ -154,7 +154,7 @@ impl<'a> Statement<'a> {
 }
 
 /// A row read from either backend.
-pub(crate) enum DbRow {
+pub enum DbRow {
     /// From PostgreSQL.
     Pg(PgRow),
     /// From SQLite.
@@ -170,7 +170,7 @@ impl std::fmt::Debug for DbRow {
 
 impl DbRow {
     /// Column `i` (from 0).
-    pub(crate) fn get<T>(&self, i: usize) -> Result<T, sqlx::Error>
+    pub fn get<T>(&self, i: usize) -> Result<T, sqlx::Error>
     where
         T: for<'r> Decode<'r, Postgres> + Type<Postgres>,
         T: for<'r> Decode<'r, Sqlite> + Type<Sqlite>,
@@ -182,7 +182,7 @@ impl DbRow {
     }
 
     /// The column named `name`.
-    pub(crate) fn named<T>(&self, name: &str) -> Result<T, sqlx::Error>
+    pub fn named<T>(&self, name: &str) -> Result<T, sqlx::Error>
     where
         T: for<'r> Decode<'r, Postgres> + Type<Postgres>,
         T: for<'r> Decode<'r, Sqlite> + Type<Sqlite>,
@@ -196,7 +196,7 @@ impl DbRow {
 
 /// A database transaction on either backend.
 #[derive(Debug)]
-pub(crate) enum DbTx {
+pub enum DbTx {
     /// On PostgreSQL.
     Pg(Transaction<'static, Postgres>),
     /// On SQLite.
@@ -205,7 +205,7 @@ pub(crate) enum DbTx {
 
 impl DbTx {
     /// Runs `st`; the rows it changed.
-    pub(crate) async fn execute(&mut self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
+    pub async fn execute(&mut self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
         Ok(match self {
             Self::Pg(tx) => st.pg().execute(&mut **tx).await?.rows_affected(),
             Self::Lite(tx) => st.lite().execute(&mut **tx).await?.rows_affected(),
@@ -213,7 +213,7 @@ impl DbTx {
     }
 
     /// Runs `st`; every row it returns.
-    pub(crate) async fn fetch_all(&mut self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
+    pub async fn fetch_all(&mut self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
         Ok(match self {
             Self::Pg(tx) => st.pg().fetch_all(&mut **tx).await?.into_iter().map(DbRow::Pg).collect(),
             Self::Lite(tx) => st
@@ -227,7 +227,7 @@ impl DbTx {
     }
 
     /// Commits.
-    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
             Self::Pg(tx) => tx.commit().await,
             Self::Lite(tx) => tx.commit().await,
@@ -237,7 +237,7 @@ impl DbTx {
 
 impl Backend {
     /// Runs `st`; the rows it changed.
-    pub(crate) async fn execute(&self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
+    pub async fn execute(&self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
         Ok(match self {
             Self::Postgres(p) => st.pg().execute(p).await?.rows_affected(),
             Self::Sqlite(p) => st.lite().execute(p).await?.rows_affected(),
@@ -245,7 +245,7 @@ impl Backend {
     }
 
     /// Runs `st`; every row it returns.
-    pub(crate) async fn fetch_all(&self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
+    pub async fn fetch_all(&self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
         Ok(match self {
             Self::Postgres(p) => st.pg().fetch_all(p).await?.into_iter().map(DbRow::Pg).collect(),
             Self::Sqlite(p) => st.lite().fetch_all(p).await?.into_iter().map(DbRow::Lite).collect(),
@@ -253,7 +253,7 @@ impl Backend {
     }
 
     /// Runs `st`; its first row, if any.
-    pub(crate) async fn fetch_optional(
+    pub async fn fetch_optional(
         &self,
         st: &Statement<'_>,
     ) -> Result<Option<DbRow>, sqlx::Error> {
@@ -264,7 +264,7 @@ impl Backend {
     }
 
     /// Runs `st` and hands each row to `each` as it arrives, without holding them all.
-    pub(crate) async fn for_each(
+    pub async fn for_each(
         &self,
         st: &Statement<'_>,
         mut each: impl FnMut(&DbRow) -> Result<(), sqlx::Error>,
@@ -287,7 +287,7 @@ impl Backend {
     }
 
     /// Begins a transaction.
-    pub(crate) async fn begin(&self) -> Result<DbTx, sqlx::Error> {
+    pub async fn begin(&self) -> Result<DbTx, sqlx::Error> {
         Ok(match self {
             Self::Postgres(p) => DbTx::Pg(p.begin().await?),
             Self::Sqlite(p) => DbTx::Lite(p.begin().await?),

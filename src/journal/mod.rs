@@ -33,7 +33,7 @@ use crate::state::TxnState;
 
 mod backend;
 mod change;
-pub(crate) mod db;
+pub mod db;
 pub mod claims;
 mod ids;
 mod keys;
