@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use cardswitch::config::Config;
 use cardswitch::server::Switch;
 use cardswitch_codec::{Message, Mti};
 use cardswitch_simulators::Acquirer;
@@ -13,7 +12,7 @@ use tokio::net::TcpStream;
 
 mod common;
 
-use common::{acquirer, pg_schema, request, Terminal, TestDb};
+use common::{acquirer, pg_schema, request, Terminal, TestDb, SwitchConfig};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 
@@ -23,31 +22,12 @@ async fn start(listener: &str) -> (Acquirer, Switch, TestDb) {
     let db = pg_schema("admin").await;
     let url = db.0.clone();
     let acq = acquirer(None).await;
-    let text = format!(
-        r#"
-[journal]
-url = "{url}"
-pan_hmac_key = "{k}"
-[admin]
-address = "127.0.0.1:0"
-token = "{TOKEN}"
-[[listeners]]
-name = "{listener}"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = ["{link}"]
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#,
-        k = "ab".repeat(32),
-        link = acq.local_addr()
-    );
-    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
-        .await
-        .unwrap();
-    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let sw = SwitchConfig::new(&url, acq.local_addr())
+        .set("journal", "pan_hmac_key", "ab".repeat(32))
+        .admin(TOKEN)
+        .listener("name", listener)
+        .start()
+        .await;
     (acq, sw, db)
 }
 

@@ -18,8 +18,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use cardswitch::config::Config;
-use cardswitch::server::Switch;
 use cardswitch_codec::framing::Framing;
 use cardswitch_codec::Dialect;
 use cardswitch_simulators::{terminal, Load, Stop, TerminalConfig};
@@ -79,32 +77,11 @@ fn dashboard_loads_live_in_chromium() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (sw, acq) = rt.block_on(async {
         let acq = common::acquirer(None).await;
-        let text = format!(
-            r#"
-[journal]
-url = "sqlite::memory:"
-[admin]
-address = "127.0.0.1:0"
-token = "{TOKEN}"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = ["{}"]
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-[[routes]]
-prefix = "541333"
-endpoint = "acq"
-"#,
-            acq.local_addr()
-        );
-        let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
-            .await
-            .unwrap();
-        assert!(sw.wait_ready(Duration::from_secs(5)).await);
+        let sw = common::SwitchConfig::new("sqlite::memory:", acq.local_addr())
+            .admin(TOKEN)
+            .route("541333")
+            .start()
+            .await;
         (sw, acq)
     });
     // Traffic for the whole test: 100 TPS, some declines among them.

@@ -6,14 +6,12 @@
 
 use std::time::Duration;
 
-use cardswitch::config::Config;
-use cardswitch::server::Switch;
 use cardswitch_codec::Message;
 use tokio::net::TcpStream;
 
 mod common;
 
-use common::{acquirer, pg_schema, Terminal, TestDb};
+use common::{acquirer, pg_schema, Terminal, TestDb, SwitchConfig};
 
 const TOKEN: &str = "fraud-token-0123456789abcdef";
 
@@ -71,34 +69,12 @@ fn rules_decline_record_and_reload() {
         let file = dir.join("rules.toml");
         std::fs::write(&file, rules(2)).unwrap();
         let acq = acquirer(None).await;
-        let text = format!(
-            r#"
-[journal]
-url = "{url}"
-pan_hmac_key = "{k}"
-[admin]
-address = "127.0.0.1:0"
-token = "{TOKEN}"
-[fraud]
-rules = "{file}"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = ["{link}"]
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#,
-            k = "ab".repeat(32),
-            file = file.display(),
-            link = acq.local_addr()
-        );
-        let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
-            .await
-            .unwrap();
-        assert!(sw.wait_ready(Duration::from_secs(5)).await);
+        let sw = SwitchConfig::new(&url, acq.local_addr())
+            .set("journal", "pan_hmac_key", "ab".repeat(32))
+            .admin(TOKEN)
+            .set("fraud", "rules", file.display().to_string())
+            .start()
+            .await;
         let admin = sw.admin_addr().unwrap();
         let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
 

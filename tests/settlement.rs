@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cardswitch::config::Config;
 use cardswitch::server::Switch;
 use cardswitch::settlement::{format_date, recon};
 use cardswitch_codec::totals::Totals;
@@ -20,39 +19,20 @@ use sqlx::PgPool;
 
 mod common;
 
-use common::{acquirer, pg_schema, Terminal, TestDb};
+use common::{acquirer, pg_schema, Terminal, TestDb, SwitchConfig};
 
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const TOKEN: &str = "settlement-token-0123456789";
 
 async fn switch(url: &str, acq: &Acquirer) -> Switch {
-    let text = format!(
-        r#"
-[journal]
-url = "{url}"
-pan_hmac_key = "{KEY}"
-[admin]
-address = "127.0.0.1:0"
-token = "{TOKEN}"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = ["{link}"]
-request_timeout_ms = 5000
-[endpoints.settlement]
-fee_rate = "0.0125"
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#,
-        link = acq.local_addr()
-    );
     acq.set_pan_hmac_key(&hex::decode(KEY).unwrap());
-    let cfg = Config::from_toml(&text, std::iter::empty()).unwrap();
-    let sw = Switch::start(cfg).await.unwrap();
-    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let sw = SwitchConfig::new(url, acq.local_addr())
+        .set("journal", "pan_hmac_key", KEY)
+        .admin(TOKEN)
+        .endpoint(None, "request_timeout_ms", 5000)
+        .endpoint(Some("settlement"), "fee_rate", "0.0125")
+        .start()
+        .await;
     sw
 }
 

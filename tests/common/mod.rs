@@ -135,3 +135,101 @@ pub fn request(amount: u64, stan: u32, rrn: &str) -> Message {
     m.set(37, rrn.as_bytes());
     m
 }
+
+/// A switch configuration for tests: listener `pos` and endpoint `acq` on loopback, the card
+/// range 476173 routed to it, the journal at a URL; each test adds what it needs. Built as a TOML
+/// document, so it is read exactly as an operator's file is.
+pub struct SwitchConfig {
+    doc: toml::Table,
+}
+
+impl SwitchConfig {
+    /// The minimal configuration: journal `journal_url`, endpoint `acq` with one link to `link`.
+    pub fn new(journal_url: &str, link: impl std::fmt::Display) -> Self {
+        let doc = toml::from_str(&format!(
+            r#"
+[journal]
+url = "{journal_url}"
+[[listeners]]
+name = "pos"
+address = "127.0.0.1:0"
+[[endpoints]]
+name = "acq"
+links = ["{link}"]
+[[routes]]
+prefix = "476173"
+endpoint = "acq"
+"#
+        ))
+        .unwrap();
+        Self { doc }
+    }
+
+    /// Sets `key` of section `section` (`journal`, `admin`, `fraud` ...), making the section.
+    pub fn set(mut self, section: &str, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.doc
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .unwrap()
+            .insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// The admin side on a free port with this token.
+    pub fn admin(self, token: &str) -> Self {
+        self.set("admin", "address", "127.0.0.1:0")
+            .set("admin", "token", token)
+    }
+
+    /// Sets `key` of the endpoint, or of its sub-section with `sub` (`settlement`, `saf` ...).
+    pub fn endpoint(mut self, sub: Option<&str>, key: &str, value: impl Into<toml::Value>) -> Self {
+        let e = self.doc["endpoints"].as_array_mut().unwrap()[0]
+            .as_table_mut()
+            .unwrap();
+        let t = match sub {
+            None => e,
+            Some(s) => e
+                .entry(s)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .unwrap(),
+        };
+        t.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Sets `key` of the listener.
+    pub fn listener(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        self.doc["listeners"].as_array_mut().unwrap()[0]
+            .as_table_mut()
+            .unwrap()
+            .insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Routes one more card range to the endpoint.
+    pub fn route(mut self, prefix: &str) -> Self {
+        let mut r = toml::Table::new();
+        r.insert("prefix".into(), prefix.into());
+        r.insert("endpoint".into(), "acq".into());
+        self.doc["routes"]
+            .as_array_mut()
+            .unwrap()
+            .push(toml::Value::Table(r));
+        self
+    }
+
+    /// The configuration as TOML.
+    pub fn text(&self) -> String {
+        toml::to_string(&self.doc).unwrap()
+    }
+
+    /// Starts the switch and waits until its link is ready.
+    pub async fn start(&self) -> cardswitch::server::Switch {
+        let config = cardswitch::config::Config::from_toml(&self.text(), Vec::new()).unwrap();
+        let sw = cardswitch::server::Switch::start(config).await.unwrap();
+        assert!(sw.wait_ready(Duration::from_secs(5)).await);
+        sw
+    }
+}
