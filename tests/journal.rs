@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use cardswitch::config::Config;
 use cardswitch::journal::Backend;
 use cardswitch::server::Switch;
 use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
@@ -24,7 +23,7 @@ use tokio_util::codec::Framed;
 
 mod common;
 
-use common::{pg_schema, TestDb};
+use common::{pg_schema, SwitchConfig, TestDb};
 
 fn sqlite_url(name: &str) -> (String, std::path::PathBuf) {
     let path = std::env::temp_dir().join(format!(
@@ -49,31 +48,17 @@ async fn acquirer() -> Acquirer {
 }
 
 async fn switch(journal_url: &str, acquirer: &Acquirer, mode: &str) -> Switch {
-    let text = format!(
-        r#"
-[switch]
-node = "test-node"
-[journal]
-url = "{journal_url}"
-mode = "{mode}"
-pan_hmac_key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = ["{}"]
-request_timeout_ms = 300
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#,
-        acquirer.local_addr()
-    );
-    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
-        .await
-        .unwrap();
-    assert!(sw.wait_ready(Duration::from_secs(5)).await);
+    let sw = SwitchConfig::new(journal_url, acquirer.local_addr())
+        .set("switch", "node", "test-node")
+        .set("journal", "mode", mode)
+        .set(
+            "journal",
+            "pan_hmac_key",
+            "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        )
+        .endpoint(None, "request_timeout_ms", 300)
+        .start()
+        .await;
     sw
 }
 
