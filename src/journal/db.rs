@@ -98,9 +98,10 @@ impl<'a> Statement<'a> {
 
     /// Appends the next placeholder (`$n`) bound to `v`.
     pub fn arg(&mut self, v: impl Into<Arg<'a>>) -> &mut Self {
+        use std::fmt::Write as _;
         self.args.push(v.into());
-        self.sql.push('$');
-        self.sql.push_str(&self.args.len().to_string());
+        // Written in place: a batch's VALUES list has thousands of placeholders.
+        let _ = write!(self.sql, "${}", self.args.len());
         self
     }
 
