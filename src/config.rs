@@ -23,8 +23,8 @@ use crate::journal::JournalSection;
 use crate::net::FramingConfig;
 use crate::security::ListenerSecurity;
 use crate::settlement::SettlementSection;
-use crate::upstream::{EndpointConfig, ValidEndpoint};
 use crate::tls::{Acceptor, ServerTls};
+use crate::upstream::{EndpointConfig, ValidEndpoint};
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "CARDSWITCH__";

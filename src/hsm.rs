@@ -462,7 +462,15 @@ impl Peer for HsmPeer {
         }
         self.was_up = true;
         let framed = Framed::new(stream, framing());
-        if serve(&self.conn, framed, &mut self.queue, self.header_len, &self.shutdown).await {
+        if serve(
+            &self.conn,
+            framed,
+            &mut self.queue,
+            self.header_len,
+            &self.shutdown,
+        )
+        .await
+        {
             Ended::Shutdown
         } else {
             Ended::Broken

@@ -260,7 +260,11 @@ impl Switch {
 
 /// Each endpoint's open business date, its cutovers recorded as they happen, its cutover
 /// timer, and the follower of other nodes' cutovers.
-async fn open_days(config: &Validated, journal: &Journal, run: &Running) -> Result<Vec<EndpointDay>> {
+async fn open_days(
+    config: &Validated,
+    journal: &Journal,
+    run: &Running,
+) -> Result<Vec<EndpointDay>> {
     let (cutover_tx, cutover_rx) = mpsc::channel::<Cutover>(64);
     run.writer.spawn(crate::settlement::cutover_writer(
         journal.backend().clone(),

@@ -88,8 +88,6 @@ pub struct FloorLimit {
     pub limit_minor: u64,
 }
 
-
-
 /// Why stand-in declined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 mod common;
 
-use common::{acquirer, pg_schema, request, Terminal, TestDb, SwitchConfig};
+use common::{acquirer, pg_schema, request, SwitchConfig, Terminal, TestDb};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 

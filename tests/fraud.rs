@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 mod common;
 
-use common::{acquirer, pg_schema, Terminal, TestDb, SwitchConfig};
+use common::{acquirer, pg_schema, SwitchConfig, Terminal, TestDb};
 
 const TOKEN: &str = "fraud-token-0123456789abcdef";
 

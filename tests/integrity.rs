@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 
 mod common;
 
-use common::{pg_schema, request, TestDb, Terminal};
+use common::{pg_schema, request, Terminal, TestDb};
 
 async fn acquirer_at(listen: SocketAddr, rules: Rules) -> Acquirer {
     Acquirer::start(AcquirerConfig {
@@ -79,7 +79,6 @@ async fn switch(url: &str, link: &str, timeout_ms: u64, extra: &str) -> Switch {
     let config = Config::from_toml(&config_text(url, link, timeout_ms, extra), Vec::new()).unwrap();
     Switch::start(config).await.unwrap()
 }
-
 
 /// A reversal of `original` (new STAN, DE90 naming the original).
 fn reversal(original: &Message, mti: Mti, stan: u32) -> Message {

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 
 mod common;
 
-use common::{acquirer, pg_schema, Terminal, TestDb, SwitchConfig};
+use common::{acquirer, pg_schema, SwitchConfig, Terminal, TestDb};
 
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const TOKEN: &str = "settlement-token-0123456789";

@@ -331,8 +331,14 @@ mod tests {
         let bare = WrappedKey::parse("0A61E674E88C6A7EEABC38C2B2BB492F").unwrap();
         assert_eq!(bare.scheme, Scheme::DoubleAnsi);
         assert_eq!(WrappedKey::parse("U0A61"), Err(FieldError::Invalid));
-        assert_eq!(WrappedKey::parse("0406FBB23A5214DF00"), Err(FieldError::Invalid));
-        assert_eq!(WrappedKey::parse("0406FBB23A5214DG"), Err(FieldError::Invalid));
+        assert_eq!(
+            WrappedKey::parse("0406FBB23A5214DF00"),
+            Err(FieldError::Invalid)
+        );
+        assert_eq!(
+            WrappedKey::parse("0406FBB23A5214DG"),
+            Err(FieldError::Invalid)
+        );
         // Key material never shows in Debug.
         assert!(!format!("{single:?}").contains("0406"));
     }
@@ -349,8 +355,14 @@ mod tests {
 
     #[test]
     fn account_is_twelve_digits_before_the_check_digit() {
-        assert_eq!(account_of("4111111111111111").as_deref(), Some("111111111111"));
-        assert_eq!(account_of("5544332211009966").as_deref(), Some("433221100996"));
+        assert_eq!(
+            account_of("4111111111111111").as_deref(),
+            Some("111111111111")
+        );
+        assert_eq!(
+            account_of("5544332211009966").as_deref(),
+            Some("433221100996")
+        );
         assert_eq!(account_of("123456789012"), None);
         assert_eq!(account_of(""), None);
     }

@@ -5,9 +5,9 @@ use std::io::Write;
 use anyhow::Result;
 use tracing_subscriber::EnvFilter;
 
-use clap::Args;
 use cardswitch::config::Config;
 use cardswitch::server::Switch;
+use clap::Args;
 
 /// `cardswitch run`.
 #[derive(Debug, Args)]

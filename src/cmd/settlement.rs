@@ -102,10 +102,7 @@ fn database(
 ///
 /// # Errors
 /// The file or the database cannot be read, or the result cannot be stored.
-pub(crate) async fn reconcile(
-    args: ReconcileArgs,
-    out: &mut dyn std::io::Write,
-) -> Result<()> {
+pub(crate) async fn reconcile(args: ReconcileArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let (url, _) = database(&args.db)?;
     let backend = Backend::connect(&url).await?;
     let report = cardswitch::settlement::recon::reconcile(
@@ -133,13 +130,16 @@ pub(crate) async fn reconcile(
 ///
 /// # Errors
 /// The database cannot be read.
-pub(crate) async fn settlement(
-    args: SettlementArgs,
-    out: &mut dyn std::io::Write,
-) -> Result<()> {
+pub(crate) async fn settlement(args: SettlementArgs, out: &mut dyn std::io::Write) -> Result<()> {
     let (url, fees) = database(&args.db)?;
     let backend = Backend::connect(&url).await?;
-    let r = cardswitch::settlement::report::build(&backend, &args.date, args.endpoint.as_deref(), &fees).await?;
+    let r = cardswitch::settlement::report::build(
+        &backend,
+        &args.date,
+        args.endpoint.as_deref(),
+        &fees,
+    )
+    .await?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &r)?;
         writeln!(out)?;
@@ -148,4 +148,3 @@ pub(crate) async fn settlement(
     }
     Ok(())
 }
-

@@ -34,9 +34,9 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
-use clap::Args;
 use cardswitch::journal::db::Statement;
 use cardswitch::journal::Backend;
+use clap::Args;
 
 /// How the switch is restarted in the middle of a soak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

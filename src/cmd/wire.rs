@@ -95,7 +95,11 @@ fn read_input(arg: &str, text_input: bool, stdin: &mut dyn BufRead) -> Result<Ve
 ///
 /// # Errors
 /// One line naming the problem: bad hex, a bad frame, or the decode error (element and offset).
-pub(crate) fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn decode(
+    args: &DecodeArgs,
+    stdin: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<()> {
     let dialect = Dialect::load(&args.wire.dialect)?;
     let bytes = read_input(&args.input, args.text, stdin)?;
     let (tpdu, body) = if args.wire.framed {
@@ -155,7 +159,11 @@ pub(crate) fn decode(args: &DecodeArgs, stdin: &mut dyn BufRead, out: &mut dyn W
 ///
 /// # Errors
 /// One line naming the problem: bad JSON, an unknown field, a masked or invalid value.
-pub(crate) fn encode(args: &EncodeArgs, stdin: &mut dyn BufRead, out: &mut dyn Write) -> Result<()> {
+pub(crate) fn encode(
+    args: &EncodeArgs,
+    stdin: &mut dyn BufRead,
+    out: &mut dyn Write,
+) -> Result<()> {
     let dialect = Dialect::load(&args.wire.dialect)?;
     let text = if args.input == "-" {
         let mut s = String::new();

@@ -32,8 +32,8 @@ mod kinds;
 mod model;
 pub mod table;
 
-pub use model::{CardRange, KeyBy, MccLimit, Txn};
 use model::{hash_str, Compiling, Seen};
+pub use model::{CardRange, KeyBy, MccLimit, Txn};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,7 +43,6 @@ use anyhow::{bail, Context, Result};
 use cardswitch_codec::ResponseCode;
 use serde::Deserialize;
 
-
 /// `[fraud]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,7 +51,6 @@ pub struct FraudSection {
     /// `POST /api/fraud/reload`.
     pub rules: std::path::PathBuf,
 }
-
 
 /// Most rules in one file (the verdict is a 64-bit mask).
 pub const MAX_RULES: usize = 64;
@@ -358,8 +356,7 @@ impl Engine {
                     max_count,
                     max_amount_minor,
                 } => {
-                    let (v, why) =
-                        kinds::Velocity::compile(
+                    let (v, why) = kinds::Velocity::compile(
                         &c,
                         match prior {
                             Some(Check::Velocity(p)) => Some(p),

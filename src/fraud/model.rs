@@ -111,4 +111,3 @@ pub(super) fn km_between(a: (f64, f64), b: (f64, f64)) -> f64 {
         + la1.cos() * la2.cos() * ((lo2 - lo1) / 2.0).sin().powi(2);
     2.0 * 6_371.0 * h.sqrt().min(1.0).asin()
 }
-

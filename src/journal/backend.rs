@@ -140,7 +140,10 @@ async fn write_rows(tx: &mut DbTx, node: &str, changes: &[Change]) -> Result<(),
             }
             if !buf.is_empty() {
                 let mut copy = pg
-                    .copy_in_raw(&format!("COPY transactions ({}) FROM STDIN", written_columns()))
+                    .copy_in_raw(&format!(
+                        "COPY transactions ({}) FROM STDIN",
+                        written_columns()
+                    ))
                     .await?;
                 copy.send(buf.into_bytes()).await?;
                 copy.finish().await?;
@@ -200,7 +203,10 @@ async fn apply_rest(tx: &mut DbTx, changes: &[Change]) -> Result<(), sqlx::Error
         .bind(p.id);
         tx.execute(&st).await?;
     }
-    let done: Vec<&(String, String)> = changes.iter().filter_map(|c| c.dedup_done.as_ref()).collect();
+    let done: Vec<&(String, String)> = changes
+        .iter()
+        .filter_map(|c| c.dedup_done.as_ref())
+        .collect();
     for chunk in done.chunks(512) {
         let mut st =
             Statement::new("UPDATE dedup SET state = 'done', reply = v.column2 FROM (VALUES ");

@@ -156,4 +156,3 @@ pub struct Committed {
     /// Its conditions held (always true for an unconditional change).
     pub applied: bool,
 }
-

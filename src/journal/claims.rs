@@ -145,7 +145,8 @@ impl Stored {
 }
 
 async fn lookup(backend: &Backend, keys: &[&str]) -> Result<Vec<Stored>, sqlx::Error> {
-    let mut st = Statement::new("SELECT dkey, content_hash, state, reply FROM dedup WHERE dkey IN ");
+    let mut st =
+        Statement::new("SELECT dkey, content_hash, state, reply FROM dedup WHERE dkey IN ");
     st.tuple(keys.iter().map(|k| Arg::from(*k)));
     backend
         .fetch_all(&st)
@@ -169,8 +170,9 @@ async fn insert(
     batch: &[Request],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let now = now_us();
-    let mut st =
-        Statement::new("INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) VALUES ");
+    let mut st = Statement::new(
+        "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) VALUES ",
+    );
     st.tuples(batch, |r| {
         [
             Arg::from(&r.key),

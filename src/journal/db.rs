@@ -139,18 +139,22 @@ impl<'a> Statement<'a> {
 
     /// The statement for PostgreSQL, to run on any of its executors.
     pub fn pg(&self) -> Query<'_, Postgres, PgArguments> {
-        self.args.iter().fold(sqlx::query(&self.sql), |q, a| match *a {
-            Arg::Text(v) => q.bind(v),
-            Arg::Int(v) => q.bind(v),
-        })
+        self.args
+            .iter()
+            .fold(sqlx::query(&self.sql), |q, a| match *a {
+                Arg::Text(v) => q.bind(v),
+                Arg::Int(v) => q.bind(v),
+            })
     }
 
     /// The statement for SQLite, to run on any of its executors.
     pub fn lite(&self) -> Query<'_, Sqlite, SqliteArguments<'_>> {
-        self.args.iter().fold(sqlx::query(&self.sql), |q, a| match *a {
-            Arg::Text(v) => q.bind(v),
-            Arg::Int(v) => q.bind(v),
-        })
+        self.args
+            .iter()
+            .fold(sqlx::query(&self.sql), |q, a| match *a {
+                Arg::Text(v) => q.bind(v),
+                Arg::Int(v) => q.bind(v),
+            })
     }
 }
 
@@ -216,7 +220,13 @@ impl DbTx {
     /// Runs `st`; every row it returns.
     pub async fn fetch_all(&mut self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
         Ok(match self {
-            Self::Pg(tx) => st.pg().fetch_all(&mut **tx).await?.into_iter().map(DbRow::Pg).collect(),
+            Self::Pg(tx) => st
+                .pg()
+                .fetch_all(&mut **tx)
+                .await?
+                .into_iter()
+                .map(DbRow::Pg)
+                .collect(),
             Self::Lite(tx) => st
                 .lite()
                 .fetch_all(&mut **tx)
@@ -248,16 +258,25 @@ impl Backend {
     /// Runs `st`; every row it returns.
     pub async fn fetch_all(&self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
         Ok(match self {
-            Self::Postgres(p) => st.pg().fetch_all(p).await?.into_iter().map(DbRow::Pg).collect(),
-            Self::Sqlite(p) => st.lite().fetch_all(p).await?.into_iter().map(DbRow::Lite).collect(),
+            Self::Postgres(p) => st
+                .pg()
+                .fetch_all(p)
+                .await?
+                .into_iter()
+                .map(DbRow::Pg)
+                .collect(),
+            Self::Sqlite(p) => st
+                .lite()
+                .fetch_all(p)
+                .await?
+                .into_iter()
+                .map(DbRow::Lite)
+                .collect(),
         })
     }
 
     /// Runs `st`; its first row, if any.
-    pub async fn fetch_optional(
-        &self,
-        st: &Statement<'_>,
-    ) -> Result<Option<DbRow>, sqlx::Error> {
+    pub async fn fetch_optional(&self, st: &Statement<'_>) -> Result<Option<DbRow>, sqlx::Error> {
         Ok(match self {
             Self::Postgres(p) => st.pg().fetch_optional(p).await?.map(DbRow::Pg),
             Self::Sqlite(p) => st.lite().fetch_optional(p).await?.map(DbRow::Lite),
@@ -305,10 +324,18 @@ mod tests {
         let mut st = Statement::new("UPDATE saf SET lease_until_us = ");
         st.arg(5_i64).push(" WHERE id IN ");
         st.tuple([1_i64, 2, 3].map(Arg::from));
-        assert_eq!(st.sql(), "UPDATE saf SET lease_until_us = $1 WHERE id IN ($2, $3, $4)");
+        assert_eq!(
+            st.sql(),
+            "UPDATE saf SET lease_until_us = $1 WHERE id IN ($2, $3, $4)"
+        );
         let mut values = Statement::new("INSERT INTO t (a, b) VALUES ");
-        values.tuples([("x", 1_i64), ("y", 2)], |(a, b)| [Arg::from(a), Arg::from(b)]);
-        assert_eq!(values.sql(), "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)");
+        values.tuples([("x", 1_i64), ("y", 2)], |(a, b)| {
+            [Arg::from(a), Arg::from(b)]
+        });
+        assert_eq!(
+            values.sql(),
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)"
+        );
         assert_eq!(values.args.len(), 4);
     }
 }

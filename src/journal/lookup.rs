@@ -117,7 +117,11 @@ impl Journal {
     pub async fn transaction_story(&self, id: i64) -> Result<Option<Value>, sqlx::Error> {
         let by_id = |sql: String| Statement::new(sql).bind(id);
         let all = |sql: String| async move { self.backend.fetch_all(&by_id(sql)).await };
-        let rows = all(format!("SELECT {} FROM transactions WHERE id = $1", columns())).await?;
+        let rows = all(format!(
+            "SELECT {} FROM transactions WHERE id = $1",
+            columns()
+        ))
+        .await?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };

@@ -33,8 +33,8 @@ use crate::state::TxnState;
 
 mod backend;
 mod change;
-pub mod db;
 pub mod claims;
+pub mod db;
 mod ids;
 mod keys;
 pub mod lookup;
@@ -47,10 +47,10 @@ pub(crate) use backend::{copy_end, copy_num, copy_text};
 pub use change::{Change, Committed, SafEntry, SafKind, SafProgress, SafState, StateChange};
 use db::Statement;
 use ids::{Ids, Keyer};
-pub use row::{DecidedBy, Original, OriginalKeys, Row};
 use row::summary;
-use writer::{Job, Writer};
+pub use row::{DecidedBy, Original, OriginalKeys, Row};
 pub use writer::JournalStats;
+use writer::{Job, Writer};
 
 /// `[journal]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -394,10 +394,7 @@ impl Journal {
             id: r.get(0)?,
             mti: r.get(1)?,
             endpoint: r.get(2)?,
-            state: r
-                .get::<String>(3)?
-                .parse()
-                .unwrap_or(TxnState::Declined),
+            state: r.get::<String>(3)?.parse().unwrap_or(TxnState::Declined),
             amount_minor: r.get(4)?,
             amount_reversed_minor: r.get(5)?,
             upstream_stan: r.get(6)?,

@@ -171,11 +171,21 @@ pub(super) struct Column {
 type Read = for<'a> fn(&'a Row, &'a str) -> Arg<'a>;
 
 const fn text(name: &'static str, shown: bool, value: Read) -> Column {
-    Column { name, int: false, shown, value }
+    Column {
+        name,
+        int: false,
+        shown,
+        value,
+    }
 }
 
 const fn int(name: &'static str, shown: bool, value: Read) -> Column {
-    Column { name, int: true, shown, value }
+    Column {
+        name,
+        int: true,
+        shown,
+        value,
+    }
 }
 
 /// The `transactions` columns a row writes, in order: the one declaration that COPY, the
@@ -186,36 +196,64 @@ pub(super) const COLUMNS: [Column; 35] = [
     int("received_us", true, |r, _| Arg::Int(Some(r.received_us))),
     text("listener", true, |r, _| Arg::Text(Some(&r.listener))),
     text("mti", true, |r, _| Arg::Text(Some(&r.mti))),
-    text("processing_code", true, |r, _| Arg::Text(r.processing_code.as_deref())),
+    text("processing_code", true, |r, _| {
+        Arg::Text(r.processing_code.as_deref())
+    }),
     text("stan", true, |r, _| Arg::Text(r.stan.as_deref())),
     text("rrn", true, |r, _| Arg::Text(r.rrn.as_deref())),
-    text("transmission_time", true, |r, _| Arg::Text(r.transmission_time.as_deref())),
-    text("terminal_id", true, |r, _| Arg::Text(r.terminal_id.as_deref())),
-    text("merchant_id", true, |r, _| Arg::Text(r.merchant_id.as_deref())),
-    text("pan_masked", true, |r, _| Arg::Text(r.pan_masked.as_deref())),
+    text("transmission_time", true, |r, _| {
+        Arg::Text(r.transmission_time.as_deref())
+    }),
+    text("terminal_id", true, |r, _| {
+        Arg::Text(r.terminal_id.as_deref())
+    }),
+    text("merchant_id", true, |r, _| {
+        Arg::Text(r.merchant_id.as_deref())
+    }),
+    text("pan_masked", true, |r, _| {
+        Arg::Text(r.pan_masked.as_deref())
+    }),
     text("pan_hmac", false, |r, _| Arg::Text(r.pan_hmac.as_deref())),
     int("amount_minor", true, |r, _| Arg::Int(r.amount_minor)),
     text("currency", true, |r, _| Arg::Text(r.currency.as_deref())),
     text("route", true, |r, _| Arg::Text(r.route.as_deref())),
     text("endpoint", true, |r, _| Arg::Text(r.endpoint.as_deref())),
     text("link", true, |r, _| Arg::Text(r.link.as_deref())),
-    text("response_code", true, |r, _| Arg::Text(Some(&r.response_code))),
-    text("decided_by", true, |r, _| Arg::Text(Some(r.decided_by.as_str()))),
+    text("response_code", true, |r, _| {
+        Arg::Text(Some(&r.response_code))
+    }),
+    text("decided_by", true, |r, _| {
+        Arg::Text(Some(r.decided_by.as_str()))
+    }),
     text("auth_code", true, |r, _| Arg::Text(r.auth_code.as_deref())),
-    text("request_summary", true, |r, _| Arg::Text(Some(&r.request_summary))),
-    text("reply_summary", true, |r, _| Arg::Text(Some(&r.reply_summary))),
+    text("request_summary", true, |r, _| {
+        Arg::Text(Some(&r.request_summary))
+    }),
+    text("reply_summary", true, |r, _| {
+        Arg::Text(Some(&r.reply_summary))
+    }),
     int("t_upstream_us", true, |r, _| Arg::Int(r.t_upstream_us)),
     int("t_total_us", true, |r, _| Arg::Int(Some(r.t_total_us))),
     int("t_decode_us", true, |r, _| Arg::Int(r.t_decode_us)),
     int("t_route_us", true, |r, _| Arg::Int(r.t_route_us)),
     text("state", true, |r, _| Arg::Text(Some(r.state.as_str()))),
-    text("upstream_stan", true, |r, _| Arg::Text(r.upstream_stan.as_deref())),
+    text("upstream_stan", true, |r, _| {
+        Arg::Text(r.upstream_stan.as_deref())
+    }),
     int("original_id", true, |r, _| Arg::Int(r.original_id)),
-    int("amount_reversed_minor", true, |r, _| Arg::Int(r.amount_reversed_minor)),
-    text("acquirer_inst", false, |r, _| Arg::Text(r.acquirer_inst.as_deref())),
+    int("amount_reversed_minor", true, |r, _| {
+        Arg::Int(r.amount_reversed_minor)
+    }),
+    text("acquirer_inst", false, |r, _| {
+        Arg::Text(r.acquirer_inst.as_deref())
+    }),
     text("fraud", true, |r, _| Arg::Text(r.fraud.as_deref())),
-    text("business_date", true, |r, _| Arg::Text(r.business_date.as_deref())),
-    text("batch_number", true, |r, _| Arg::Text(r.batch_number.as_deref())),
+    text("business_date", true, |r, _| {
+        Arg::Text(r.business_date.as_deref())
+    }),
+    text("batch_number", true, |r, _| {
+        Arg::Text(r.batch_number.as_deref())
+    }),
 ];
 
 /// The names of `columns`, comma-separated, for a statement.
@@ -245,7 +283,11 @@ mod tests {
         assert_eq!(names.len(), COLUMNS.len());
         assert!(written_columns().starts_with("id, node, received_us, listener, mti,"));
         assert!(written_columns().ends_with("fraud, business_date, batch_number"));
-        let hidden: Vec<_> = COLUMNS.iter().filter(|c| !c.shown).map(|c| c.name).collect();
+        let hidden: Vec<_> = COLUMNS
+            .iter()
+            .filter(|c| !c.shown)
+            .map(|c| c.name)
+            .collect();
         assert_eq!(hidden, ["pan_hmac", "acquirer_inst"]);
         let ints = COLUMNS.iter().filter(|c| c.int).count();
         assert_eq!(ints, 9);

@@ -228,7 +228,10 @@ mod tests {
         assert!(!adv.has(35) && !adv.has(52));
         let mut auth = purchase();
         auth.set_mti(Mti::new(*b"0100").unwrap());
-        assert_eq!(advice(&auth, &auth.pan().unwrap(), "1").mti().as_str(), "0120");
+        assert_eq!(
+            advice(&auth, &auth.pan().unwrap(), "1").mti().as_str(),
+            "0120"
+        );
     }
 
     #[test]

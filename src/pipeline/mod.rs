@@ -119,7 +119,10 @@ impl MessageClass {
 
     /// Whether the journal keeps a row of its messages.
     fn is_journaled(self) -> bool {
-        matches!(self, Self::Card | Self::Upload | Self::Reversal | Self::Batch)
+        matches!(
+            self,
+            Self::Card | Self::Upload | Self::Reversal | Self::Batch
+        )
     }
 }
 

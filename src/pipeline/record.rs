@@ -90,14 +90,13 @@ impl Pipeline {
             .reply
             .set_response_code(Failure::JournalUnavailable.response_code());
         outcome.reply.remove(38);
-                        // Built only now: the hot path does not pay for it.
+        // Built only now: the hot path does not pay for it.
         let rev = outcome
             .reversal_if_unrecorded
             .take()
             .and_then(|(endpoint, stan)| {
                 let pan = build::card_pan(request);
-                let msg =
-                    build::auto_reversal(request, pan.as_ref(), stan, endpoint.acquirer_id());
+                let msg = build::auto_reversal(request, pan.as_ref(), stan, endpoint.acquirer_id());
                 let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
                 self.saf_entry(&endpoint, SafKind::Reversal, &msg, Some(txn_id), order_key)
             });

@@ -24,7 +24,6 @@ use cardswitch_codec::{Message, ResponseCode};
 use cardswitch_routing::Failure;
 use serde::Serialize;
 
-
 use crate::journal::db::{DbRow, Statement};
 use crate::journal::Backend;
 use crate::state::TxnState;
@@ -108,10 +107,7 @@ fn read_row(r: &DbRow) -> Result<BatchRow, sqlx::Error> {
     Ok(BatchRow {
         mti: r.get(0)?,
         processing_code: r.get::<Option<String>>(1)?.unwrap_or_default(),
-        state: r
-            .get::<String>(2)?
-            .parse()
-            .unwrap_or(TxnState::Declined),
+        state: r.get::<String>(2)?.parse().unwrap_or(TxnState::Declined),
         response_code: r.get(3)?,
         amount: amount.and_then(|a| u64::try_from(a).ok()).unwrap_or(0),
         reversed: reversed.and_then(|a| u64::try_from(a).ok()).unwrap_or(0),

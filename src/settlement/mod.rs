@@ -65,7 +65,8 @@ impl EndpointSettlement {
     /// A time that is not `HH:MM` or a rate that is not a decimal, named with the endpoint.
     pub fn check(&self, endpoint: &str) -> Result<()> {
         if let Some(t) = &self.cutover_time {
-            parse_time(t).with_context(|| format!("endpoint {endpoint}: settlement.cutover_time"))?;
+            parse_time(t)
+                .with_context(|| format!("endpoint {endpoint}: settlement.cutover_time"))?;
         }
         if let Some(r) = &self.fee_rate {
             r.parse::<rust_decimal::Decimal>().map_err(|_| {
@@ -75,7 +76,6 @@ impl EndpointSettlement {
         Ok(())
     }
 }
-
 
 /// A business date as stored: `YYYY-MM-DD` (how `time` displays a date).
 #[must_use]

@@ -10,9 +10,9 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
 
-use crate::settlement::EndpointSettlement;
 use crate::journal::db::Statement;
 use crate::journal::Backend;
+use crate::settlement::EndpointSettlement;
 
 /// One line: an endpoint, a currency, a type.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -115,7 +115,10 @@ pub async fn build(
         l.count += u64::try_from(n).unwrap_or(0);
         l.amount_minor += amount;
     };
-    for r in backend.fetch_all(&Statement::new(SQL).bind(date).bind(ep)).await? {
+    for r in backend
+        .fetch_all(&Statement::new(SQL).bind(date).bind(ep))
+        .await?
+    {
         let (e, mti, pc, state, rc, cur): (String, String, String, String, String, String) = (
             r.get(0)?,
             r.get(1)?,
@@ -141,7 +144,10 @@ pub async fn build(
             _ => {}
         }
     }
-    for r in backend.fetch_all(&Statement::new(CB).bind(date).bind(ep)).await? {
+    for r in backend
+        .fetch_all(&Statement::new(CB).bind(date).bind(ep))
+        .await?
+    {
         add(r.get(0)?, r.get(1)?, "chargeback", r.get(2)?, r.get(3)?);
     }
     let lines: Vec<Line> = lines.into_values().collect();

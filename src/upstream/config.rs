@@ -11,9 +11,9 @@ use cardswitch_routing::Strategy;
 use serde::Deserialize;
 
 use crate::net::FramingConfig;
+use crate::security::EndpointSecurity;
 use crate::settlement::EndpointSettlement;
 use crate::stand_in::StandInConfig;
-use crate::security::EndpointSecurity;
 use crate::tls::{ClientTls, Connector};
 
 /// `[[endpoints]]`: an acquirer reached over a pool of links.
@@ -214,7 +214,9 @@ impl EndpointConfig {
             bail!("endpoint {name}: 1 to 64 links");
         }
         if self.max_in_flight_per_link == 0 || self.request_timeout_ms == 0 {
-            bail!("endpoint {name}: max_in_flight_per_link and request_timeout_ms must be positive");
+            bail!(
+                "endpoint {name}: max_in_flight_per_link and request_timeout_ms must be positive"
+            );
         }
         if let Some(id) = &self.acquirer_id {
             if id.is_empty() || id.len() > 11 || !id.bytes().all(|b| b.is_ascii_digit()) {
@@ -232,7 +234,9 @@ impl SafConfig {
                 bail!("endpoint {endpoint}: saf response code {code:?} is not two characters");
             }
         }
-        if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms || self.max_in_flight == 0
+        if self.retry_min_ms == 0
+            || self.retry_max_ms < self.retry_min_ms
+            || self.max_in_flight == 0
         {
             bail!(
                 "endpoint {endpoint}: saf needs 0 < retry_min_ms <= retry_max_ms and max_in_flight > 0"

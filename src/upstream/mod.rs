@@ -45,10 +45,10 @@ use crate::settlement::{BusinessDay, Cutover};
 use cardswitch_codec::hsm::KeyType;
 
 use crate::hsm::Hsm;
-use crate::security::{EndpointSecurity, Key};
-use crate::telemetry;
 use crate::net::connection::{keep_connected, Backoff, Ended, Peer};
 use crate::net::write::write_coalesced;
+use crate::security::{EndpointSecurity, Key};
+use crate::telemetry;
 use crate::tls::Connector;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -592,8 +592,11 @@ impl Peer for LinkPeer<'_> {
             None => {
                 t.set_state(LinkState::Connected);
                 info!(endpoint = %t.endpoint, link = %t.link.addr, "link connected");
-                t.serve(Framed::new(stream, FrameCodec::new(t.framing)), &mut self.queue)
-                    .await
+                t.serve(
+                    Framed::new(stream, FrameCodec::new(t.framing)),
+                    &mut self.queue,
+                )
+                .await
             }
             Some(tls) => {
                 let Some(secure) = t.handshake(tls, stream).await else {
@@ -601,8 +604,11 @@ impl Peer for LinkPeer<'_> {
                 };
                 t.set_state(LinkState::Connected);
                 info!(endpoint = %t.endpoint, link = %t.link.addr, "link connected (TLS)");
-                t.serve(Framed::new(secure, FrameCodec::new(t.framing)), &mut self.queue)
-                    .await
+                t.serve(
+                    Framed::new(secure, FrameCodec::new(t.framing)),
+                    &mut self.queue,
+                )
+                .await
             }
         }
     }

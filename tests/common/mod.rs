@@ -31,7 +31,10 @@ impl Drop for Schema {
         // that a switch still writing cannot hold the test up.
         let schema = std::mem::take(&mut self.0);
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async {

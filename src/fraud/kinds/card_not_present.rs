@@ -9,7 +9,10 @@ pub(in crate::fraud) struct CardNotPresent {
 }
 
 impl CardNotPresent {
-    pub(in crate::fraud) fn compile(entry_modes: Vec<String>, max_amount_minor: u64) -> (Self, String) {
+    pub(in crate::fraud) fn compile(
+        entry_modes: Vec<String>,
+        max_amount_minor: u64,
+    ) -> (Self, String) {
         (
             Self {
                 modes: entry_modes,

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use super::super::table::{Distinct, Table, SEEN};
 use super::super::model::hash_str;
 use super::super::model::{Compiling, Seen};
+use super::super::table::{Distinct, Table, SEEN};
 
 pub(in crate::fraud) struct CardTesting {
     window_s: u32,

@@ -10,6 +10,8 @@ impl ExpiredCard {
     }
 
     pub(in crate::fraud) fn fires(&self, s: &Seen<'_, '_>) -> bool {
-        s.txn.expiry.is_some_and(|e| e.len() == 4 && e < s.txn.month)
+        s.txn
+            .expiry
+            .is_some_and(|e| e.len() == 4 && e < s.txn.month)
     }
 }

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use super::super::table::{LastSeen, Table};
 use super::super::model::km_between;
 use super::super::model::{Compiling, Seen};
+use super::super::table::{LastSeen, Table};
 
 pub(in crate::fraud) struct ImpossibleTravel {
     max_kmh: f64,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use super::super::table::{Table, Window, BUCKETS};
 use super::super::model::{hash_str, KeyBy};
 use super::super::model::{Compiling, Seen};
+use super::super::table::{Table, Window, BUCKETS};
 
 pub(in crate::fraud) struct Velocity {
     key: KeyBy,

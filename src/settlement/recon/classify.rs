@@ -95,7 +95,6 @@ impl Table {
     }
 }
 
-
 /// The file's masked PAN, masked again: a file that carries more than the first six and last
 /// four digits never puts them in the database or the output.
 pub(super) fn remask(p: &str) -> String {
@@ -118,7 +117,12 @@ pub(super) fn signed(amount: u64) -> i64 {
 }
 
 /// Classifies a file record against the table; marks what it presents.
-pub(super) fn classify(table: &mut Table, date_julian: i32, line: u64, rec: &ClearingRecord) -> Item {
+pub(super) fn classify(
+    table: &mut Table,
+    date_julian: i32,
+    line: u64,
+    rec: &ClearingRecord,
+) -> Item {
     let mut item = Item {
         class: Class::Matched,
         line: Some(line),
@@ -258,7 +262,11 @@ pub(super) fn unpresented(table: &Table, date_julian: i32, out: &mut Vec<Item>) 
     }
 }
 
-pub(super) fn totals(table: &Table, date_julian: i32, file_net: &BTreeMap<String, i64>) -> Vec<TotalsDelta> {
+pub(super) fn totals(
+    table: &Table,
+    date_julian: i32,
+    file_net: &BTreeMap<String, i64>,
+) -> Vec<TotalsDelta> {
     let mut journal: BTreeMap<String, i64> = BTreeMap::new();
     for a in &table.auths {
         if a.julian == date_julian && a.state != JState::Reversed {
@@ -283,7 +291,6 @@ pub(super) fn totals(table: &Table, date_julian: i32, file_net: &BTreeMap<String
         })
         .collect()
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -401,4 +408,3 @@ mod tests {
         );
     }
 }
-

@@ -203,7 +203,6 @@ pub struct Request<'a> {
     pub late_days: i64,
 }
 
-
 fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut h = Sha256::new();
@@ -359,4 +358,3 @@ pub async fn reconcile(backend: &Backend, req: &Request<'_>) -> Result<Report> {
         .collect();
     Ok(report)
 }
-

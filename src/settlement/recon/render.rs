@@ -103,4 +103,3 @@ pub fn print_csv(r: &Report, out: &mut dyn std::io::Write) -> Result<()> {
     w.flush()?;
     Ok(())
 }
-

@@ -34,75 +34,81 @@ pub(super) async fn load_table(
     let from = format_date(date - time::Duration::days(late_days.max(0)));
     let to = format_date(date);
     let mut table = Table::default();
-    let st = Statement::new(JOURNAL_SQL).bind(endpoint).bind(&from).bind(&to);
+    let st = Statement::new(JOURNAL_SQL)
+        .bind(endpoint)
+        .bind(&from)
+        .bind(&to);
     backend
         .for_each(&st, |r| {
-        let mti: String = r.get(1)?;
-        let state: String = r.get(2)?;
-        let rc: String = r.get(3)?;
-        let rrn: Option<String> = r.get(4)?;
-        let amount: Option<i64> = r.get(7)?;
-        let reversed: Option<i64> = r.get(8)?;
-        let currency: Option<String> = r.get(9)?;
-        let bdate: Option<String> = r.get(10)?;
-        let pc: Option<String> = r.get(11)?;
-        let decided: String = r.get(12)?;
-        let class = crate::settlement::class_of(&mti);
-        let rrn = rrn.unwrap_or_default();
-        if class == Some(4) {
-            if state == "orphan" && bdate.as_deref() == Some(to.as_str()) {
-                table.orphans.push((
-                    r.get(0)?,
-                    rrn,
-                    amount.unwrap_or(0),
-                    currency.unwrap_or_default(),
-                ));
+            let mti: String = r.get(1)?;
+            let state: String = r.get(2)?;
+            let rc: String = r.get(3)?;
+            let rrn: Option<String> = r.get(4)?;
+            let amount: Option<i64> = r.get(7)?;
+            let reversed: Option<i64> = r.get(8)?;
+            let currency: Option<String> = r.get(9)?;
+            let bdate: Option<String> = r.get(10)?;
+            let pc: Option<String> = r.get(11)?;
+            let decided: String = r.get(12)?;
+            let class = crate::settlement::class_of(&mti);
+            let rrn = rrn.unwrap_or_default();
+            if class == Some(4) {
+                if state == "orphan" && bdate.as_deref() == Some(to.as_str()) {
+                    table.orphans.push((
+                        r.get(0)?,
+                        rrn,
+                        amount.unwrap_or(0),
+                        currency.unwrap_or_default(),
+                    ));
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        if !matches!(class, Some(1 | 2))
-            || !crate::settlement::approves(&rc)
-            || pc.as_deref().is_some_and(|p| p.starts_with('3'))
-        {
-            return Ok(());
-        }
-        let jstate = match state.parse::<TxnState>() {
-            Ok(TxnState::Approved | TxnState::Advised) => JState::Standing,
-            Ok(TxnState::AdvicePending) if decided == "stand_in" => JState::StandInPending,
-            Ok(TxnState::AdvicePending) => JState::Standing,
-            Ok(TxnState::PartiallyReversed) => JState::PartlyReversed,
-            Ok(TxnState::Reversed) => JState::Reversed,
-            _ => return Ok(()),
-        };
-        let amount = amount.unwrap_or(0);
-        let julian = bdate
-            .as_deref()
-            .and_then(|d| parse_date(d).ok())
-            .map_or(0, Date::to_julian_day);
-        let auth: Option<String> = r.get(5)?;
-        let hmac: Option<String> = r.get(6)?;
-        table.push(
-            &rrn,
-            Auth {
-                id: r.get(0)?,
-                standing: amount - reversed.unwrap_or(0).min(amount),
-                julian,
-                state: jstate,
-                credit: pc.as_deref().is_some_and(|p| p.starts_with('2')),
-                currency: fixed(currency.as_deref().unwrap_or("")),
-                auth: fixed(auth.as_deref().unwrap_or("")),
-                hmac: hmac_bytes(hmac.as_deref().unwrap_or("")),
-                rrn: [b' '; 12],
-                next: NONE,
-                presented: 0,
-            },
-        );
+            if !matches!(class, Some(1 | 2))
+                || !crate::settlement::approves(&rc)
+                || pc.as_deref().is_some_and(|p| p.starts_with('3'))
+            {
+                return Ok(());
+            }
+            let jstate = match state.parse::<TxnState>() {
+                Ok(TxnState::Approved | TxnState::Advised) => JState::Standing,
+                Ok(TxnState::AdvicePending) if decided == "stand_in" => JState::StandInPending,
+                Ok(TxnState::AdvicePending) => JState::Standing,
+                Ok(TxnState::PartiallyReversed) => JState::PartlyReversed,
+                Ok(TxnState::Reversed) => JState::Reversed,
+                _ => return Ok(()),
+            };
+            let amount = amount.unwrap_or(0);
+            let julian = bdate
+                .as_deref()
+                .and_then(|d| parse_date(d).ok())
+                .map_or(0, Date::to_julian_day);
+            let auth: Option<String> = r.get(5)?;
+            let hmac: Option<String> = r.get(6)?;
+            table.push(
+                &rrn,
+                Auth {
+                    id: r.get(0)?,
+                    standing: amount - reversed.unwrap_or(0).min(amount),
+                    julian,
+                    state: jstate,
+                    credit: pc.as_deref().is_some_and(|p| p.starts_with('2')),
+                    currency: fixed(currency.as_deref().unwrap_or("")),
+                    auth: fixed(auth.as_deref().unwrap_or("")),
+                    hmac: hmac_bytes(hmac.as_deref().unwrap_or("")),
+                    rrn: [b' '; 12],
+                    next: NONE,
+                    presented: 0,
+                },
+            );
             Ok(())
         })
         .await?;
     // Presented in the files of earlier dates: presenting them again is a duplicate. (Runs of
     // the same date are alternatives, as when a corrected file replaces one.)
-    let st = Statement::new(PRESENTED_SQL).bind(endpoint).bind(&from).bind(&to);
+    let st = Statement::new(PRESENTED_SQL)
+        .bind(endpoint)
+        .bind(&from)
+        .bind(&to);
     let earlier = backend
         .fetch_all(&st)
         .await?
@@ -120,8 +126,11 @@ pub(super) async fn load_table(
     Ok(table)
 }
 
-
-pub(super) async fn older_original(backend: &Backend, endpoint: &str, rrn: &str) -> Result<Option<i64>> {
+pub(super) async fn older_original(
+    backend: &Backend,
+    endpoint: &str,
+    rrn: &str,
+) -> Result<Option<i64>> {
     const SQL: &str = "SELECT id FROM transactions WHERE rrn = $1 AND endpoint = $2 \
         AND mti IN ('0100', '0200', '0120', '0220') AND state <> 'duplicate' ORDER BY id DESC LIMIT 1";
     let st = Statement::new(SQL).bind(rrn).bind(endpoint);
@@ -309,7 +318,8 @@ pub(super) async fn store(
             let all: Vec<Item> = matched.iter().map(MatchedLine::item).collect();
             let mut seq = 0i64;
             for chunk in all.chunks(500).chain(items.chunks(500)) {
-                let mut st = Statement::new(format!("INSERT INTO recon_items ({ITEM_COLUMNS}) VALUES "));
+                let mut st =
+                    Statement::new(format!("INSERT INTO recon_items ({ITEM_COLUMNS}) VALUES "));
                 st.tuples(chunk, |i| {
                     seq += 1;
                     [
@@ -397,4 +407,3 @@ pub(super) async fn stored_run(
         exceptions,
     }))
 }
-
