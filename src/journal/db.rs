@@ -6,6 +6,8 @@
 //! rows go by COPY on PostgreSQL and a statement must be able to share that transaction; `Any`
 //! has neither COPY nor a way into a native transaction.
 
+use std::borrow::Cow;
+
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
@@ -70,13 +72,14 @@ impl From<Option<i64>> for Arg<'_> {
 /// (which writes the next placeholder) for lists of any length.
 #[derive(Debug, Clone, Default)]
 pub struct Statement<'a> {
-    sql: String,
+    /// Borrowed when written whole (a constant costs nothing), owned once something is appended.
+    sql: Cow<'a, str>,
     args: Vec<Arg<'a>>,
 }
 
 impl<'a> Statement<'a> {
     /// A statement whose placeholders are written in `sql`.
-    pub fn new(sql: impl Into<String>) -> Self {
+    pub fn new(sql: impl Into<Cow<'a, str>>) -> Self {
         Self {
             sql: sql.into(),
             args: Vec::new(),
@@ -92,7 +95,7 @@ impl<'a> Statement<'a> {
 
     /// Appends SQL text.
     pub fn push(&mut self, sql: &str) -> &mut Self {
-        self.sql.push_str(sql);
+        self.sql.to_mut().push_str(sql);
         self
     }
 
@@ -101,20 +104,20 @@ impl<'a> Statement<'a> {
         use std::fmt::Write as _;
         self.args.push(v.into());
         // Written in place: a batch's VALUES list has thousands of placeholders.
-        let _ = write!(self.sql, "${}", self.args.len());
+        let _ = write!(self.sql.to_mut(), "${}", self.args.len());
         self
     }
 
     /// Appends `(p1, p2, ...)`: one placeholder for each value.
     pub fn tuple(&mut self, values: impl IntoIterator<Item = Arg<'a>>) -> &mut Self {
-        self.sql.push('(');
+        self.sql.to_mut().push('(');
         for (i, v) in values.into_iter().enumerate() {
             if i > 0 {
-                self.sql.push_str(", ");
+                self.sql.to_mut().push_str(", ");
             }
             self.arg(v);
         }
-        self.sql.push(')');
+        self.sql.to_mut().push(')');
         self
     }
 
@@ -125,7 +128,7 @@ impl<'a> Statement<'a> {
     {
         for (i, item) in items.into_iter().enumerate() {
             if i > 0 {
-                self.sql.push_str(", ");
+                self.sql.to_mut().push_str(", ");
             }
             self.tuple(each(item));
         }
