@@ -145,12 +145,12 @@ fn switch_run(
         (
             format!("[hsm]\naddresses = [\"{hsm}\"]\nconnections = 2\n"),
             format!(
-                "[listeners.security]\ntpk = {}\ntak = {}\n",
+                "[security]\ntpk = {}\ntak = {}\n",
                 key(&k.tpk, KeyType::TPK),
                 key(&k.tak, KeyType::TAK)
             ),
             format!(
-                "[endpoints.security]\nzpk = {}\nzak = {}\n",
+                "[security]\nzpk = {}\nzak = {}\n",
                 key(&k.zpk, KeyType::ZPK),
                 key(&k.zak, KeyType::ZAK)
             ),

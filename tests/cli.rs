@@ -2,26 +2,16 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use cardswitch_codec::{sample, Dialect};
 
+mod common;
+
 fn cardswitch(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cardswitch"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cardswitch"));
+    command.args(args);
+    common::run_with_stdin(command, stdin.as_bytes())
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -151,6 +141,7 @@ fn dialects_lists_and_validates() {
     );
 }
 
+#[cfg(feature = "simulators")] // `sim hsm` is one of the simulator commands
 #[test]
 fn hsm_test_keys_are_printed_with_check_values_the_lmk_confirms() {
     use cardswitch_simulators::hsm::{KeyType, Lmk, WrappedKey};

@@ -22,7 +22,7 @@ use tokio_util::codec::Framed;
 
 mod common;
 
-use common::{pg_schema, TestDb};
+use common::{pg_schema, SwitchConfig, TestDb};
 
 async fn hsm_sim(listen: SocketAddr) -> HsmSim {
     HsmSim::start(HsmConfig {
@@ -46,8 +46,6 @@ async fn acquirer() -> Acquirer {
     .await
 }
 
-const DATA_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-
 fn key(k: &cardswitch_simulators::hsm::ClearKey, kt: KeyType) -> String {
     format!(
         r#"{{ key = "{}", check = "{}" }}"#,
@@ -56,56 +54,33 @@ fn key(k: &cardswitch_simulators::hsm::ClearKey, kt: KeyType) -> String {
     )
 }
 
-fn config_text(url: &str, link: &str, hsm: &str, extra_endpoint: &str) -> String {
+/// The switch's configuration in these tests: journal keys, the HSM at `hsm`, the fixed test
+/// keys on the listener (TPK, TAK) and the endpoint (ZPK, ZAK, ZMK) under the LMK.
+fn config(url: &str, link: &str, hsm: &str) -> SwitchConfig {
     let k = TestKeys::fixed();
-    format!(
-        r#"
-[switch]
-shutdown_grace_ms = 2000
-[journal]
-url = "{url}"
-pan_hmac_key = "{DATA_KEY}"
-data_key = "{DATA_KEY}"
-[hsm]
-addresses = ["{hsm}"]
-connections = 2
-timeout_ms = 500
-reconnect_min_ms = 50
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[listeners.security]
-tpk = {tpk}
-tak = {tak}
-[[endpoints]]
-name = "acq"
-links = ["{link}"]
-acquirer_id = "123456"
-request_timeout_ms = 2000
-reconnect_min_ms = 50
-reconnect_max_ms = 200
-[endpoints.security]
-zpk = {zpk}
-zak = {zak}
-zmk = {zmk}
-{extra_endpoint}
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#,
-        tpk = key(&k.tpk, KeyType::TPK),
-        tak = key(&k.tak, KeyType::TAK),
-        zpk = key(&k.zpk, KeyType::ZPK),
-        zak = key(&k.zak, KeyType::ZAK),
-        zmk = key(&k.zmk, KeyType::ZMK),
-    )
+    SwitchConfig::new(url, link)
+        .keys()
+        .toml(&format!(
+            "[switch]\nshutdown_grace_ms = 2000\n\
+             [hsm]\naddresses = [\"{hsm}\"]\nconnections = 2\ntimeout_ms = 500\nreconnect_min_ms = 50"
+        ))
+        .listener_toml(&format!(
+            "[security]\ntpk = {}\ntak = {}",
+            key(&k.tpk, KeyType::TPK),
+            key(&k.tak, KeyType::TAK)
+        ))
+        .endpoint_toml(&format!(
+            "acquirer_id = \"123456\"\nrequest_timeout_ms = 2000\n\
+             reconnect_min_ms = 50\nreconnect_max_ms = 200\n\
+             [security]\nzpk = {}\nzak = {}\nzmk = {}",
+            key(&k.zpk, KeyType::ZPK),
+            key(&k.zak, KeyType::ZAK),
+            key(&k.zmk, KeyType::ZMK)
+        ))
 }
 
 async fn switch(url: &str, link: &str, hsm: &str) -> Switch {
-    let config = Config::from_toml(&config_text(url, link, hsm, ""), Vec::new()).unwrap();
-    let sw = Switch::start(config).await.unwrap();
-    assert!(sw.wait_ready(Duration::from_secs(5)).await);
-    sw
+    config(url, link, hsm).start().await
 }
 
 /// A terminal with keys: PIN blocks and MACs on what it sends.
@@ -356,7 +331,8 @@ fn a_wrong_check_value_stops_the_switch() {
         let TestDb(url, _pool, _schema) = pg_schema("hsm_kcv").await;
         let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
         let k = TestKeys::fixed();
-        let text = config_text(&url, "127.0.0.1:1", &sim.local_addr().to_string(), "")
+        let text = config(&url, "127.0.0.1:1", &sim.local_addr().to_string())
+            .text()
             .replace(&k.zpk.kcv6(), "000000");
         let config = Config::from_toml(&text, Vec::new()).unwrap();
         let err = Switch::start(config).await.unwrap_err();

@@ -7,77 +7,47 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use cardswitch::config::Config;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::Framing;
-use cardswitch_codec::{Dialect, Message, Mti};
+use cardswitch_codec::{Message, Mti};
 use cardswitch_simulators::acquirer::{Faults, Latency};
-use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use cardswitch_simulators::Rules;
 use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio::net::TcpStream;
 
 mod common;
 
-use common::{pg_schema, request, Terminal, TestDb};
+use common::{
+    acquirer_at, acquirer_with as acquirer, pg_schema, request, SwitchConfig, Terminal, TestDb,
+};
 
-async fn acquirer_at(listen: SocketAddr, rules: Rules) -> Acquirer {
-    Acquirer::start(AcquirerConfig {
-        listen,
-        dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        framing: Framing::default(),
-        rules,
-        tls: None,
-        security: None,
-    })
-    .await
-    .unwrap()
+/// The switch's configuration in these tests: the journal at `url` with keys, one endpoint on
+/// `link` with this timeout, store-and-forward retrying within a few hundred milliseconds.
+fn config(url: &str, link: impl std::fmt::Display, timeout_ms: u64) -> SwitchConfig {
+    SwitchConfig::new(url, link)
+        .keys()
+        .toml("[switch]\nshutdown_grace_ms = 2000")
+        .endpoint_toml(&format!(
+            "acquirer_id = \"123456\"\nrequest_timeout_ms = {timeout_ms}\n\
+             reconnect_min_ms = 50\nreconnect_max_ms = 200\n\
+             [saf]\ninitial_delay_ms = 0\nretry_min_ms = 100\nretry_max_ms = 400\npoll_ms = 100"
+        ))
 }
 
-async fn acquirer(rules: Rules) -> Acquirer {
-    acquirer_at("127.0.0.1:0".parse().unwrap(), rules).await
-}
-
-const DATA_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-
-fn config_text(url: &str, link: &str, timeout_ms: u64, extra: &str) -> String {
-    format!(
-        r#"
-[switch]
-shutdown_grace_ms = 2000
-[journal]
-url = "{url}"
-pan_hmac_key = "{DATA_KEY}"
-data_key = "{DATA_KEY}"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = ["{link}"]
-acquirer_id = "123456"
-request_timeout_ms = {timeout_ms}
-reconnect_min_ms = 50
-reconnect_max_ms = 200
-[endpoints.saf]
-initial_delay_ms = 0
-retry_min_ms = 100
-retry_max_ms = 400
-poll_ms = 100
-{extra}
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#
-    )
-}
-
-async fn switch(url: &str, link: &str, timeout_ms: u64, extra: &str) -> Switch {
-    let config = Config::from_toml(&config_text(url, link, timeout_ms, extra), Vec::new()).unwrap();
-    Switch::start(config).await.unwrap()
+/// Starts a switch on `config(url, link, timeout_ms)` with these endpoint settings (a TOML
+/// fragment), not waiting for its link.
+async fn switch(
+    url: &str,
+    link: impl std::fmt::Display,
+    timeout_ms: u64,
+    endpoint: &str,
+) -> Switch {
+    config(url, link, timeout_ms)
+        .endpoint_toml(endpoint)
+        .launch()
+        .await
 }
 
 /// A reversal of `original` (new STAN, DE90 naming the original).
@@ -391,12 +361,9 @@ async fn terminal_reversals_unknown_originals_twice_and_partial() {
 async fn stand_in_approves_under_the_limit_and_advises_later() {
     let TestDb(url, pool, _schema) = pg_schema("stip").await;
     // The acquirer's address, with nothing listening yet.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = common::free_addr();
     let extra = r#"
-[endpoints.stand_in]
+[stand_in]
 enabled = true
 default_limit_minor = 5000
 negative_ranges = ["4761739001010029"]
@@ -462,17 +429,10 @@ async fn store_and_forward_survives_kill_9() {
         ..Faults::default()
     }))
     .await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let text = config_text(&url, &acq.local_addr().to_string(), 300, "")
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let dir = std::env::temp_dir().join(format!("cardswitch-kill-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("switch.toml");
-    std::fs::write(&file, text).unwrap();
+    let port = common::free_addr().port();
+    let file = config(&url, acq.local_addr(), 300)
+        .listener("address", format!("127.0.0.1:{port}"))
+        .write("kill");
     let start = || {
         Killed(
             std::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
@@ -541,6 +501,6 @@ async fn store_and_forward_survives_kill_9() {
     assert_eq!(acq.reversals().len(), 1);
     assert_eq!(acq.reversals()[0].mti, "0421");
     child.kill();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&file);
     acq.stop().await;
 }

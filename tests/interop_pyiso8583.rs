@@ -12,6 +12,8 @@ use std::process::Command;
 use cardswitch_codec::{sample, Dialect, Format, Message, Mti};
 use serde_json::{json, Map, Value};
 
+mod common;
+
 const SCRIPT: &str = r#"
 import json, sys
 import iso8583
@@ -68,20 +70,9 @@ fn python() -> PathBuf {
 }
 
 fn run(mode: &str, input: &Value) -> Value {
-    use std::io::Write;
-    let mut child = Command::new(python())
-        .args(["-c", SCRIPT, mode])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut command = Command::new(python());
+    command.args(["-c", SCRIPT, mode]);
+    let out = common::run_with_stdin(command, input.to_string().as_bytes());
     assert!(out.status.success(), "pyiso8583 {mode} failed");
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -8,22 +8,16 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
 
-use std::time::Duration;
-
 use cardswitch::journal::Backend;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
-use cardswitch_codec::{sample, Dialect, Message};
+use cardswitch_codec::{sample, Message};
 use cardswitch_simulators::acquirer::Faults;
-use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
-use futures_util::{SinkExt, StreamExt};
+use cardswitch_simulators::{Acquirer, Rules};
 use sqlx::Row as _;
-use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
 
 mod common;
 
-use common::{pg_schema, SwitchConfig, TestDb};
+use common::{pg_schema, SwitchConfig, Terminal, TestDb};
 
 fn sqlite_url(name: &str) -> (String, std::path::PathBuf) {
     let path = std::env::temp_dir().join(format!(
@@ -35,16 +29,7 @@ fn sqlite_url(name: &str) -> (String, std::path::PathBuf) {
 }
 
 async fn acquirer() -> Acquirer {
-    Acquirer::start(AcquirerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        framing: Framing::default(),
-        rules: Rules::default_rules(),
-        tls: None,
-        security: None,
-    })
-    .await
-    .unwrap()
+    common::acquirer(None).await
 }
 
 async fn switch(journal_url: &str, acquirer: &Acquirer, mode: &str) -> Switch {
@@ -63,24 +48,10 @@ async fn switch(journal_url: &str, acquirer: &Acquirer, mode: &str) -> Switch {
 }
 
 async fn exchange(sw: &Switch, msg: &Message) -> String {
-    let stream = TcpStream::connect(sw.listener_addrs()[0]).await.unwrap();
-    let mut framed = Framed::new(stream, FrameCodec::new(Framing::default()));
-    let dialect = Dialect::builtin("iso87-ascii").unwrap();
-    framed
-        .send(Frame::new(dialect.encode_to_vec(msg).unwrap()))
+    Terminal::connect(sw.listener_addrs()[0])
         .await
-        .unwrap();
-    let frame = tokio::time::timeout(Duration::from_secs(5), framed.next())
+        .code(msg)
         .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    dialect
-        .decode(&frame.body)
-        .unwrap()
-        .response_code()
-        .unwrap()
-        .to_string()
 }
 
 fn request(amount: u64, stan: u32) -> Message {

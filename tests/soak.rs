@@ -3,8 +3,10 @@
 //! (`kill -9`) half-way. The journal, the acquirer's ledger and the terminals must agree.
 //! (The 10-minute run at 2,000 TPS is the same command with `--duration 10m`; see the README.)
 
+#[cfg(feature = "simulators")]
 use std::process::Command;
 
+#[cfg(feature = "simulators")] // `soak` is one of the simulator commands
 #[test]
 fn thirty_second_ledger_check_with_a_kill_9_in_the_middle() {
     let url = std::env::var("TEST_DATABASE_URL")

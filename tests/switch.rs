@@ -5,67 +5,31 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use cardswitch::config::Config;
 use cardswitch::server::Switch;
-use cardswitch_codec::framing::Framing;
 use cardswitch_codec::{sample, Dialect, Message, Mti};
 use cardswitch_simulators::acquirer::{Faults, Latency};
-use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
+use cardswitch_simulators::Rules;
 use tokio::net::TcpStream;
 
 mod common;
 
-use common::Terminal;
+use common::{acquirer_at, acquirer_with as acquirer, SwitchConfig, Terminal};
 
-async fn acquirer(rules: Rules) -> Acquirer {
-    Acquirer::start(AcquirerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        framing: Framing::default(),
-        rules,
-        tls: None,
-        security: None,
-    })
-    .await
-    .unwrap()
+/// The switch's configuration in these tests: one endpoint over `links`, routing 476173 there
+/// (541333 goes nowhere), an in-memory journal.
+fn config(links: &[String], timeout_ms: u64) -> SwitchConfig {
+    SwitchConfig::new("sqlite::memory:", "")
+        .links(links)
+        .toml("[switch]\nshutdown_grace_ms = 2000")
+        .endpoint_toml(&format!(
+            "acquirer_id = \"123456\"\nrequest_timeout_ms = {timeout_ms}\n\
+             reconnect_min_ms = 50\nreconnect_max_ms = 200"
+        ))
 }
 
-/// A switch with one endpoint over `links`, routing 476173 there (541333 goes nowhere).
+/// A switch with one endpoint over `links` (not waiting for them).
 async fn switch(links: &[String], timeout_ms: u64) -> Switch {
-    switch_with(links, timeout_ms, &[]).await
-}
-
-/// The same, with configuration overrides from the environment form (`CARDSWITCH__...`).
-async fn switch_with(links: &[String], timeout_ms: u64, env: &[(&str, &str)]) -> Switch {
-    let links = links
-        .iter()
-        .map(|l| format!("\"{l}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-[switch]
-shutdown_grace_ms = 2000
-[journal]
-url = "sqlite::memory:"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = [{links}]
-acquirer_id = "123456"
-request_timeout_ms = {timeout_ms}
-reconnect_min_ms = 50
-reconnect_max_ms = 200
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#
-    );
-    let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
-    let config = Config::from_toml(&text, env).unwrap();
-    Switch::start(config).await.unwrap()
+    config(links, timeout_ms).launch().await
 }
 
 fn request(amount: u64, stan: u32) -> Message {
@@ -173,10 +137,7 @@ async fn undecodable_request_gets_30_and_the_connection_survives() {
 #[tokio::test]
 async fn failover_to_the_next_link_and_91_when_none_is_ready() {
     // A port nothing listens on.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let dead = common::free_addr().to_string();
     let acq = acquirer(Rules::default_rules()).await;
     let sw = switch(&[dead.clone(), acq.local_addr().to_string()], 2000).await;
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
@@ -278,28 +239,10 @@ async fn shutdown_finishes_in_flight_transactions_journals_them_and_signs_off() 
     };
     let acq = acquirer(rules).await;
     let db = std::env::temp_dir().join(format!("cardswitch-shutdown-{}.db", std::process::id()));
-    let text = format!(
-        r#"
-[switch]
-shutdown_grace_ms = 3000
-[journal]
-url = "sqlite://{}"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "acq"
-links = ["{}"]
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#,
-        db.display(),
-        acq.local_addr()
-    );
-    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
-        .await
-        .unwrap();
+    let sw = SwitchConfig::new(&format!("sqlite://{}", db.display()), acq.local_addr())
+        .toml("[switch]\nshutdown_grace_ms = 3000")
+        .launch()
+        .await;
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
     let addr = sw.listener_addrs()[0];
     let mut t = Terminal::connect(addr).await;
@@ -348,12 +291,10 @@ async fn two_thousand_concurrent_connections_each_answered() {
     let acq = acquirer(Rules::default_rules()).await;
     // 2,000 requests at once: the link may hold them all (its default cap is 512; beyond the
     // cap a request is answered 91 at once, which the next test shows).
-    let sw = switch_with(
-        &[acq.local_addr().to_string()],
-        5000,
-        &[("CARDSWITCH__ENDPOINTS__0__MAX_IN_FLIGHT_PER_LINK", "4096")],
-    )
-    .await;
+    let sw = config(&[acq.local_addr().to_string()], 5000)
+        .env("CARDSWITCH__ENDPOINTS__0__MAX_IN_FLIGHT_PER_LINK", "4096")
+        .launch()
+        .await;
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
     let addr = sw.listener_addrs()[0];
     let mut terminals = Vec::new();
@@ -386,12 +327,10 @@ async fn a_burst_beyond_the_links_in_flight_cap_gets_91_at_once() {
         ..Rules::default_rules()
     };
     let acq = acquirer(rules).await;
-    let sw = switch_with(
-        &[acq.local_addr().to_string()],
-        5000,
-        &[("CARDSWITCH__ENDPOINTS__0__MAX_IN_FLIGHT_PER_LINK", "10")],
-    )
-    .await;
+    let sw = config(&[acq.local_addr().to_string()], 5000)
+        .env("CARDSWITCH__ENDPOINTS__0__MAX_IN_FLIGHT_PER_LINK", "10")
+        .launch()
+        .await;
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
     let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
     for stan in 1..=15 {
@@ -416,52 +355,22 @@ async fn a_burst_beyond_the_links_in_flight_cap_gets_91_at_once() {
 async fn a_reversal_goes_where_its_original_went() {
     // Endpoint A is down when the original arrives, so the route's fallback B takes it; A comes
     // up before the reversal, which must still go to B.
-    let a_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let a_addr = common::free_addr();
     let b = acquirer(Rules::default_rules()).await;
-    let text = format!(
-        r#"
-[journal]
-url = "sqlite::memory:"
-[[listeners]]
-name = "pos"
-address = "127.0.0.1:0"
-[[endpoints]]
-name = "a"
-links = ["{a_addr}"]
-reconnect_min_ms = 50
-reconnect_max_ms = 100
-[[endpoints]]
-name = "b"
-links = ["{}"]
-[[routes]]
-prefix = "476173"
-endpoint = "a"
-fallback = "b"
-"#,
-        b.local_addr()
-    );
-    let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
-        .await
-        .unwrap();
+    let sw = SwitchConfig::new("sqlite::memory:", a_addr)
+        .endpoint_toml("reconnect_min_ms = 50\nreconnect_max_ms = 100")
+        .add_endpoint("b", b.local_addr(), "")
+        .no_routes()
+        .route_to("476173", "acq", Some("b"))
+        .launch()
+        .await;
     let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let original = request(4_200, 11);
     assert_eq!(rc(&t.exchange(&original).await), "00");
     assert_eq!(b.ledger().len(), 1, "the fallback took the original");
 
-    let a = Acquirer::start(AcquirerConfig {
-        listen: a_addr,
-        dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        framing: Framing::default(),
-        rules: Rules::default_rules(),
-        tls: None,
-        security: None,
-    })
-    .await
-    .unwrap();
+    let a = acquirer_at(a_addr, Rules::default_rules()).await;
     assert!(sw.wait_ready(Duration::from_secs(5)).await, "A is back");
 
     let mut reversal = original.clone();
@@ -499,12 +408,10 @@ fallback = "b"
 async fn links_of_an_endpoint_share_one_stan_sequence() {
     let acq = acquirer(Rules::default_rules()).await;
     let addr = acq.local_addr().to_string();
-    let sw = switch_with(
-        &[addr.clone(), addr.clone(), addr.clone(), addr],
-        2_000,
-        &[("CARDSWITCH__ENDPOINTS__0__STRATEGY", "round-robin")],
-    )
-    .await;
+    let sw = config(&[addr.clone(), addr.clone(), addr.clone(), addr], 2_000)
+        .env("CARDSWITCH__ENDPOINTS__0__STRATEGY", "round-robin")
+        .launch()
+        .await;
     assert!(sw.wait_ready(Duration::from_secs(5)).await);
     let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
     for i in 0..200 {

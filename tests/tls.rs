@@ -9,13 +9,14 @@ use std::time::Duration;
 use cardswitch::config::Config;
 use cardswitch::server::Switch;
 use cardswitch::tls::{ClientTls, ServerTls};
-use cardswitch_codec::framing::{Frame, FrameCodec, Framing};
-use cardswitch_codec::{sample, Dialect, Message};
-use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
-use futures_util::{SinkExt, StreamExt};
+use cardswitch_codec::sample;
+use cardswitch_simulators::AcquirerConfig;
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
+
+mod common;
+
+use common::{SwitchConfig, Terminal};
 
 struct Pki {
     dir: PathBuf,
@@ -70,42 +71,16 @@ fn toml_path(p: &Path) -> String {
     p.display().to_string().replace('\\', "/")
 }
 
-async fn acquirer(tls: Option<tokio_rustls::TlsAcceptor>) -> Acquirer {
-    Acquirer::start(AcquirerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        dialect: Dialect::builtin("iso87-ascii").unwrap(),
-        framing: Framing::default(),
-        rules: Rules::default_rules(),
-        tls,
-        security: None,
-    })
-    .await
-    .unwrap()
-}
-
+/// The response code of the switch's reply to the sample request over `stream`; `None` when
+/// nothing comes back.
 async fn exchange<S>(stream: S) -> Option<String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut framed = Framed::new(stream, FrameCodec::new(Framing::default()));
-    let dialect = Dialect::builtin("iso87-ascii").unwrap();
-    let msg: Message = sample::auth_request();
-    framed
-        .send(Frame::new(dialect.encode_to_vec(&msg).unwrap()))
-        .await
-        .ok()?;
-    let frame = tokio::time::timeout(Duration::from_secs(5), framed.next())
-        .await
-        .ok()??
-        .ok()?;
-    Some(
-        dialect
-            .decode(&frame.body)
-            .unwrap()
-            .response_code()
-            .unwrap()
-            .to_string(),
-    )
+    let reply = Terminal::over(stream)
+        .try_exchange(&sample::auth_request())
+        .await?;
+    Some(reply.response_code().unwrap().to_string())
 }
 
 #[tokio::test]
@@ -116,28 +91,21 @@ async fn tls_listener_with_client_certificates_and_tls_link() {
         key: pki.path("server.key"),
         client_ca: None,
     };
-    let acq = acquirer(Some(server_tls.acceptor().unwrap().0)).await;
-    let text = format!(
-        r#"
-[journal]
-url = "sqlite::memory:"
-[[listeners]]
-name = "pos-tls"
-address = "127.0.0.1:0"
-tls = {{ cert = "{cert}", key = "{key}", client_ca = "{ca}" }}
-[[endpoints]]
-name = "acq"
-links = ["{link}"]
-tls = {{ ca = "{ca}" }}
-[[routes]]
-prefix = "476173"
-endpoint = "acq"
-"#,
-        cert = toml_path(&pki.path("server.pem")),
-        key = toml_path(&pki.path("server.key")),
-        ca = toml_path(&pki.path("ca.pem")),
-        link = acq.local_addr()
-    );
+    let acq = common::start_acquirer(AcquirerConfig {
+        tls: Some(server_tls.acceptor().unwrap().0),
+        ..common::acquirer_config()
+    })
+    .await;
+    let ca = toml_path(&pki.path("ca.pem"));
+    let text = SwitchConfig::new("sqlite::memory:", acq.local_addr())
+        .listener("name", "pos-tls")
+        .listener_toml(&format!(
+            "tls = {{ cert = \"{cert}\", key = \"{key}\", client_ca = \"{ca}\" }}",
+            cert = toml_path(&pki.path("server.pem")),
+            key = toml_path(&pki.path("server.key")),
+        ))
+        .endpoint_toml(&format!("tls = {{ ca = \"{ca}\" }}"))
+        .text();
     let sw = Switch::start(Config::from_toml(&text, Vec::new()).unwrap())
         .await
         .unwrap();

@@ -12,6 +12,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// The test support (the configuration builder, PostgreSQL URLs), shared with the tests.
+#[path = "../../tests/common/mod.rs"]
+mod shared;
+
+pub use shared::{pg_url, SwitchConfig};
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_cardswitch");
 
@@ -88,12 +94,6 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// `TEST_DATABASE_URL`, default the local test database.
-pub fn pg_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 /// The URL of a schema (through `search_path`).
 pub fn schema_url(schema: &str) -> String {
     let sep = if pg_url().contains('?') { '&' } else { '?' };
@@ -154,9 +154,9 @@ pub fn terminal(target: SocketAddr, extra: &[&str], seconds: u64) -> Value {
 /// The closed loop every throughput run uses.
 pub const CLOSED_LOOP: [&str; 4] = ["--connections", "16", "--depth", "32"];
 
-/// Writes a switch configuration (durable journal; one listener on `listen`; one endpoint on
-/// `acquirer` routing 476173 and 541333) with extra TOML before the listener (`top`), inside
-/// the listener and inside the endpoint. Its path, unique per `tag`.
+/// Writes a switch configuration (durable journal from `DATABASE_URL`; one listener on `listen`;
+/// one endpoint on `acquirer` routing 476173 and 541333) with extra TOML at the top (`top`),
+/// inside the listener and inside the endpoint. Its path, unique per `tag`.
 pub fn switch_config(
     tag: &str,
     top: &str,
@@ -165,21 +165,13 @@ pub fn switch_config(
     acquirer: SocketAddr,
     endpoint: &str,
 ) -> PathBuf {
-    let path = std::env::temp_dir().join(format!(
-        "cardswitch-bench-{tag}-{}.toml",
-        std::process::id()
-    ));
-    std::fs::write(
-        &path,
-        format!(
-            "[journal]\nmode = \"durable\"\npan_hmac_key = \"{}\"\n{top}\n\
-             [[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n{listener}\n\
-             [[endpoints]]\nname = \"acq\"\nlinks = [\"{acquirer}\"]\n{endpoint}\n\
-             [[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n\
-             [[routes]]\nprefix = \"541333\"\nendpoint = \"acq\"\n",
-            "ab".repeat(32)
-        ),
-    )
-    .unwrap();
-    path
+    SwitchConfig::new("", acquirer)
+        .set("journal", "mode", "durable")
+        .set("journal", "pan_hmac_key", "ab".repeat(32))
+        .toml(top)
+        .listener("address", listen.to_string())
+        .listener_toml(listener)
+        .endpoint_toml(endpoint)
+        .route("541333")
+        .write(&format!("bench-{tag}"))
 }

@@ -1,8 +1,9 @@
 //! The commands: the command line's shape (kept stable and documented in README.md) and one
 //! file per command. Only this folder sees clap; the library takes plain values.
 //!
-//! `demo`, `sim` and `soak` run the simulators and exist with the `simulators` feature (on by
-//! default); without it the binary is the switch and its operator tools alone.
+//! `demo`, `sim` and `soak` run the simulators and exist with the `simulators` feature
+//! (`cargo run --release --features simulators -- demo`); without it the binary is the switch and
+//! its operator tools alone, and those three commands say how to get them.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -58,12 +59,29 @@ pub(crate) enum Command {
     /// The settlement report of a business date: counts and amounts by endpoint, currency and
     /// type, fees and nets.
     Settlement(settlement::SettlementArgs),
+    #[cfg(not(feature = "simulators"))]
+    /// `demo`, `sim` or `soak` in a build without the simulators.
+    #[command(external_subcommand)]
+    WithoutSimulators(Vec<String>),
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+/// The answer to a command this build does not have.
+#[cfg(not(feature = "simulators"))]
+fn without_simulators(args: &[String]) -> anyhow::Error {
+    match args.first().map(String::as_str) {
+        Some(c @ ("demo" | "sim" | "soak")) => anyhow::anyhow!(
+            "`{c}` runs the simulators, which this build leaves out; build with them: \
+             cargo run --release --features simulators -- {c}"
+        ),
+        Some(c) => anyhow::anyhow!("unknown command `{c}` (see --help)"),
+        None => anyhow::anyhow!("no command (see --help)"),
+    }
 }
 
 /// Runs one command to its end.
@@ -89,6 +107,8 @@ pub(crate) fn main() -> ExitCode {
         }
         #[cfg(feature = "simulators")]
         Command::Sim(sim) => runtime().and_then(|rt| rt.block_on(sim::run(sim, &mut out))),
+        #[cfg(not(feature = "simulators"))]
+        Command::WithoutSimulators(args) => Err(without_simulators(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,8 @@ use cardswitch_simulators::acquirer::AcquirerSecurity;
 use cardswitch_simulators::{Acquirer, AcquirerConfig, Rules};
 use futures_util::{SinkExt, StreamExt};
 use sqlx::PgPool;
+use std::path::PathBuf;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
@@ -70,35 +72,92 @@ pub async fn pg_schema(name: &str) -> TestDb {
     TestDb(url, pool, Schema(schema))
 }
 
-/// The acquirer simulator on a free port: `iso87-ascii`, default rules, these keys.
-pub async fn acquirer(security: Option<AcquirerSecurity>) -> Acquirer {
-    Acquirer::start(AcquirerConfig {
+/// The keys (PAN HMAC and data) of the tests' journals.
+pub const DATA_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// The acquirer simulator's configuration the tests start from: a free port, `iso87-ascii`,
+/// 2-byte lengths, default rules, no TLS, no keys. A test changes what it needs
+/// (`AcquirerConfig { rules, ..acquirer_config() }`).
+pub fn acquirer_config() -> AcquirerConfig {
+    AcquirerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         dialect: Dialect::builtin("iso87-ascii").unwrap(),
         framing: Framing::default(),
         rules: Rules::default_rules(),
         tls: None,
-        security,
-    })
-    .await
-    .unwrap()
+        security: None,
+    }
 }
 
-/// A terminal connection speaking `iso87-ascii` with 2-byte lengths.
-pub struct Terminal {
-    pub framed: Framed<TcpStream, FrameCodec>,
+/// The acquirer simulator on a free port: default rules, these keys.
+pub async fn acquirer(security: Option<AcquirerSecurity>) -> Acquirer {
+    start_acquirer(AcquirerConfig {
+        security,
+        ..acquirer_config()
+    })
+    .await
+}
+
+/// The acquirer simulator with these rules on `listen` (`127.0.0.1:0`: a free port).
+pub async fn acquirer_at(listen: SocketAddr, rules: Rules) -> Acquirer {
+    start_acquirer(AcquirerConfig {
+        listen,
+        rules,
+        ..acquirer_config()
+    })
+    .await
+}
+
+/// The acquirer simulator with these rules on a free port.
+pub async fn acquirer_with(rules: Rules) -> Acquirer {
+    acquirer_at("127.0.0.1:0".parse().unwrap(), rules).await
+}
+
+/// Starts the acquirer simulator.
+pub async fn start_acquirer(config: AcquirerConfig) -> Acquirer {
+    Acquirer::start(config).await.unwrap()
+}
+
+/// A loopback address nothing listens on now.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A terminal connection speaking `iso87-ascii` with 2-byte lengths, over TCP or any other
+/// stream (TLS).
+pub struct Terminal<S = TcpStream> {
+    pub framed: Framed<S, FrameCodec>,
     pub dialect: Dialect,
 }
 
 impl Terminal {
     pub async fn connect(addr: SocketAddr) -> Self {
+        Self::over(TcpStream::connect(addr).await.unwrap())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Terminal<S> {
+    /// A terminal on a connected stream.
+    pub fn over(stream: S) -> Self {
         Self {
-            framed: Framed::new(
-                TcpStream::connect(addr).await.unwrap(),
-                FrameCodec::new(Framing::default()),
-            ),
+            framed: Framed::new(stream, FrameCodec::new(Framing::default())),
             dialect: Dialect::builtin("iso87-ascii").unwrap(),
         }
+    }
+
+    /// The reply to `m`, or `None` when the connection fails or closes or nothing comes
+    /// within 5 s.
+    pub async fn try_exchange(&mut self, m: &Message) -> Option<Message> {
+        let body = self.dialect.encode_to_vec(m).unwrap();
+        self.framed.send(Frame::new(body)).await.ok()?;
+        let f = tokio::time::timeout(Duration::from_secs(5), self.framed.next())
+            .await
+            .ok()??
+            .ok()?;
+        Some(self.dialect.decode(&f.body).unwrap())
     }
 
     pub async fn send(&mut self, m: &Message) {
@@ -130,6 +189,20 @@ impl Terminal {
     }
 }
 
+/// Runs a command with `stdin` written to its standard input; its output.
+pub fn run_with_stdin(mut command: std::process::Command, stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// The sample 0100 with this amount, STAN and RRN.
 pub fn request(amount: u64, stan: u32, rrn: &str) -> Message {
     let mut m = sample::auth_request();
@@ -144,10 +217,24 @@ pub fn request(amount: u64, stan: u32, rrn: &str) -> Message {
 /// document, so it is read exactly as an operator's file is.
 pub struct SwitchConfig {
     doc: toml::Table,
+    env: Vec<(String, String)>,
+}
+
+/// Merges `from` into `into`: tables key by key, any other value replaced.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
 }
 
 impl SwitchConfig {
-    /// The minimal configuration: journal `journal_url`, endpoint `acq` with one link to `link`.
+    /// The minimal configuration: journal `journal_url` (empty: `DATABASE_URL`), endpoint `acq`
+    /// with one link to `link`.
     pub fn new(journal_url: &str, link: impl std::fmt::Display) -> Self {
         let doc = toml::from_str(&format!(
             r#"
@@ -165,7 +252,34 @@ endpoint = "acq"
 "#
         ))
         .unwrap();
-        Self { doc }
+        Self {
+            doc,
+            env: Vec::new(),
+        }
+    }
+
+    /// Merges a TOML fragment (`[switch]\nshutdown_grace_ms = 2000`) into the document.
+    pub fn toml(mut self, fragment: &str) -> Self {
+        merge(&mut self.doc, toml::from_str(fragment).unwrap());
+        self
+    }
+
+    /// Merges a TOML fragment into the listener (`tls = {...}`, `[security]` ...).
+    pub fn listener_toml(mut self, fragment: &str) -> Self {
+        merge(self.first("listeners"), toml::from_str(fragment).unwrap());
+        self
+    }
+
+    /// Merges a TOML fragment into the endpoint (`request_timeout_ms = 300`, `[saf]` ...).
+    pub fn endpoint_toml(mut self, fragment: &str) -> Self {
+        merge(self.first("endpoints"), toml::from_str(fragment).unwrap());
+        self
+    }
+
+    fn first(&mut self, array: &str) -> &mut toml::Table {
+        self.doc[array].as_array_mut().unwrap()[0]
+            .as_table_mut()
+            .unwrap()
     }
 
     /// Sets `key` of section `section` (`journal`, `admin`, `fraud` ...), making the section.
@@ -179,6 +293,12 @@ endpoint = "acq"
         self
     }
 
+    /// The journal's PAN HMAC and data keys set (`DATA_KEY`), as a production switch has them.
+    pub fn keys(self) -> Self {
+        self.set("journal", "pan_hmac_key", DATA_KEY)
+            .set("journal", "data_key", DATA_KEY)
+    }
+
     /// The admin side on a free port with this token.
     pub fn admin(self, token: &str) -> Self {
         self.set("admin", "address", "127.0.0.1:0")
@@ -187,9 +307,7 @@ endpoint = "acq"
 
     /// Sets `key` of the endpoint, or of its sub-section with `sub` (`settlement`, `saf` ...).
     pub fn endpoint(mut self, sub: Option<&str>, key: &str, value: impl Into<toml::Value>) -> Self {
-        let e = self.doc["endpoints"].as_array_mut().unwrap()[0]
-            .as_table_mut()
-            .unwrap();
+        let e = self.first("endpoints");
         let t = match sub {
             None => e,
             Some(s) => e
@@ -202,24 +320,64 @@ endpoint = "acq"
         self
     }
 
+    /// The endpoint's links.
+    pub fn links<L: std::fmt::Display>(self, links: &[L]) -> Self {
+        let links: Vec<String> = links.iter().map(ToString::to_string).collect();
+        self.endpoint(None, "links", links)
+    }
+
     /// Sets `key` of the listener.
     pub fn listener(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
-        self.doc["listeners"].as_array_mut().unwrap()[0]
-            .as_table_mut()
-            .unwrap()
-            .insert(key.to_owned(), value.into());
+        self.first("listeners").insert(key.to_owned(), value.into());
         self
     }
 
     /// Routes one more card range to the endpoint.
-    pub fn route(mut self, prefix: &str) -> Self {
+    pub fn route(self, prefix: &str) -> Self {
+        self.route_to(prefix, "acq", None)
+    }
+
+    /// Routes a card range to an endpoint, with a fallback endpoint.
+    pub fn route_to(mut self, prefix: &str, endpoint: &str, fallback: Option<&str>) -> Self {
         let mut r = toml::Table::new();
         r.insert("prefix".into(), prefix.into());
-        r.insert("endpoint".into(), "acq".into());
+        r.insert("endpoint".into(), endpoint.into());
+        if let Some(f) = fallback {
+            r.insert("fallback".into(), f.into());
+        }
         self.doc["routes"]
             .as_array_mut()
             .unwrap()
             .push(toml::Value::Table(r));
+        self
+    }
+
+    /// Only these routes (the default 476173 -> `acq` goes).
+    pub fn no_routes(mut self) -> Self {
+        self.doc["routes"].as_array_mut().unwrap().clear();
+        self
+    }
+
+    /// One more endpoint, `name` with one link, and these settings (a TOML fragment).
+    pub fn add_endpoint(
+        mut self,
+        name: &str,
+        link: impl std::fmt::Display,
+        fragment: &str,
+    ) -> Self {
+        let mut e: toml::Table = toml::from_str(fragment).unwrap();
+        e.insert("name".into(), name.into());
+        e.insert("links".into(), vec![link.to_string()].into());
+        self.doc["endpoints"]
+            .as_array_mut()
+            .unwrap()
+            .push(toml::Value::Table(e));
+        self
+    }
+
+    /// An override in the environment form (`CARDSWITCH__ENDPOINTS__0__...`), read at start.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
 
@@ -228,10 +386,29 @@ endpoint = "acq"
         toml::to_string(&self.doc).unwrap()
     }
 
+    /// Writes the configuration to a file of its own (unique per `tag` and process); its path.
+    pub fn write(&self, tag: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("cardswitch-{tag}-{}.toml", std::process::id()));
+        std::fs::write(&path, self.text()).unwrap();
+        path
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> cardswitch::config::Validated {
+        cardswitch::config::Config::from_toml(&self.text(), self.env.clone()).unwrap()
+    }
+
+    /// Starts the switch without waiting for its links (a test whose acquirer is down).
+    pub async fn launch(&self) -> cardswitch::server::Switch {
+        cardswitch::server::Switch::start(self.config())
+            .await
+            .unwrap()
+    }
+
     /// Starts the switch and waits until its link is ready.
     pub async fn start(&self) -> cardswitch::server::Switch {
-        let config = cardswitch::config::Config::from_toml(&self.text(), Vec::new()).unwrap();
-        let sw = cardswitch::server::Switch::start(config).await.unwrap();
+        let sw = self.launch().await;
         assert!(sw.wait_ready(Duration::from_secs(5)).await);
         sw
     }
