@@ -42,16 +42,20 @@ pub(super) enum Cvv {
     Refused,
 }
 
+/// A card message on its way through the pipeline: where it came in, what it is, the id the
+/// journal gives it, its card and when it arrived.
+pub(super) struct CardMessage<'a> {
+    pub(super) listener: &'a str,
+    pub(super) request: &'a Message,
+    pub(super) txn_id: i64,
+    pub(super) pan: &'a Pan,
+    pub(super) began: Instant,
+}
+
 impl Pipeline {
     /// An authorization or financial request (or advice): to the acquirer, or stand-in.
-    pub(super) async fn authorize(
-        &self,
-        listener: &str,
-        request: &Message,
-        txn_id: i64,
-        pan: &Pan,
-        began: Instant,
-    ) -> Option<Outcome> {
+    pub(super) async fn authorize(&self, card: &CardMessage<'_>) -> Option<Outcome> {
+        let CardMessage { request, pan, .. } = *card;
         // Fraud rules on requests (not on advices of what already happened).
         let screened = if request.mti().function() <= 1 {
             self.screen(request, pan)
@@ -64,7 +68,7 @@ impl Pipeline {
                 DecidedBy::Fraud,
                 TxnState::Declined,
             ),
-            None => self.route(listener, request, txn_id, pan, began).await?,
+            None => self.route(card).await?,
         };
         outcome.fraud = screened.fired;
         outcome.fraud_time = (!screened.took.is_zero()).then_some(screened.took);
@@ -121,14 +125,14 @@ impl Pipeline {
     }
 
     /// Routing, PIN translation and the acquirer (or stand-in) for a request.
-    pub(super) async fn route(
-        &self,
-        listener: &str,
-        request: &Message,
-        txn_id: i64,
-        pan: &Pan,
-        began: Instant,
-    ) -> Option<Outcome> {
+    pub(super) async fn route(&self, card: &CardMessage<'_>) -> Option<Outcome> {
+        let CardMessage {
+            listener,
+            request,
+            txn_id,
+            pan,
+            began,
+        } = *card;
         let Some(route) = self.bins.lookup(pan) else {
             return request
                 .response_with(Failure::NoRoute.response_code())

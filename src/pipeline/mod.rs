@@ -383,11 +383,17 @@ impl Pipeline {
             }
             Verdict::Unknown => return fail(Failure::JournalUnavailable),
         };
+        let card = card::CardMessage {
+            listener,
+            request,
+            txn_id,
+            pan: &pan,
+            began,
+        };
         let mut outcome = if is_reversal {
-            self.reversal(request, txn_id, &pan, began).await?
+            self.reversal(&card).await?
         } else {
-            self.authorize(listener, request, txn_id, &pan, began)
-                .await?
+            self.authorize(&card).await?
         };
         outcome.guard = Some(guard);
         outcome.txn_id = Some(txn_id);

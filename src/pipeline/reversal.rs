@@ -10,6 +10,7 @@ use cardswitch_codec::{Message, Pan, ResponseCode};
 use cardswitch_routing::Failure;
 use tracing::warn;
 
+use super::card::CardMessage;
 use super::outcome::Outcome;
 use super::{build, Pipeline};
 use crate::journal::{DecidedBy, Original, OriginalKeys, SafKind, StateChange};
@@ -18,13 +19,14 @@ use crate::upstream::{Endpoint, Upstream};
 
 impl Pipeline {
     /// A terminal's reversal (0400/0420 and repeats), matched to its original.
-    pub(super) async fn reversal(
-        &self,
-        request: &Message,
-        txn_id: i64,
-        pan: &Pan,
-        began: Instant,
-    ) -> Option<Outcome> {
+    pub(super) async fn reversal(&self, card: &CardMessage<'_>) -> Option<Outcome> {
+        let CardMessage {
+            request,
+            txn_id,
+            pan,
+            began,
+            ..
+        } = *card;
         let is_advice = request.mti().function() == 2;
         let de90 = request.get_str(90);
         let keys = OriginalKeys {
