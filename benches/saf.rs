@@ -55,6 +55,7 @@ fn main() {
             .block_on(Journal::start(
                 &cardswitch::journal::JournalSection {
                     url: url.clone(),
+                    ephemeral_keys: true,
                     ..Default::default()
                 },
                 "bench",

@@ -213,6 +213,7 @@ impl Config {
         if self.listeners.is_empty() {
             bail!("at least one [[listeners]] is needed");
         }
+        self.journal.check_keys()?;
         if self.journal.duplicate_retention_s < 86_400 {
             bail!("journal.duplicate_retention_s: at least 86400 (a day): STANs wrap");
         }
@@ -376,11 +377,17 @@ prefix = "476173"
 endpoint = "acq"
 "#;
 
+    /// The environment `pairs`, with the journal's keys as an operator gives them there.
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        let key = "ab".repeat(32);
+        [
+            ("CARDSWITCH__JOURNAL__PAN_HMAC_KEY", key.as_str()),
+            ("CARDSWITCH__JOURNAL__DATA_KEY", key.as_str()),
+        ]
+        .iter()
+        .chain(pairs)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
     }
 
     #[test]
@@ -389,6 +396,18 @@ endpoint = "acq"
         let v = Config::from_toml(text, env(&[])).unwrap();
         assert_eq!(v.config.listeners[0].address.to_string(), "127.0.0.1:8583");
         assert_eq!(v.config.endpoints[0].links, ["127.0.0.1:9583"]);
+    }
+
+    #[test]
+    fn the_example_without_keys_is_refused_with_how_to_make_them() {
+        let text = include_str!("../specs/cardswitch.toml");
+        let err = format!("{:#}", Config::from_toml(text, Vec::new()).unwrap_err());
+        assert!(
+            err.contains("journal.pan_hmac_key and journal.data_key not set")
+                && err.contains("openssl rand -hex 32")
+                && err.contains("ephemeral_keys"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -112,7 +112,7 @@ async fn send(journal: &Journal, endpoint: &Endpoint, q: Queued) {
                 msg.set_mti(m);
             }
         }
-        let result = endpoint.exchange(&msg, q.txn_id.unwrap_or(0)).await;
+        let result = endpoint.exchange(&msg, q.txn_id.unwrap_or(0), None).await;
         let code = match result {
             Upstream::Reply(reply, _, _) => Some(
                 reply
@@ -120,7 +120,7 @@ async fn send(journal: &Journal, endpoint: &Endpoint, q: Queued) {
                     .map_or_else(|| "--".to_owned(), |c| c.to_string()),
             ),
             // Not transmitted (no link ready, or no MAC from the HSM): again soon.
-            Upstream::NotSent | Upstream::Unsigned => None,
+            Upstream::NotSent | Upstream::Unsigned | Upstream::Unrecorded => None,
             Upstream::Lost(..) | Upstream::TimedOut(..) => Some("ZZ".to_owned()),
         };
         match code {
@@ -175,11 +175,16 @@ async fn send(journal: &Journal, endpoint: &Endpoint, q: Queued) {
             }
         }
     } else {
-        progress.state = SafState::Refused;
+        // Never given up for want of a key: it stays pending (and counted) until a switch with
+        // the key that sealed it sends it.
+        progress.next_at_us = now + ms(cfg.retry_max_ms);
+        metrics::counter!(crate::telemetry::SAF_UNOPENABLE, "endpoint" => endpoint.name().to_owned())
+            .increment(1);
         error!(
             endpoint = endpoint.name(),
             entry = q.id,
-            "store-and-forward entry cannot be opened (data key changed?)"
+            "store-and-forward entry cannot be opened: not sealed under a data key this switch \
+             has (journal.data_key, journal.retired_data_keys); it stays pending"
         );
     }
     let done = progress.state;

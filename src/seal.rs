@@ -9,26 +9,39 @@ use aes_gcm::{Aes256Gcm, Key, Nonce};
 use anyhow::{bail, Context, Result};
 use zeroize::Zeroizing;
 
-/// Seals and opens with one key.
+/// Seals with the current key and opens with it or any retired key (a key ring): after a
+/// rotation, entries sealed under older key ids still open.
 #[derive(Clone)]
 pub struct Sealer {
     id: String,
     cipher: Aes256Gcm,
+    retired: Vec<(String, Aes256Gcm)>,
 }
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sealer")
             .field("id", &self.id)
+            .field(
+                "retired",
+                &self.retired.iter().map(|r| &r.0).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 const NONCE: usize = 12;
 
+fn cipher(key: &[u8]) -> Result<Aes256Gcm> {
+    if key.len() != 32 {
+        bail!("32 bytes (64 hex characters) are needed");
+    }
+    Ok(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key)))
+}
+
 impl Sealer {
-    /// A sealer from a hex key of 32 bytes; an empty key draws a random one (sealed values then
-    /// do not survive a restart).
+    /// A sealer from a hex key of 32 bytes; an empty key draws a random one from the operating
+    /// system (sealed values then do not survive a restart).
     ///
     /// # Errors
     /// A key that is not 64 hex characters.
@@ -36,16 +49,36 @@ impl Sealer {
         let key = if key_hex.is_empty() {
             Zeroizing::new(Aes256Gcm::generate_key(OsRng).to_vec())
         } else {
-            let key = Zeroizing::new(hex::decode(key_hex).context("not hex")?);
-            if key.len() != 32 {
-                bail!("32 bytes (64 hex characters) are needed");
-            }
-            key
+            Zeroizing::new(hex::decode(key_hex).context("not hex")?)
         };
+        Self::new(id, &key, &[])
+    }
+
+    /// A sealer sealing under `key` (id `id`) and opening under it and the retired keys.
+    ///
+    /// # Errors
+    /// A key that is not 32 bytes.
+    pub fn new(id: &str, key: &[u8], retired: &[(String, Zeroizing<Vec<u8>>)]) -> Result<Self> {
         Ok(Self {
             id: id.to_owned(),
-            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key)),
+            cipher: cipher(key)?,
+            retired: retired
+                .iter()
+                .map(|(id, k)| Ok((id.clone(), cipher(k).with_context(|| format!("key {id}"))?)))
+                .collect::<Result<_>>()?,
         })
+    }
+
+    /// The id of the key that seals.
+    #[must_use]
+    pub fn key_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Whether a sealed value is under the key that seals now (re-sealing skips it).
+    #[must_use]
+    pub fn is_current(&self, sealed: &str) -> bool {
+        sealed.split_once(':').is_some_and(|(id, _)| id == self.id)
     }
 
     /// The sealed form of `clear`.
@@ -66,12 +99,14 @@ impl Sealer {
     #[must_use]
     pub fn open(&self, sealed: &str) -> Option<Zeroizing<Vec<u8>>> {
         let (id, body) = sealed.split_once(':')?;
-        if id != self.id {
-            return None;
-        }
+        let cipher = if id == self.id {
+            &self.cipher
+        } else {
+            &self.retired.iter().find(|(r, _)| r == id)?.1
+        };
         let bytes = hex::decode(body).ok()?;
         let (nonce, ct) = (bytes.get(..NONCE)?, bytes.get(NONCE..)?);
-        self.cipher
+        cipher
             .decrypt(Nonce::from_slice(nonce), ct)
             .ok()
             .map(Zeroizing::new)
@@ -96,5 +131,27 @@ mod tests {
         let other = Sealer::from_hex("k1", &"22".repeat(32)).unwrap();
         assert!(other.open(&sealed).is_none());
         assert!(Sealer::from_hex("k1", "abcd").is_err());
+    }
+
+    #[test]
+    fn a_rotated_ring_opens_old_entries_and_seals_under_the_new_key() {
+        let old = Sealer::from_hex("k1", &"11".repeat(32)).unwrap();
+        let sealed_old = old.seal(b"old entry");
+        let ring = Sealer::new(
+            "k2",
+            &[0x22; 32],
+            &[("k1".to_owned(), Zeroizing::new(vec![0x11; 32]))],
+        )
+        .unwrap();
+        assert_eq!(&ring.open(&sealed_old).unwrap()[..], b"old entry");
+        assert!(!ring.is_current(&sealed_old));
+        let sealed_new = ring.seal(b"new entry");
+        assert!(sealed_new.starts_with("k2:") && ring.is_current(&sealed_new));
+        assert!(
+            old.open(&sealed_new).is_none(),
+            "the old key alone cannot open it"
+        );
+        // A retired key of the wrong size is refused.
+        assert!(Sealer::new("k2", &[0; 32], &[("k1".into(), Zeroizing::new(vec![1; 5]))]).is_err());
     }
 }

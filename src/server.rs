@@ -180,6 +180,9 @@ impl Switch {
         );
         serve_endpoints(&pipeline, strays, &journal, &run);
         purge_duplicate_keys(journal.clone(), &run);
+        // What an earlier run of this node forwarded without recording the outcome is
+        // reversed before any terminal is heard.
+        pipeline.recover().await?;
         let bound = bind_listeners(&config, &pipeline, &run).await?;
         let admin = match &cfg.admin {
             Some(a) => Some(

@@ -47,6 +47,8 @@ pub const JOURNAL_COMMIT_SECONDS: &str = "cardswitch_journal_commit_seconds";
 pub const JOURNAL_BACKLOG: &str = "cardswitch_journal_backlog";
 /// Store-and-forward entries pending, per endpoint.
 pub const SAF_DEPTH: &str = "cardswitch_saf_depth";
+/// Store-and-forward entries that could not be opened (sealed under a key this node lacks).
+pub const SAF_UNOPENABLE: &str = "cardswitch_saf_unopenable_total";
 /// HSM connections up.
 pub const HSM_UP: &str = "cardswitch_hsm_connections_up";
 /// HSM commands that failed (no connection, timeout, unreadable reply).
@@ -224,6 +226,10 @@ fn describe() {
     );
     describe_gauge!(JOURNAL_BACKLOG, "Journal rows waiting for the database");
     describe_gauge!(SAF_DEPTH, "Store-and-forward entries pending");
+    describe_counter!(
+        SAF_UNOPENABLE,
+        "Store-and-forward entries that could not be opened (left pending)"
+    );
     describe_gauge!(HSM_UP, "HSM connections up");
     describe_counter!(HSM_FAILURES, "HSM commands failed");
     describe_counter!(FRAUD_HITS, "Fraud rules fired");

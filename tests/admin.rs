@@ -23,6 +23,7 @@ async fn start(listener: &str) -> (Acquirer, Switch, TestDb) {
     let url = db.0.clone();
     let acq = acquirer(None).await;
     let sw = SwitchConfig::new(&url, acq.local_addr())
+        .keys()
         .set("journal", "pan_hmac_key", "ab".repeat(32))
         .admin(TOKEN)
         .listener("name", listener)
@@ -307,7 +308,7 @@ fn json_logs_carry_the_spans_and_never_a_pan() {
         std::fs::write(
             &config,
             format!(
-                "[journal]\nurl = \"sqlite://{}\"\n[[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
+                "[journal]\nurl = \"sqlite://{}\"\nephemeral_keys = true\n[[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
                  [[endpoints]]\nname = \"acq\"\nlinks = [\"{}\"]\n[[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n",
                 dir.join("journal.db").display(),
                 acq.local_addr()

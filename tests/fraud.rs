@@ -70,6 +70,7 @@ fn rules_decline_record_and_reload() {
         std::fs::write(&file, rules(2)).unwrap();
         let acq = acquirer(None).await;
         let sw = SwitchConfig::new(&url, acq.local_addr())
+            .keys()
             .set("journal", "pan_hmac_key", "ab".repeat(32))
             .admin(TOKEN)
             .set("fraud", "rules", file.display().to_string())
@@ -168,7 +169,7 @@ fn sighup_reloads_the_rules_file() {
         std::fs::write(
             &config,
             format!(
-                "[journal]\nurl = \"sqlite://{}\"\n[fraud]\nrules = \"{}\"\n[[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
+                "[journal]\nurl = \"sqlite://{}\"\nephemeral_keys = true\n[fraud]\nrules = \"{}\"\n[[listeners]]\nname = \"pos\"\naddress = \"{listen}\"\n\
                  [[endpoints]]\nname = \"acq\"\nlinks = [\"{}\"]\n[[routes]]\nprefix = \"476173\"\nendpoint = \"acq\"\n",
                 dir.join("journal.db").display(),
                 file.display(),

@@ -7,20 +7,19 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests: a failed unwrap is a failed test
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cardswitch::server::Switch;
-use cardswitch_codec::{Message, Mti};
+use cardswitch_codec::Mti;
 use cardswitch_simulators::acquirer::{Faults, Latency};
 use cardswitch_simulators::Rules;
 use futures_util::StreamExt;
-use sqlx::PgPool;
-use tokio::net::TcpStream;
 
 mod common;
 
 use common::{
-    acquirer_at, acquirer_with as acquirer, pg_schema, request, SwitchConfig, Terminal, TestDb,
+    acquirer_at, acquirer_with as acquirer, eventually, pg_schema, rc, request, state_of,
+    terminal_reversal as reversal, SwitchConfig, SwitchProcess, Terminal, TestDb,
 };
 
 /// The switch's configuration in these tests: the journal at `url` with keys, one endpoint on
@@ -48,53 +47,6 @@ async fn switch(
         .endpoint_toml(endpoint)
         .launch()
         .await
-}
-
-/// A reversal of `original` (new STAN, DE90 naming the original).
-fn reversal(original: &Message, mti: Mti, stan: u32) -> Message {
-    let mut r = original.clone();
-    r.set_mti(mti);
-    let de90 = format!(
-        "{}{}{}{:0>11}{:0>11}",
-        original.mti(),
-        original.get_str(11).unwrap(),
-        original.get_str(7).unwrap(),
-        "",
-        ""
-    );
-    r.set(90, de90.as_bytes());
-    r.set_stan(stan);
-    r.remove(52);
-    r.remove(55);
-    r
-}
-
-fn rc(msg: &Message) -> String {
-    msg.response_code().unwrap().to_string()
-}
-
-async fn state_of(pool: &PgPool, rrn: &str, mti: &str) -> String {
-    sqlx::query_scalar(
-        "SELECT state FROM transactions WHERE rrn = $1 AND mti = $2 ORDER BY id LIMIT 1",
-    )
-    .bind(rrn)
-    .bind(mti)
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
-/// Waits until `check` holds (polling), or fails the test after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn rules_with(faults: Faults) -> Rules {
@@ -404,22 +356,6 @@ negative_ranges = ["4761739001010029"]
     acq.stop().await;
 }
 
-/// A child process killed (SIGKILL) when dropped, so a failed test leaves nothing running.
-struct Killed(std::process::Child);
-
-impl Killed {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn store_and_forward_survives_kill_9() {
     let TestDb(url, pool, _schema) = pg_schema("kill").await;
@@ -429,36 +365,8 @@ async fn store_and_forward_survives_kill_9() {
         ..Faults::default()
     }))
     .await;
-    let port = common::free_addr().port();
-    let file = config(&url, acq.local_addr(), 300)
-        .listener("address", format!("127.0.0.1:{port}"))
-        .write("kill");
-    let start = || {
-        Killed(
-            std::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
-                .args(["run", "--config"])
-                .arg(&file)
-                .env("RUST_LOG", "warn")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let connect = || async move {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
-                drop(s);
-                break;
-            }
-            assert!(Instant::now() < deadline, "switch did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Terminal::connect(format!("127.0.0.1:{port}").parse().unwrap()).await
-    };
-    let mut child = start();
-    let mut t = connect().await;
+    let mut switch = SwitchProcess::start(config(&url, acq.local_addr(), 300), "kill").await;
+    let mut t = Terminal::connect(switch.addr).await;
     // Wait for the link to be signed on, then a request times out.
     eventually(Duration::from_secs(5), "link up", || async {
         acq.stats()
@@ -478,9 +386,9 @@ async fn store_and_forward_survives_kill_9() {
     })
     .await;
     // kill -9, the host recovers, the switch comes back: the queued reversal is delivered.
-    child.kill();
+    switch.kill();
     acq.set_rules(Rules::default_rules());
-    let mut child = start();
+    switch.restart().await;
     eventually(
         Duration::from_secs(15),
         "delivered after restart",
@@ -500,7 +408,6 @@ async fn store_and_forward_survives_kill_9() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(acq.reversals().len(), 1);
     assert_eq!(acq.reversals()[0].mti, "0421");
-    child.kill();
-    let _ = std::fs::remove_file(&file);
+    switch.kill();
     acq.stop().await;
 }

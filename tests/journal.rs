@@ -36,6 +36,7 @@ async fn switch(journal_url: &str, acquirer: &Acquirer, mode: &str) -> Switch {
     let sw = SwitchConfig::new(journal_url, acquirer.local_addr())
         .set("switch", "node", "test-node")
         .set("journal", "mode", mode)
+        .keys()
         .set(
             "journal",
             "pan_hmac_key",
@@ -317,6 +318,7 @@ async fn saf_queue_keeps_each_cards_order(url: &str) {
         &cardswitch::journal::JournalSection {
             url: url.to_owned(),
             mode: cardswitch::journal::JournalMode::Durable,
+            ephemeral_keys: true,
             ..Default::default()
         },
         "n1",

@@ -27,6 +27,7 @@ const TOKEN: &str = "settlement-token-0123456789";
 async fn switch(url: &str, acq: &Acquirer) -> Switch {
     acq.set_pan_hmac_key(&hex::decode(KEY).unwrap());
     let sw = SwitchConfig::new(url, acq.local_addr())
+        .keys()
         .set("journal", "pan_hmac_key", KEY)
         .admin(TOKEN)
         .endpoint(None, "request_timeout_ms", 5000)

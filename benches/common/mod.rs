@@ -167,7 +167,7 @@ pub fn switch_config(
 ) -> PathBuf {
     SwitchConfig::new("", acquirer)
         .set("journal", "mode", "durable")
-        .set("journal", "pan_hmac_key", "ab".repeat(32))
+        .keys()
         .toml(top)
         .listener("address", listen.to_string())
         .listener_toml(listener)

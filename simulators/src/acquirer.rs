@@ -7,7 +7,11 @@
 //!
 //! The ledger is the host's truth: an approval is recorded when the host decides it, even if the
 //! reply is then sent late or twice; a request dropped by the "no reply" fault is never seen and
-//! never recorded. Reversals (04xx) mark the original (same terminal and RRN) reversed.
+//! never recorded. A reversal (04xx) marks its original reversed. By default the host matches
+//! as real hosts do, by DE90 alone: the original's MTI class, STAN, DE7, DE32 and DE33 exactly as
+//! this host received them; a reversal naming anything else finds nothing (0400: 25; 0420:
+//! acknowledged, nothing changes). `matching = "rrn"` (`--match rrn`) is for hosts that also
+//! fall back to the terminal and RRN.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,6 +53,57 @@ pub struct Rules {
     /// Faults, each drawn independently per request.
     #[serde(default)]
     pub faults: Faults,
+    /// How a reversal finds its original.
+    #[serde(default)]
+    pub matching: Matching,
+}
+
+/// How a reversal finds its original.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Matching {
+    /// By DE90 alone: original MTI class, STAN, DE7, DE32, DE33 as this host received them.
+    #[default]
+    Strict,
+    /// By DE90, else by DE41 and DE37 (the latest approval of that terminal and RRN).
+    Rrn,
+}
+
+/// An original as DE90 names it: MTI version and class, STAN, DE7, DE32 and DE33 (each
+/// without leading zeros, as DE90 zero-fills them).
+type OriginalKey = (String, String, String, String, String);
+
+fn original_key(mti: &str, stan: &str, de7: &str, de32: &str, de33: &str) -> OriginalKey {
+    let digits = |v: &str| v.trim_start_matches('0').to_owned();
+    (
+        mti.get(..2).unwrap_or("").to_owned(),
+        digits(stan),
+        de7.to_owned(),
+        digits(de32),
+        digits(de33),
+    )
+}
+
+/// The key DE90 of a reversal names.
+fn named_by(de90: &str) -> Option<OriginalKey> {
+    Some(original_key(
+        de90.get(..4)?,
+        de90.get(4..10)?,
+        de90.get(10..20)?,
+        de90.get(20..31)?,
+        de90.get(31..42)?,
+    ))
+}
+
+/// The key of a request as this host received it.
+fn key_of(request: &Message) -> OriginalKey {
+    original_key(
+        request.mti().as_str(),
+        &text(request, 11),
+        &text(request, 7),
+        &text(request, 32),
+        &text(request, 33),
+    )
 }
 
 fn approve() -> String {
@@ -223,26 +278,25 @@ struct Ledger {
     entries: Vec<LedgerEntry>,
     /// (DE41, DE37) -> entries, oldest first.
     by_rrn: HashMap<(String, String), Vec<usize>>,
-    /// (DE41, DE11 as received, DE7) -> entry: how DE90 names an original.
-    by_original: HashMap<(String, String, String), usize>,
+    /// How DE90 names an original -> entry.
+    by_original: HashMap<OriginalKey, usize>,
 }
 
 impl Ledger {
-    /// The entry a reversal names: by DE90 (the STAN and DE7 this host saw), else by DE41 and
-    /// DE37 (the latest approval).
-    fn original_of(&self, reversal: &Message) -> Option<usize> {
-        let terminal = text(reversal, 41);
-        if let Some(de90) = reversal.get_str(90) {
-            if let (Some(stan), Some(de7)) = (de90.get(4..10), de90.get(10..20)) {
-                if let Some(&i) =
-                    self.by_original
-                        .get(&(terminal.clone(), stan.to_owned(), de7.to_owned()))
-                {
-                    return Some(i);
-                }
-            }
+    /// The entry a reversal names: by DE90 (as this host received the original), and with
+    /// [`Matching::Rrn`] else by DE41 and DE37 (the latest approval).
+    fn original_of(&self, reversal: &Message, matching: Matching) -> Option<usize> {
+        if let Some(&i) = reversal
+            .get_str(90)
+            .and_then(named_by)
+            .and_then(|k| self.by_original.get(&k))
+        {
+            return Some(i);
         }
-        let list = self.by_rrn.get(&(terminal, text(reversal, 37)))?;
+        if matching == Matching::Strict {
+            return None;
+        }
+        let list = self.by_rrn.get(&(text(reversal, 41), text(reversal, 37)))?;
         list.iter()
             .rev()
             .find(|&&i| self.entries.get(i).is_some_and(|e| e.auth_code.is_some()))
@@ -250,14 +304,13 @@ impl Ledger {
             .copied()
     }
 
-    fn push(&mut self, entry: LedgerEntry, de7: String) {
+    fn push(&mut self, entry: LedgerEntry, key: OriginalKey) {
         let i = self.entries.len();
         self.by_rrn
             .entry((entry.terminal.clone(), entry.rrn.clone()))
             .or_default()
             .push(i);
-        self.by_original
-            .insert((entry.terminal.clone(), entry.stan.clone(), de7), i);
+        self.by_original.insert(key, i);
         self.entries.push(entry);
     }
 }
@@ -925,7 +978,7 @@ impl State {
                             reversed: false,
                             ..self.entry_details(request)
                         };
-                        ledger.push(entry, text(request, 7));
+                        ledger.push(entry, key_of(request));
                     }
                 }
             }
@@ -959,7 +1012,7 @@ impl State {
                     .and_then(|v| v.get(..12))
                     .and_then(|v| v.parse::<u64>().ok());
                 let found = self.ledger.lock().ok().and_then(|mut ledger| {
-                    let i = ledger.original_of(request)?;
+                    let i = ledger.original_of(request, rules.matching)?;
                     let e = ledger.entries.get_mut(i)?;
                     match standing {
                         Some(s) if s > 0 && s < e.amount => e.amount_reversed = e.amount - s,
@@ -1043,7 +1096,7 @@ impl State {
             ..self.entry_details(request)
         };
         if let Ok(mut ledger) = self.ledger.lock() {
-            ledger.push(entry, text(request, 7));
+            ledger.push(entry, key_of(request));
         }
     }
 }

@@ -89,6 +89,7 @@ pub(crate) async fn run(out: &mut dyn Write) -> Result<()> {
 node = "demo"
 [journal]
 url = "sqlite://{journal}"
+ephemeral_keys = true
 [hsm]
 addresses = ["{hsm}"]
 [admin]

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::{Context, Result};
 use cardswitch_codec::framing::Framing;
 use cardswitch_codec::Dialect;
-use cardswitch_simulators::acquirer::AcquirerSecurity;
+use cardswitch_simulators::acquirer::{AcquirerSecurity, Matching};
 use cardswitch_simulators::hsm::{ClearKey, KeyType, PinFormat};
 use cardswitch_simulators::terminal::TerminalSecurity;
 use cardswitch_simulators::{
@@ -79,6 +79,11 @@ pub(crate) struct AcquirerArgs {
     /// Print the ledger as JSON on exit (Ctrl-C).
     #[arg(long)]
     pub(crate) ledger: bool,
+    /// How a reversal finds its original: `strict` (DE90 alone: MTI class, STAN, DE7, DE32,
+    /// DE33 as received, as real hosts match) or `rrn` (DE90, else terminal and RRN). Overrides
+    /// the rules file's `matching`.
+    #[arg(long = "match", value_parser = ["strict", "rrn"])]
+    pub(crate) matching: Option<String>,
     /// Share the test keys with the switch (`cardswitch sim hsm --print-test-keys`): PIN
     /// blocks must decrypt under the ZPK to --pin (else 55), MACs verify under the ZAK (else 63).
     #[arg(long)]
@@ -259,13 +264,18 @@ async fn hsm(args: HsmArgs, out: &mut dyn Write) -> Result<()> {
 }
 
 async fn acquirer(args: AcquirerArgs, out: &mut dyn Write) -> Result<()> {
-    let rules = match &args.rules {
+    let mut rules = match &args.rules {
         Some(path) => Rules::from_toml(
             &std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?,
         )?,
         None => Rules::default_rules(),
     };
+    match args.matching.as_deref() {
+        Some("rrn") => rules.matching = Matching::Rrn,
+        Some(_) => rules.matching = Matching::Strict,
+        None => {}
+    }
     let acquirer = Acquirer::start(AcquirerConfig {
         listen: args.listen,
         dialect: Dialect::load(&args.dialect)?,

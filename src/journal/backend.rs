@@ -214,6 +214,16 @@ async fn apply_rest(tx: &mut DbTx, changes: &[Change]) -> Result<(), sqlx::Error
         st.push(") AS v WHERE dedup.dkey = v.column1");
         tx.execute(&st).await?;
     }
+    // Outcomes recorded: their write-ahead records go in the same transaction.
+    let resolved: Vec<i64> = changes
+        .iter()
+        .flat_map(|c| c.resolves.iter().copied())
+        .collect();
+    for chunk in resolved.chunks(512) {
+        let mut st = Statement::new("DELETE FROM forwards WHERE txn_id IN ");
+        st.tuple(chunk.iter().map(|&id| Arg::from(id)));
+        tx.execute(&st).await?;
+    }
     Ok(())
 }
 

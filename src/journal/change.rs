@@ -127,6 +127,8 @@ pub struct Change {
     pub saf_progress: Vec<SafProgress>,
     /// A duplicate key completed: key and sealed reply.
     pub dedup_done: Option<(String, String)>,
+    /// Transactions whose write-ahead records this change resolves (their outcome is in it).
+    pub resolves: Vec<i64>,
 }
 
 impl Change {
@@ -145,6 +147,7 @@ impl Change {
             && self.saf.is_empty()
             && self.saf_progress.is_empty()
             && self.dedup_done.is_none()
+            && self.resolves.is_empty()
     }
 }
 

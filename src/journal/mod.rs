@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use cardswitch_codec::{Dialect, Message, Pan};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use crate::seal::Sealer;
 use crate::state::TxnState;
 
+pub mod ahead;
 mod backend;
 mod change;
 pub mod claims;
@@ -40,6 +41,7 @@ mod keys;
 pub mod lookup;
 mod row;
 pub mod saf;
+mod secrets;
 mod writer;
 
 pub use backend::Backend;
@@ -49,6 +51,7 @@ use db::Statement;
 use ids::{Ids, Keyer};
 use row::summary;
 pub use row::{DecidedBy, Original, OriginalKeys, Row};
+use secrets::Secrets;
 pub use writer::JournalStats;
 use writer::{Job, Writer};
 
@@ -66,10 +69,34 @@ pub struct JournalSection {
     pub batch_delay_us: u64,
     /// Key of the PAN HMAC, hex (at least 32 bytes).
     pub pan_hmac_key: String,
+    /// A file holding the PAN HMAC key (hex), instead of `pan_hmac_key`.
+    pub pan_hmac_key_file: String,
     /// AES-256 key sealing messages kept for store-and-forward and stored replies, hex (32 bytes).
     pub data_key: String,
+    /// A file holding the data key (hex), instead of `data_key`.
+    pub data_key_file: String,
+    /// The data key's id, written with every sealed value (`k1`; a new id for a new key).
+    pub data_key_id: String,
+    /// Earlier data keys by id, hex: they still open what they sealed.
+    pub retired_data_keys: std::collections::BTreeMap<String, String>,
+    /// Without keys, draw them for this process only (demos and tests; nothing sealed survives
+    /// a restart, and a journal that holds keys refuses them).
+    pub ephemeral_keys: bool,
     /// How long duplicate keys are kept, in seconds (at least a day: STANs wrap).
     pub duplicate_retention_s: u64,
+    /// Write-ahead records of forwarded requests wait for the disk too (see [`ahead`]):
+    /// they then survive a PostgreSQL crash as well, at the cost of a flush per batch.
+    pub write_ahead_sync: bool,
+}
+
+impl JournalSection {
+    /// Checks that the keys are given (or ephemeral keys asked for) and readable.
+    ///
+    /// # Errors
+    /// Missing, unreadable or malformed keys, with how to make them.
+    pub fn check_keys(&self) -> Result<()> {
+        Secrets::load(self).map(|_| ())
+    }
 }
 
 impl Default for JournalSection {
@@ -80,8 +107,14 @@ impl Default for JournalSection {
             batch_max: 512,
             batch_delay_us: 0,
             pan_hmac_key: String::new(),
+            pan_hmac_key_file: String::new(),
             data_key: String::new(),
+            data_key_file: String::new(),
+            data_key_id: "k1".into(),
+            retired_data_keys: std::collections::BTreeMap::new(),
+            ephemeral_keys: false,
             duplicate_retention_s: 90_000,
+            write_ahead_sync: false,
         }
     }
 }
@@ -122,6 +155,7 @@ pub struct Journal {
     sealer: Sealer,
     saf_queued: Arc<tokio::sync::Notify>,
     claims: claims::Claims,
+    ahead: ahead::WriteAhead,
     retention: Duration,
 }
 
@@ -145,29 +179,28 @@ impl Journal {
     /// # Errors
     /// As [`Backend::connect`], and a PAN HMAC key that is not hex or shorter than 32 bytes.
     pub async fn start(config: &JournalSection, node: &str, tracker: &TaskTracker) -> Result<Self> {
+        let secrets = Secrets::load(config)?;
         let backend = Backend::connect(&config.url).await?;
-        let key = if config.pan_hmac_key.is_empty() {
-            warn!("journal.pan_hmac_key not set: using a random key, so PAN HMACs will not match across restarts");
-            (0..32).map(|_| fastrand::u8(..)).collect()
-        } else {
-            let key = hex::decode(&config.pan_hmac_key).context("journal.pan_hmac_key: not hex")?;
-            if key.len() < 32 {
-                bail!("journal.pan_hmac_key: at least 32 bytes (64 hex characters)");
-            }
-            key
-        };
-        let sealer = Sealer::from_hex("k1", &config.data_key).context("journal.data_key")?;
-        if config.data_key.is_empty() {
-            warn!("journal.data_key not set: using a random key, so queued reversals and advices will not survive a restart");
+        secrets.verify(&backend, node).await?;
+        if config.ephemeral_keys {
+            warn!("journal.ephemeral_keys: keys drawn for this process only; nothing sealed survives a restart");
         }
+        let sealer = secrets.sealer.clone();
         let (tx, rx) = mpsc::channel(config.batch_max.max(1) * 8);
         let stats = Arc::new(JournalStats::default());
         let saf_queued = Arc::new(tokio::sync::Notify::new());
         let claims = claims::Claims::start(backend.clone(), node, config.batch_max.max(1), tracker);
+        let ahead = ahead::WriteAhead::start(
+            backend.clone(),
+            node,
+            config.batch_max.max(1),
+            config.write_ahead_sync,
+            tracker,
+        );
         let journal = Self {
             tx,
             durable: config.mode == JournalMode::Durable,
-            keyer: Keyer::new(&key)?,
+            keyer: Keyer::new(&secrets.pan_hmac)?,
             ids: Ids::new(node),
             stats: Arc::clone(&stats),
             backend: backend.clone(),
@@ -175,6 +208,7 @@ impl Journal {
             sealer,
             saf_queued: Arc::clone(&saf_queued),
             claims,
+            ahead,
             retention: Duration::from_secs(config.duplicate_retention_s),
         };
         let writer = Writer {
@@ -216,7 +250,13 @@ impl Journal {
         &self.sealer
     }
 
-    /// Duplicate-key claims.
+    /// Write-ahead records of forwarded requests.
+    #[must_use]
+    pub fn write_ahead(&self) -> &ahead::WriteAhead {
+        &self.ahead
+    }
+
+    /// The duplicate-key claimer.
     #[must_use]
     pub fn claims(&self) -> &claims::Claims {
         &self.claims

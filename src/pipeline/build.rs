@@ -20,21 +20,28 @@ pub(super) fn state_of(reply: &Message) -> TxnState {
     }
 }
 
-/// DE90 naming an original as the acquirer saw it: MTI, STAN, DE7, DE32, DE33.
-pub(super) fn de90(mti: &str, stan: u32, de7: &str, acquirer: Option<&str>) -> String {
+/// DE90 naming an original as the acquirer saw it: MTI, STAN, DE7, DE32 and DE33 as sent
+/// (each right-aligned, zero-filled).
+pub(super) fn de90(
+    mti: &str,
+    stan: u32,
+    de7: &str,
+    (acquirer, forwarding): (Option<&str>, Option<&str>),
+) -> String {
     format!(
-        "{mti:0>4.4}{stan:06}{de7:0>10.10}{:0>11.11}{:0>11}",
+        "{mti:0>4.4}{stan:06}{de7:0>10.10}{:0>11.11}{:0>11.11}",
         acquirer.unwrap_or(""),
-        ""
+        forwarding.unwrap_or("")
     )
 }
 
-/// The reversal advice (0420, DE39 68) of a request whose outcome is unknown.
+/// The reversal advice (0420, DE39 68) of a request whose outcome is unknown, naming it by the
+/// STAN and the DE32/DE33 the acquirer saw.
 pub(super) fn auto_reversal(
     request: &Message,
     pan: Option<&Pan>,
     upstream_stan: u32,
-    acquirer: Option<&str>,
+    sent_ids: (Option<&str>, Option<&str>),
 ) -> Message {
     let mut m = request.clone();
     let original = request.mti().original();
@@ -51,9 +58,46 @@ pub(super) fn auto_reversal(
     let de7 = request.get_str(7).unwrap_or("");
     m.set(
         90,
-        de90(original.as_str(), upstream_stan, de7, acquirer).as_bytes(),
+        de90(original.as_str(), upstream_stan, de7, sent_ids).as_bytes(),
     );
     m
+}
+
+/// What the write-ahead record keeps of a request: the card number in DE2, no track, PIN
+/// block, chip data or MAC.
+pub(super) fn kept_request(request: &Message, pan: &Pan) -> Message {
+    let mut m = request.clone();
+    if !m.has(2) {
+        m.set_pan(pan);
+    }
+    for f in [35, 36, 45, 52, 55, 64, 128] {
+        m.remove(f);
+    }
+    m
+}
+
+/// A message as bytes of its own (MTI, then number, 2-byte length and value of each field),
+/// for sealing without a dialect.
+pub(super) fn pack(m: &Message) -> Vec<u8> {
+    let mut out = m.mti().as_str().as_bytes().to_vec();
+    for (f, v) in m.fields() {
+        out.push(f);
+        out.extend_from_slice(&u16::try_from(v.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(v.get(..usize::from(u16::MAX)).unwrap_or(v));
+    }
+    out
+}
+
+/// The message [`pack`] made; `None` for anything else.
+pub(super) fn unpack(b: &[u8]) -> Option<Message> {
+    let (mti, mut b) = b.split_first_chunk::<4>()?;
+    let mut m = Message::new(Mti::new(*mti).ok()?);
+    while let [f, h, l, rest @ ..] = b {
+        let n = usize::from(u16::from_be_bytes([*h, *l]));
+        m.set(*f, rest.get(..n)?);
+        b = rest.get(n..)?;
+    }
+    b.is_empty().then_some(m)
 }
 
 /// The advice (0120/0220) of a stand-in approval.
@@ -84,7 +128,7 @@ pub(super) fn advice(request: &Message, pan: &Pan, auth_code: &str) -> Message {
 pub(super) fn outgoing_reversal(
     request: &Message,
     original: &Original,
-    acquirer: Option<&str>,
+    sent_ids: (Option<&str>, Option<&str>),
 ) -> Message {
     let mut out = request.clone();
     out.set_mti(request.mti().original());
@@ -95,7 +139,7 @@ pub(super) fn outgoing_reversal(
             .and_then(|s| s.parse::<u32>().ok()),
         original.transmission_time.as_deref(),
     ) {
-        out.set(90, de90(&original.mti, stan, de7, acquirer).as_bytes());
+        out.set(90, de90(&original.mti, stan, de7, sent_ids).as_bytes());
     }
     for f in [35, 45, 52, 55] {
         out.remove(f);
@@ -183,23 +227,28 @@ mod tests {
     #[test]
     fn de90_names_the_original_as_the_acquirer_saw_it() {
         assert_eq!(
-            de90("0200", 42, "1201120000", Some("12345")),
+            de90("0200", 42, "1201120000", (Some("12345"), None)),
             "020000004212011200000000001234500000000000"
         );
-        let no_acquirer = de90("0100", 7, "1201120000", None);
+        let no_acquirer = de90("0100", 7, "1201120000", (None, None));
         assert_eq!(no_acquirer.len(), 42);
         assert!(no_acquirer.ends_with(&"0".repeat(22)));
+        // DE33 as sent takes the last eleven digits.
+        assert_eq!(
+            de90("0200", 42, "1201120000", (Some("12345"), Some("987"))),
+            "020000004212011200000000001234500000000987"
+        );
     }
 
     #[test]
     fn automatic_reversal_is_a_0420_68_with_the_upstream_stan_and_no_card_secrets() {
         let req = purchase();
-        let rev = auto_reversal(&req, req.pan().as_ref(), 900_001, Some("12345"));
+        let rev = auto_reversal(&req, req.pan().as_ref(), 900_001, (Some("12345"), None));
         assert_eq!(rev.mti().as_str(), "0420");
         assert_eq!(rev.response_code(), Some(ResponseCode::TOO_LATE));
         assert_eq!(
             rev.get_str(90),
-            Some(de90("0200", 900_001, "1201120000", Some("12345")).as_str())
+            Some(de90("0200", 900_001, "1201120000", (Some("12345"), None)).as_str())
         );
         for f in [35, 45, 52, 55, 64, 128] {
             assert!(!rev.has(f), "DE{f} kept");
@@ -213,7 +262,7 @@ mod tests {
         let mut req = purchase();
         req.remove(2);
         let pan = card_pan(&req).unwrap();
-        let rev = auto_reversal(&req, Some(&pan), 1, None);
+        let rev = auto_reversal(&req, Some(&pan), 1, (None, None));
         assert_eq!(rev.get_str(2), Some("4761739001010010"));
         assert!(!rev.has(35));
     }
@@ -244,20 +293,42 @@ mod tests {
             transmission_time: Some("1201115959".into()),
             ..unknown_original()
         };
-        let out = outgoing_reversal(&req, &original, Some("999"));
+        let out = outgoing_reversal(&req, &original, (Some("999"), None));
         assert_eq!(out.mti().as_str(), "0400");
         assert_eq!(
             out.get_str(90),
-            Some(de90("0200", 700_001, "1201115959", Some("999")).as_str())
+            Some(de90("0200", 700_001, "1201115959", (Some("999"), None)).as_str())
         );
         assert!(!out.has(35) && !out.has(52));
         // Without the upstream keys, the terminal's DE90 passes as it came.
-        let bare = outgoing_reversal(&req, &unknown_original(), None);
+        let bare = outgoing_reversal(&req, &unknown_original(), (None, None));
         assert_eq!(bare.get_str(90), req.get_str(90));
         assert_eq!(as_reversal_advice(&out).mti(), Mti::REVERSAL_ADVICE);
         let orphan = orphan_advice(&req);
         assert_eq!(orphan.mti(), Mti::REVERSAL_ADVICE);
         assert!(!orphan.has(35));
+    }
+
+    #[test]
+    fn the_kept_request_has_no_card_secrets_and_packs_back_whole() {
+        let mut req = purchase();
+        req.remove(2);
+        req.set(55, b"\x9f\x26\x08\x01\x02\x03\x04\x05\x06\x07\x08");
+        let pan = card_pan(&req).unwrap();
+        let kept = kept_request(&req, &pan);
+        for f in [35, 52, 55, 64] {
+            assert!(!kept.has(f), "DE{f} kept");
+        }
+        assert_eq!(kept.get_str(2), Some("4761739001010010"));
+        let back = unpack(&pack(&kept)).unwrap();
+        assert_eq!(back.mti(), kept.mti());
+        assert_eq!(
+            back.fields().collect::<Vec<_>>(),
+            kept.fields().collect::<Vec<_>>()
+        );
+        let packed = pack(&kept);
+        assert!(unpack(&packed[..packed.len() - 1]).is_none(), "cut short");
+        assert!(unpack(b"01").is_none());
     }
 
     #[test]

@@ -13,11 +13,12 @@ use tracing::{debug, warn};
 use super::outcome::Outcome;
 use super::{build, Pipeline};
 use crate::fraud::Txn;
+use crate::journal::ahead::Forward;
 use crate::journal::{DecidedBy, SafKind};
 use crate::settlement;
 use crate::stand_in;
 use crate::state::TxnState;
-use crate::upstream::{Endpoint, Upstream};
+use crate::upstream::{Ahead, Endpoint, Upstream};
 
 /// What the fraud rules said of a request.
 #[derive(Default)]
@@ -50,6 +51,8 @@ pub(super) struct CardMessage<'a> {
     pub(super) txn_id: i64,
     pub(super) pan: &'a Pan,
     pub(super) began: Instant,
+    /// The duplicate key it claimed.
+    pub(super) dkey: &'a str,
 }
 
 impl Pipeline {
@@ -124,6 +127,26 @@ impl Pipeline {
         }
     }
 
+    /// The write-ahead record of a card request, less what the link fixes: the terminal's
+    /// keys and the request, sealed, without its card secrets.
+    fn forward_record(&self, card: &CardMessage<'_>) -> Forward {
+        let r = card.request;
+        let text = |f: u8| r.get_str(f).map(str::to_owned);
+        let kept = build::pack(&build::kept_request(r, card.pan));
+        Forward {
+            txn_id: card.txn_id,
+            terminal_id: text(41),
+            terminal_stan: text(11),
+            terminal_time: text(7),
+            rrn: text(37),
+            dkey: Some(card.dkey.to_owned()),
+            listener: card.listener.to_owned(),
+            pan_hmac: Some(self.journal.pan_hmac(card.pan)),
+            payload: self.journal.sealer().seal(&kept),
+            ..Forward::default()
+        }
+    }
+
     /// Routing, PIN translation and the acquirer (or stand-in) for a request.
     pub(super) async fn route(&self, card: &CardMessage<'_>) -> Option<Outcome> {
         let CardMessage {
@@ -132,11 +155,17 @@ impl Pipeline {
             txn_id,
             pan,
             began,
+            ..
         } = *card;
         let Some(route) = self.bins.lookup(pan) else {
             return request
                 .response_with(Failure::NoRoute.response_code())
                 .map(Outcome::switch);
+        };
+        // Written down before the request goes on any link; resolved by the outcome's commit.
+        let ahead = Ahead {
+            journal: self.journal.write_ahead(),
+            record: self.forward_record(card),
         };
         let candidates = std::iter::once(&route.endpoint).chain(route.fallback.iter());
         let mut first: Option<&Arc<Endpoint>> = None;
@@ -161,7 +190,7 @@ impl Pipeline {
             let asked = Instant::now();
             let sent_day = endpoint.business_day().current();
             let result = endpoint
-                .exchange(translated.as_ref().unwrap_or(request), txn_id)
+                .exchange(translated.as_ref().unwrap_or(request), txn_id, Some(&ahead))
                 .await;
             let waited = Some(asked.elapsed());
             let mut outcome = match result {
@@ -188,6 +217,10 @@ impl Pipeline {
                 Upstream::Unsigned => {
                     Outcome::switch(request.response_with(Failure::HsmUnavailable.response_code())?)
                 }
+                // Never written: what it would be could not be written down first.
+                Upstream::Unrecorded => Outcome::switch(
+                    request.response_with(Failure::JournalUnavailable.response_code())?,
+                ),
                 // Outcome unknown: never sent again; reversed, and perhaps stood in for.
                 Upstream::Lost(link, stan) => {
                     let cvv = self.cvv_for_stand_in(request, endpoint).await;
@@ -313,7 +346,7 @@ impl Pipeline {
         timed_out: bool,
         cvv: Cvv,
     ) -> Option<Outcome> {
-        let rev = build::auto_reversal(request, Some(pan), stan, endpoint.acquirer_id());
+        let rev = build::auto_reversal(request, Some(pan), stan, endpoint.sent_ids(request));
         let entry = self.saf_entry(
             endpoint,
             SafKind::Reversal,

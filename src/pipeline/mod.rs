@@ -22,6 +22,7 @@ mod network;
 mod observe;
 mod outcome;
 mod record;
+mod recovery;
 mod reversal;
 mod security;
 mod stray;
@@ -389,6 +390,7 @@ impl Pipeline {
             txn_id,
             pan: &pan,
             began,
+            dkey: guard.key(),
         };
         let mut outcome = if is_reversal {
             self.reversal(&card).await?

@@ -65,6 +65,10 @@ impl Pipeline {
         let txn_id = row.id();
         let mut decision = Decision::of(&outcome.reply);
         let mut change = std::mem::take(&mut outcome.change);
+        if outcome.endpoint.is_some() {
+            // Its write-ahead records, if any, go with its row.
+            change.resolves.push(txn_id);
+        }
         change.rows.push(row);
         if let Some(g) = &outcome.guard {
             change.dedup_done = Some((g.key().to_owned(), decision.seal(&self.journal)));
@@ -96,7 +100,8 @@ impl Pipeline {
             .take()
             .and_then(|(endpoint, stan)| {
                 let pan = build::card_pan(request);
-                let msg = build::auto_reversal(request, pan.as_ref(), stan, endpoint.acquirer_id());
+                let msg =
+                    build::auto_reversal(request, pan.as_ref(), stan, endpoint.sent_ids(request));
                 let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
                 self.saf_entry(&endpoint, SafKind::Reversal, &msg, Some(txn_id), order_key)
             });

@@ -117,14 +117,14 @@ impl Pipeline {
             o.original_id = Some(original.id);
             Some(o)
         };
-        let outgoing = build::outgoing_reversal(request, original, endpoint.acquirer_id());
+        let outgoing = build::outgoing_reversal(request, original, endpoint.sent_ids(request));
         let mut queue = false;
         let mut o = if request.mti().function() == 2 {
             queue = true;
             acknowledged()?
         } else {
             let asked = Instant::now();
-            match endpoint.exchange(&outgoing, txn_id).await {
+            match endpoint.exchange(&outgoing, txn_id, None).await {
                 Upstream::Reply(reply, link, stan) => {
                     let reply = Endpoint::relay(request, &reply)?;
                     let taken = build::reversal_taken(reply.response_code());

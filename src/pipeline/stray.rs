@@ -49,8 +49,12 @@ impl Pipeline {
                 let mut as_request = reply.clone();
                 as_request.set_mti(request_mti);
                 let pan = reply.pan();
-                let rev =
-                    build::auto_reversal(&as_request, pan.as_ref(), stan, endpoint.acquirer_id());
+                let rev = build::auto_reversal(
+                    &as_request,
+                    pan.as_ref(),
+                    stan,
+                    endpoint.sent_ids(&as_request),
+                );
                 let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
                 change.saf.extend(self.saf_entry(
                     endpoint,

@@ -45,6 +45,7 @@ use crate::settlement::{BusinessDay, Cutover};
 use cardswitch_codec::hsm::KeyType;
 
 use crate::hsm::Hsm;
+use crate::journal::ahead::{Forward, WriteAhead};
 use crate::net::connection::{keep_connected, Backoff, Ended, Peer};
 use crate::net::write::write_coalesced;
 use crate::security::{EndpointSecurity, Key};
@@ -86,7 +87,7 @@ impl LinkState {
 
 /// What became of a request handed to an endpoint.
 #[derive(Debug)]
-pub enum Upstream {
+pub(crate) enum Upstream {
     /// The acquirer's reply (DE11 restored to the terminal's), the link it came over and the
     /// STAN the acquirer saw.
     Reply(Message, Arc<str>, u32),
@@ -100,6 +101,37 @@ pub enum Upstream {
     TimedOut(Arc<str>, u32),
     /// The request needs a MAC and the HSM could not give one; never written anywhere.
     Unsigned,
+    /// Its write-ahead record could not be committed; never written anywhere.
+    Unrecorded,
+}
+
+/// The write-ahead of one forwarded request: what the pipeline knows of it (terminal keys,
+/// the sealed request), completed with what the link choice fixes (link, STAN and the fields as
+/// sent) and committed before the request goes on the link.
+#[derive(Debug)]
+pub(crate) struct Ahead<'a> {
+    pub(crate) journal: &'a WriteAhead,
+    pub(crate) record: Forward,
+}
+
+impl Ahead<'_> {
+    /// Records `sent` going on `link`; whether the record is committed.
+    async fn record(&self, endpoint: &str, link: &str, sent: &Message) -> bool {
+        let text = |f: u8| sent.get_str(f).map(str::to_owned);
+        let record = Forward {
+            endpoint: endpoint.to_owned(),
+            link: link.to_owned(),
+            mti: sent.mti().to_string(),
+            upstream_stan: text(11).unwrap_or_default(),
+            transmission_time: text(7),
+            acquirer_id: text(32),
+            forwarding_id: text(33),
+            amount_minor: sent.amount().and_then(|a| i64::try_from(a).ok()),
+            currency: text(49),
+            ..self.record.clone()
+        };
+        self.journal.record(record).await
+    }
 }
 
 /// The card-security side of an endpoint: its keys, the HSM, and where key changes are kept.
@@ -484,8 +516,23 @@ impl Endpoint {
         self.links.iter().any(|l| l.state() == LinkState::Ready)
     }
 
-    /// Sends a request of transaction `txn_id` to the acquirer and waits for the answer.
-    pub async fn exchange(&self, request: &Message, txn_id: i64) -> Upstream {
+    /// DE32 and DE33 as this endpoint sends `request`: its acquirer id, else the request's.
+    #[must_use]
+    pub fn sent_ids<'a>(&'a self, request: &'a Message) -> (Option<&'a str>, Option<&'a str>) {
+        (
+            self.acquirer_id.as_deref().or_else(|| request.get_str(32)),
+            request.get_str(33),
+        )
+    }
+
+    /// Sends a request of transaction `txn_id` to the acquirer and waits for the answer; with
+    /// `ahead`, its write-ahead record is committed before it goes on a link.
+    pub(crate) async fn exchange(
+        &self,
+        request: &Message,
+        txn_id: i64,
+        ahead: Option<&Ahead<'_>>,
+    ) -> Upstream {
         let mut outgoing = request.clone();
         if let Some(id) = &self.acquirer_id {
             outgoing.set(32, id.as_bytes());
@@ -512,6 +559,11 @@ impl Endpoint {
                 Ok(None) => continue,
                 Err(()) => return Upstream::Unsigned,
             };
+            if let Some(a) = ahead {
+                if !a.record(&self.name, &link.addr, &msg).await {
+                    return Upstream::Unrecorded;
+                }
+            }
             let Some(rx) = link.submit(stan, msg.mti(), body, txn_id) else {
                 continue;
             };

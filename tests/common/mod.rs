@@ -203,6 +203,122 @@ pub fn run_with_stdin(mut command: std::process::Command, stdin: &[u8]) -> std::
     child.wait_with_output().unwrap()
 }
 
+/// The response code of a reply.
+pub fn rc(msg: &Message) -> String {
+    msg.response_code().unwrap().to_string()
+}
+
+/// A terminal's reversal of `original` (new STAN, DE90 naming the original by the terminal's
+/// own STAN and DE7, as a terminal knows it).
+pub fn terminal_reversal(original: &Message, mti: cardswitch_codec::Mti, stan: u32) -> Message {
+    let mut r = original.clone();
+    r.set_mti(mti);
+    let de90 = format!(
+        "{}{}{}{:0>11}{:0>11}",
+        original.mti(),
+        original.get_str(11).unwrap(),
+        original.get_str(7).unwrap(),
+        "",
+        ""
+    );
+    r.set(90, de90.as_bytes());
+    r.set_stan(stan);
+    r.remove(52);
+    r.remove(55);
+    r
+}
+
+/// The state of the first journal row with this RRN and MTI.
+pub async fn state_of(pool: &PgPool, rrn: &str, mti: &str) -> String {
+    sqlx::query_scalar(
+        "SELECT state FROM transactions WHERE rrn = $1 AND mti = $2 ORDER BY id LIMIT 1",
+    )
+    .bind(rrn)
+    .bind(mti)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits until `check` holds (polling), or fails the test after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `cardswitch run` as a process of its own on a configuration file, killed with SIGKILL
+/// (`kill -9`) when dropped, so a failed test leaves nothing running.
+pub struct SwitchProcess {
+    child: Option<std::process::Child>,
+    config: PathBuf,
+    /// The terminal listener's address.
+    pub addr: SocketAddr,
+}
+
+impl SwitchProcess {
+    /// Writes `config` with its listener on a free port and starts the switch on it; returns
+    /// once the listener accepts.
+    pub async fn start(config: SwitchConfig, tag: &str) -> Self {
+        let addr = free_addr();
+        let config = config.listener("address", addr.to_string()).write(tag);
+        let mut p = Self {
+            child: None,
+            config,
+            addr,
+        };
+        p.restart().await;
+        p
+    }
+
+    /// Starts the switch (again) on the same configuration and port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_cardswitch"))
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(self.addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the switch did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for SwitchProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
 /// The sample 0100 with this amount, STAN and RRN.
 pub fn request(amount: u64, stan: u32, rrn: &str) -> Message {
     let mut m = sample::auth_request();
@@ -240,6 +356,7 @@ impl SwitchConfig {
             r#"
 [journal]
 url = "{journal_url}"
+ephemeral_keys = true
 [[listeners]]
 name = "pos"
 address = "127.0.0.1:0"
@@ -294,7 +411,14 @@ endpoint = "acq"
     }
 
     /// The journal's PAN HMAC and data keys set (`DATA_KEY`), as a production switch has them.
-    pub fn keys(self) -> Self {
+    pub fn keys(mut self) -> Self {
+        if let Some(j) = self
+            .doc
+            .get_mut("journal")
+            .and_then(toml::Value::as_table_mut)
+        {
+            j.remove("ephemeral_keys");
+        }
         self.set("journal", "pan_hmac_key", DATA_KEY)
             .set("journal", "data_key", DATA_KEY)
     }

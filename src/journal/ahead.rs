@@ -1,0 +1,220 @@
+//! The write-ahead record of a forwarded request (table `forwards`): before a request is
+//! written to an acquirer link, a row names it the way that acquirer will (endpoint, link,
+//! MTI, the upstream STAN, DE7, DE32 and DE33 as sent, amount) with the terminal's keys and
+//! the request itself, sealed, without PIN block, track or chip data. The journal commit that
+//! records the transaction's outcome deletes it in the same database transaction, so the table
+//! holds exactly the requests whose outcome is not recorded: after a crash, recovery reverses
+//! each of them as the acquirer knows it.
+//!
+//! Durability: records are batched, and a batch commits with `synchronous_commit = off`. The
+//! request is not written to the link before PostgreSQL has acknowledged its commit, so a
+//! record survives any crash of the switch (`kill -9` included). It does not survive a crash of
+//! PostgreSQL itself (or of its machine) within about three `wal_writer_delay` (600 ms by
+//! default) of its commit; `journal.write_ahead_sync = true` waits for the disk as well and
+//! closes that window at the cost of a flush per batch. SQLite commits synchronously.
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+use tracing::error;
+
+use super::db::{Arg, DbTx, Statement};
+use super::{now_us, Backend};
+
+/// One forwarded request as the acquirer saw it, and how the terminal knows it.
+#[derive(Debug, Clone, Default)]
+pub struct Forward {
+    /// The transaction.
+    pub txn_id: i64,
+    /// Endpoint and link it was written to.
+    pub endpoint: String,
+    pub link: String,
+    /// As sent: MTI, STAN, DE7, DE32, DE33, amount (minor units), currency.
+    pub mti: String,
+    pub upstream_stan: String,
+    pub transmission_time: Option<String>,
+    pub acquirer_id: Option<String>,
+    pub forwarding_id: Option<String>,
+    pub amount_minor: Option<i64>,
+    pub currency: Option<String>,
+    /// The terminal's keys: DE41, DE11, DE7, DE37.
+    pub terminal_id: Option<String>,
+    pub terminal_stan: Option<String>,
+    pub terminal_time: Option<String>,
+    pub rrn: Option<String>,
+    /// The duplicate key the request claimed.
+    pub dkey: Option<String>,
+    /// The listener it came from (its dialect reads `payload`).
+    pub listener: String,
+    /// The PAN's HMAC (the store-and-forward order key).
+    pub pan_hmac: Option<String>,
+    /// The terminal's request in the listener's dialect, sealed, without PIN block, track or
+    /// chip data.
+    pub payload: String,
+    /// When it was recorded, microseconds since the epoch.
+    pub created_us: i64,
+}
+
+struct Job {
+    forward: Forward,
+    done: oneshot::Sender<bool>,
+}
+
+/// Handle to the write-ahead task.
+#[derive(Clone, Debug)]
+pub struct WriteAhead {
+    tx: mpsc::Sender<Job>,
+    backend: Backend,
+    node: std::sync::Arc<str>,
+}
+
+const COLUMNS: &str =
+    "txn_id, endpoint, link, mti, upstream_stan, transmission_time, acquirer_id, \
+     forwarding_id, amount_minor, currency, terminal_id, terminal_stan, terminal_time, rrn, dkey, \
+     listener, pan_hmac, payload, node, created_us";
+
+impl WriteAhead {
+    pub(super) fn start(
+        backend: Backend,
+        node: &str,
+        batch_max: usize,
+        sync: bool,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(batch_max * 8);
+        tracker.spawn(run(backend.clone(), node.to_owned(), batch_max, sync, rx));
+        Self {
+            tx,
+            backend,
+            node: node.into(),
+        }
+    }
+
+    /// Records `forward`; whether it is committed (only then may the request be sent).
+    pub async fn record(&self, mut forward: Forward) -> bool {
+        forward.created_us = now_us();
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Job { forward, done }).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// This node's forwarded requests with no recorded outcome, oldest first. Records whose
+    /// transaction is journaled after all (an outcome that did not say it resolves them) are
+    /// deleted first.
+    ///
+    /// # Errors
+    /// The database cannot be read.
+    pub async fn unresolved(&self) -> Result<Vec<Forward>, sqlx::Error> {
+        let st = Statement::new(
+            "DELETE FROM forwards WHERE node = $1 AND EXISTS \
+             (SELECT 1 FROM transactions t WHERE t.id = forwards.txn_id)",
+        )
+        .bind(&*self.node);
+        self.backend.execute(&st).await?;
+        let st = Statement::new(format!(
+            "SELECT {COLUMNS} FROM forwards WHERE node = $1 ORDER BY created_us"
+        ))
+        .bind(&*self.node);
+        self.backend
+            .fetch_all(&st)
+            .await?
+            .into_iter()
+            .map(|r| {
+                Ok(Forward {
+                    txn_id: r.get(0)?,
+                    endpoint: r.get(1)?,
+                    link: r.get(2)?,
+                    mti: r.get(3)?,
+                    upstream_stan: r.get(4)?,
+                    transmission_time: r.get(5)?,
+                    acquirer_id: r.get(6)?,
+                    forwarding_id: r.get(7)?,
+                    amount_minor: r.get(8)?,
+                    currency: r.get(9)?,
+                    terminal_id: r.get(10)?,
+                    terminal_stan: r.get(11)?,
+                    terminal_time: r.get(12)?,
+                    rrn: r.get(13)?,
+                    dkey: r.get(14)?,
+                    listener: r.get(15)?,
+                    pan_hmac: r.get(16)?,
+                    payload: r.get(17)?,
+                    created_us: r.get(19)?,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn insert(
+    backend: &Backend,
+    node: &str,
+    sync: bool,
+    batch: &[Job],
+) -> Result<(), sqlx::Error> {
+    let mut st = Statement::new(format!("INSERT INTO forwards ({COLUMNS}) VALUES "));
+    st.tuples(batch, |j| {
+        let f = &j.forward;
+        [
+            Arg::from(f.txn_id),
+            Arg::from(&f.endpoint),
+            Arg::from(&f.link),
+            Arg::from(&f.mti),
+            Arg::from(&f.upstream_stan),
+            Arg::from(&f.transmission_time),
+            Arg::from(&f.acquirer_id),
+            Arg::from(&f.forwarding_id),
+            Arg::from(f.amount_minor),
+            Arg::from(&f.currency),
+            Arg::from(&f.terminal_id),
+            Arg::from(&f.terminal_stan),
+            Arg::from(&f.terminal_time),
+            Arg::from(&f.rrn),
+            Arg::from(&f.dkey),
+            Arg::from(&f.listener),
+            Arg::from(&f.pan_hmac),
+            Arg::from(&f.payload),
+            Arg::from(node),
+            Arg::from(f.created_us),
+        ]
+    });
+    let mut tx = backend.begin().await?;
+    if let (DbTx::Pg(pg), false) = (&mut tx, sync) {
+        // The record must reach PostgreSQL, not its disk (see the module's comment).
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut **pg)
+            .await?;
+    }
+    tx.execute(&st).await?;
+    tx.commit().await
+}
+
+async fn run(
+    backend: Backend,
+    node: String,
+    batch_max: usize,
+    sync: bool,
+    mut rx: mpsc::Receiver<Job>,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let ok = match insert(&backend, &node, sync, &batch).await {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %e, records = batch.len(), "write-ahead records failed: not forwarded");
+                false
+            }
+        };
+        for j in batch.drain(..) {
+            let _ = j.done.send(ok);
+        }
+    }
+}
