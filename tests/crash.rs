@@ -297,3 +297,49 @@ async fn a_queued_entry_no_key_opens_stays_pending_and_is_counted() {
     sw.shutdown().await;
     acq.stop().await;
 }
+
+#[tokio::test]
+async fn a_rotated_data_key_reseals_stored_entries_and_the_old_key_can_go() {
+    let TestDb(url, _pool, _schema) = pg_schema("crash_reseal").await;
+    let acq = acquirer_with(Rules::default_rules()).await;
+    let sw = config(&url, acq.local_addr()).start().await;
+    let m = purchase(1_300, 8, "000000000008");
+    let first = Terminal::connect(sw.listener_addrs()[0])
+        .await
+        .exchange(&m)
+        .await;
+    assert_eq!(rc(&first), "00");
+    sw.shutdown().await;
+
+    // The new key seals, the old one only opens; the stored reply is re-sealed under the new.
+    let new_key = "ee".repeat(32);
+    let rotated = config(&url, acq.local_addr())
+        .set("journal", "data_key", new_key.as_str())
+        .set("journal", "data_key_id", "k2")
+        .toml(&format!("[journal.retired_data_keys]\nk1 = \"{DATA_KEY}\""));
+    let journal = rotated.config().config.journal;
+    let done = cardswitch::journal::reseal(&journal, "reseal")
+        .await
+        .unwrap();
+    assert!(done.resealed >= 1 && done.unopenable == 0, "{done:?}");
+    let again = cardswitch::journal::reseal(&journal, "reseal")
+        .await
+        .unwrap();
+    assert_eq!(again.resealed, 0, "{again:?}");
+    assert!(again.current >= 1);
+
+    // The old key dropped: the copy still gets its stored reply.
+    let only_new = config(&url, acq.local_addr())
+        .set("journal", "data_key", new_key.as_str())
+        .set("journal", "data_key_id", "k2");
+    let sw = only_new.start().await;
+    let copy = Terminal::connect(sw.listener_addrs()[0])
+        .await
+        .exchange(&m)
+        .await;
+    assert_eq!(rc(&copy), "00");
+    assert_eq!(copy.auth_code(), first.auth_code());
+    assert_eq!(acq.ledger().len(), 1);
+    sw.shutdown().await;
+    acq.stop().await;
+}

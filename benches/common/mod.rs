@@ -18,8 +18,14 @@ mod shared;
 
 pub use shared::{pg_url, SwitchConfig};
 
-/// The binary under test.
+/// The binary built with the benchmark.
 pub const BIN: &str = env!("CARGO_BIN_EXE_cardswitch");
+
+/// The binary under test: `CARDSWITCH_BIN` (another build, e.g. a baseline measured side by
+/// side with this one), else the one built with the benchmark.
+pub fn bin() -> String {
+    std::env::var("CARDSWITCH_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
 
 /// A port nothing listens on now.
 pub fn free_port() -> SocketAddr {
@@ -46,7 +52,7 @@ impl Drop for Proc {
 
 /// Starts `cardswitch ARGS` with error-level logs to nowhere.
 pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     cmd.args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -133,7 +139,7 @@ pub fn fresh_schema(rt: &tokio::runtime::Runtime, schema: &str) -> String {
 /// Runs the terminal simulator (card messages only) for `seconds` with extra arguments; its
 /// JSON report.
 pub fn terminal(target: SocketAddr, extra: &[&str], seconds: u64) -> Value {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args([
             "sim",
             "terminal",

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 #[cfg(feature = "simulators")]
 mod demo;
+mod reseal;
 mod run;
 mod settlement;
 #[cfg(feature = "simulators")]
@@ -59,6 +60,8 @@ pub(crate) enum Command {
     /// The settlement report of a business date: counts and amounts by endpoint, currency and
     /// type, fees and nets.
     Settlement(settlement::SettlementArgs),
+    /// Re-seal the journal's stored entries under the current data key (after a rotation).
+    Reseal(reseal::ResealArgs),
     #[cfg(not(feature = "simulators"))]
     /// `demo`, `sim` or `soak` in a build without the simulators.
     #[command(external_subcommand)]
@@ -105,6 +108,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Settlement(args) => {
             runtime().and_then(|rt| rt.block_on(settlement::settlement(args, &mut out)))
         }
+        Command::Reseal(args) => runtime().and_then(|rt| rt.block_on(reseal::run(&args, &mut out))),
         #[cfg(feature = "simulators")]
         Command::Sim(sim) => runtime().and_then(|rt| rt.block_on(sim::run(sim, &mut out))),
         #[cfg(not(feature = "simulators"))]

@@ -65,9 +65,13 @@ pub(crate) struct SoakArgs {
     /// postgres://postgres@127.0.0.1:5432/test.
     #[arg(long)]
     pub(crate) database_url: Option<String>,
-    /// How the switch is restarted half-way.
+    /// How the switch is restarted.
     #[arg(long, value_enum, default_value = "kill")]
     pub(crate) restart: Restart,
+    /// How many times the switch is restarted, each at a random moment of its own stretch of
+    /// the traffic (with requests in flight at the acquirer and the queue busy).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) kills: u32,
     /// Acquirer faults in percent: requests dropped.
     #[arg(long, default_value_t = 5.0)]
     pub(crate) drop: f64,
@@ -93,6 +97,8 @@ const ENDPOINT_TIMEOUT_MS: u64 = 1_000;
 pub(crate) struct SoakReport {
     /// Seconds of traffic.
     pub(crate) duration_s: f64,
+    /// Restarts of the switch during the traffic (`--restart` says how), seconds into it.
+    pub(crate) restarts_at_s: Vec<f64>,
     /// Requests the terminals sent (first transmissions of authorizations and financials).
     pub(crate) requests: u64,
     /// Their rate.
@@ -147,6 +153,14 @@ fn print_report(r: &SoakReport, out: &mut dyn Write) -> Result<()> {
         out,
         "traffic: {} requests in {:.0} s ({:.0} TPS); codes {:?}",
         r.requests, r.duration_s, r.tps, r.response_codes
+    )?;
+    writeln!(
+        out,
+        "switch restarts at (s): {:?}",
+        r.restarts_at_s
+            .iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
     )?;
     writeln!(
         out,
@@ -343,11 +357,21 @@ endpoint = "acq"
             traffic_end,
         )));
     }
-    // Half-way: the restart.
-    if args.restart != Restart::None {
-        tokio::time::sleep(args.duration / 2).await;
-        switch.stop(args.restart);
-        switch.start()?;
+    // The restarts: each at a random moment of its own stretch of the traffic.
+    let mut restarts_at_s = Vec::new();
+    if args.restart != Restart::None && args.kills > 0 {
+        let stretch = args.duration.as_secs_f64() / f64::from(args.kills);
+        for k in 0..args.kills {
+            let at = stretch * (f64::from(k) + 0.15 + 0.7 * fastrand::f64());
+            let wait = at - started.elapsed().as_secs_f64();
+            if wait > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            }
+            restarts_at_s.push(started.elapsed().as_secs_f64());
+            switch.stop(args.restart);
+            switch.start()?;
+            wait_listening(target, Duration::from_secs(20)).await?;
+        }
     }
     let mut views = Vec::new();
     for t in tasks {
@@ -369,6 +393,7 @@ endpoint = "acq"
     let mut terminals = BTreeSet::new();
     let mut report = SoakReport {
         duration_s,
+        restarts_at_s,
         requests: 0,
         tps: 0.0,
         response_codes: BTreeMap::new(),

@@ -52,6 +52,7 @@ use ids::{Ids, Keyer};
 use row::summary;
 pub use row::{DecidedBy, Original, OriginalKeys, Row};
 use secrets::Secrets;
+pub use secrets::{reseal, Resealed};
 pub use writer::JournalStats;
 use writer::{Job, Writer};
 

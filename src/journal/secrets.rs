@@ -13,7 +13,8 @@
 //! The PAN HMAC carries no key version: it is a look-up key compared across rows, lists and
 //! clearing files, so it cannot change without re-keying all of them at once. Data keys rotate:
 //! `data_key_id` names the sealing key, `retired_data_keys` keeps the older ones for opening,
-//! and entries sealed under any of them open.
+//! entries sealed under any of them open, and [`reseal`] (`cardswitch reseal`) re-seals stored
+//! entries under the current key so that a retired key can then be dropped.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -214,6 +215,72 @@ impl Secrets {
         }
         Ok(())
     }
+}
+
+/// What a re-seal did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Resealed {
+    /// Values re-sealed under the current data key.
+    pub resealed: u64,
+    /// Values under the current key already.
+    pub current: u64,
+    /// Values no key of this switch opens (left as they are).
+    pub unopenable: u64,
+}
+
+/// The sealed columns: (table, key column, sealed column, which rows). Keys are paged in order.
+const SEALED: [(&str, &str, &str, &str); 3] = [
+    ("saf", "id", "payload", "state = 'pending'"),
+    ("dedup", "dkey", "reply", "reply IS NOT NULL"),
+    ("forwards", "txn_id", "payload", "payload IS NOT NULL"),
+];
+
+/// Re-seals every stored sealed value (pending store-and-forward entries, stored replies,
+/// write-ahead records) under the current data key, after the keys are verified against the
+/// database as at a start.
+///
+/// # Errors
+/// Keys that do not load or verify, and database errors.
+pub async fn reseal(config: &JournalSection, node: &str) -> Result<Resealed> {
+    let secrets = Secrets::load(config)?;
+    let backend = Backend::connect(&config.url).await?;
+    secrets.verify(&backend, node).await?;
+    let sealer = &secrets.sealer;
+    let mut out = Resealed::default();
+    for (table, key, column, rows) in SEALED {
+        // Paged by the key as text: the same statements on both backends, whatever its type.
+        let mut after = String::new();
+        loop {
+            let st = Statement::new(format!(
+                "SELECT CAST({key} AS TEXT), {column} FROM {table} WHERE {rows} \
+                 AND CAST({key} AS TEXT) > $1 ORDER BY CAST({key} AS TEXT) LIMIT 1000"
+            ))
+            .bind(after.as_str());
+            let page = backend.fetch_all(&st).await?;
+            let Some(last) = page.last() else { break };
+            after = last.get::<String>(0)?;
+            for r in &page {
+                let old: String = r.get(1)?;
+                if sealer.is_current(&old) {
+                    out.current += 1;
+                    continue;
+                }
+                let Some(clear) = sealer.open(&old) else {
+                    out.unopenable += 1;
+                    continue;
+                };
+                let new = sealer.seal(&clear);
+                let st = Statement::new(format!(
+                    "UPDATE {table} SET {column} = $1 WHERE {column} = $2"
+                ))
+                .bind(new.as_str())
+                .bind(old.as_str());
+                backend.execute(&st).await?;
+                out.resealed += 1;
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
