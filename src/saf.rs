@@ -113,12 +113,16 @@ async fn send(journal: &Journal, endpoint: &Endpoint, q: Queued) {
             }
         }
         let result = endpoint.exchange(&msg, q.txn_id.unwrap_or(0), None).await;
+        // The STAN this transmission carried: a delivered advice is what the acquirer knows
+        // the stand-in approval by (a later reversal names it so).
+        let mut sent_stan = None;
         let code = match result {
-            Upstream::Reply(reply, _, _) => Some(
+            Upstream::Reply(reply, _, stan) => Some({
+                sent_stan = Some(format!("{stan:06}"));
                 reply
                     .response_code()
-                    .map_or_else(|| "--".to_owned(), |c| c.to_string()),
-            ),
+                    .map_or_else(|| "--".to_owned(), |c| c.to_string())
+            }),
             // Not transmitted (no link ready, or no MAC from the HSM): again soon.
             Upstream::NotSent | Upstream::Unsigned | Upstream::Unrecorded => None,
             Upstream::Lost(..) | Upstream::TimedOut(..) => Some("ZZ".to_owned()),
@@ -154,6 +158,9 @@ async fn send(journal: &Journal, endpoint: &Endpoint, q: Queued) {
                             to: Some(to),
                             from,
                             amount_reversed_minor: None,
+                            upstream_stan: (q.kind == "advice")
+                                .then(|| sent_stan.clone())
+                                .flatten(),
                             cause: cause.into(),
                             detail: Some(format!("entry {} code {code}", q.id)),
                         });

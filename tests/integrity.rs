@@ -352,6 +352,11 @@ negative_ranges = ["4761739001010029"]
     assert_eq!(ledger.len(), 1);
     assert_eq!(ledger[0].mti, "0120");
     assert_eq!(ledger[0].auth_code.as_deref(), Some(code.as_str()));
+    // The terminal reverses it: the acquirer (matching by DE90 alone) finds the approval it
+    // knows by the advice.
+    let rev = reversal(&small, Mti::new(*b"0400").unwrap(), 73);
+    assert_eq!(rc(&t.exchange(&rev).await), "00");
+    assert!(acq.ledger()[0].reversed, "{:?}", acq.reversals());
     sw.shutdown().await;
     acq.stop().await;
 }

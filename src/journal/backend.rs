@@ -105,6 +105,9 @@ async fn apply_states(tx: &mut DbTx, changes: &mut [Change]) -> Result<Vec<bool>
             if let Some(a) = sc.amount_reversed_minor {
                 st.push(", amount_reversed_minor = ").arg(a);
             }
+            if let Some(s) = &sc.upstream_stan {
+                st.push(", upstream_stan = ").arg(s);
+            }
             st.push(" WHERE id = ").arg(sc.txn_id);
             if !sc.from.is_empty() {
                 st.push(" AND state IN ");

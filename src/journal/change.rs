@@ -105,6 +105,9 @@ pub struct StateChange {
     pub from: &'static [TxnState],
     /// New reversed amount, when it changes.
     pub amount_reversed_minor: Option<i64>,
+    /// The STAN the acquirer now knows the transaction by, when it changes (a stand-in
+    /// approval's advice, as it was delivered).
+    pub upstream_stan: Option<String>,
     /// What caused it (`terminal reversal`, `reversal acknowledged`, `late reply` ...).
     pub cause: String,
     /// More about the cause (codes, ids), never card data.

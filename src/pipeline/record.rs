@@ -115,6 +115,7 @@ impl Pipeline {
                         to: Some(TxnState::ReversalPending),
                         from: &[],
                         amount_reversed_minor: None,
+                        upstream_stan: None,
                         cause: "journal unavailable".into(),
                         detail: Some("answered 96; acquirer approval reversed".into()),
                     }],

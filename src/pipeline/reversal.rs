@@ -89,6 +89,7 @@ impl Pipeline {
             to: Some(to),
             from: TxnState::REVERSIBLE,
             amount_reversed_minor: Some(total),
+            upstream_stan: None,
             cause: "terminal reversal".into(),
             detail: Some(format!("{} {txn_id}", request.mti())),
         });

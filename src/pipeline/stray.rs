@@ -36,6 +36,7 @@ impl Pipeline {
                 to: None,
                 from: &[],
                 amount_reversed_minor: None,
+                upstream_stan: None,
                 cause: "late reply".into(),
                 detail: Some(format!("{} {code}", reply.mti())),
             });
