@@ -392,6 +392,8 @@ async fn store_and_forward_survives_kill_9() {
     .await;
     // kill -9, the host recovers, the switch comes back: the queued reversal is delivered.
     switch.kill();
+    // A transmission the killed switch had on the wire reaches the host still dropping.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     acq.set_rules(Rules::default_rules());
     switch.restart().await;
     eventually(

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[cfg(feature = "simulators")]
+mod cluster;
+#[cfg(feature = "simulators")]
 mod demo;
 mod reseal;
 mod run;

@@ -34,6 +34,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+use super::cluster::OwnCluster;
 use cardswitch::journal::db::Statement;
 use cardswitch::journal::Backend;
 use clap::Args;
@@ -72,6 +73,10 @@ pub(crate) struct SoakArgs {
     /// the traffic (with requests in flight at the acquirer and the queue busy).
     #[arg(long, default_value_t = 3)]
     pub(crate) kills: u32,
+    /// Journal to a PostgreSQL cluster of the soak's own (made with initdb on a spare port,
+    /// removed afterwards) and restart it once at a random moment, down for 3 seconds.
+    #[arg(long)]
+    pub(crate) restart_db: bool,
     /// Acquirer faults in percent: requests dropped.
     #[arg(long, default_value_t = 5.0)]
     pub(crate) drop: f64,
@@ -99,6 +104,8 @@ pub(crate) struct SoakReport {
     pub(crate) duration_s: f64,
     /// Restarts of the switch during the traffic (`--restart` says how), seconds into it.
     pub(crate) restarts_at_s: Vec<f64>,
+    /// Restarts of PostgreSQL (`--restart-db`), seconds into the traffic.
+    pub(crate) db_restarts_at_s: Vec<f64>,
     /// Requests the terminals sent (first transmissions of authorizations and financials).
     pub(crate) requests: u64,
     /// Their rate.
@@ -154,13 +161,12 @@ fn print_report(r: &SoakReport, out: &mut dyn Write) -> Result<()> {
         "traffic: {} requests in {:.0} s ({:.0} TPS); codes {:?}",
         r.requests, r.duration_s, r.tps, r.response_codes
     )?;
+    let at = |v: &[f64]| v.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>();
     writeln!(
         out,
-        "switch restarts at (s): {:?}",
-        r.restarts_at_s
-            .iter()
-            .map(|s| format!("{s:.1}"))
-            .collect::<Vec<_>>()
+        "restarts at (s): switch {:?}, PostgreSQL {:?}",
+        at(&r.restarts_at_s),
+        at(&r.db_restarts_at_s)
     )?;
     writeln!(
         out,
@@ -188,13 +194,15 @@ fn print_report(r: &SoakReport, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-/// A fresh database for the run: a new schema in PostgreSQL, a new file for SQLite.
-async fn database(args: &SoakArgs) -> Result<String> {
-    let base = args
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+/// A fresh database for the run: a new schema in PostgreSQL (the soak's own cluster with
+/// `--restart-db`), a new file for SQLite.
+async fn database(args: &SoakArgs, own: Option<&OwnCluster>) -> Result<String> {
+    let base = own.map(OwnCluster::url).unwrap_or_else(|| {
+        args.database_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok())
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+    });
     if base.starts_with("sqlite:") {
         return Ok(base);
     }
@@ -265,7 +273,12 @@ impl Drop for SwitchProcess {
 
 #[allow(clippy::too_many_lines)]
 async fn soak(args: &SoakArgs) -> Result<SoakReport> {
-    let url = database(args).await?;
+    let own = if args.restart_db {
+        Some(tokio::task::spawn_blocking(OwnCluster::start).await??)
+    } else {
+        None
+    };
+    let url = database(args, own.as_ref()).await?;
     let dialect = Dialect::builtin("iso87-ascii")?;
     let rules = Rules {
         latency: Latency {
@@ -357,17 +370,35 @@ endpoint = "acq"
             traffic_end,
         )));
     }
-    // The restarts: each at a random moment of its own stretch of the traffic.
-    let mut restarts_at_s = Vec::new();
+    // The restarts: each of the switch at a random moment of its own stretch of the traffic,
+    // PostgreSQL's at a random moment of the middle.
+    let total = args.duration.as_secs_f64();
+    let mut events: Vec<(f64, bool)> = Vec::new();
     if args.restart != Restart::None && args.kills > 0 {
-        let stretch = args.duration.as_secs_f64() / f64::from(args.kills);
+        let stretch = total / f64::from(args.kills);
         for k in 0..args.kills {
-            let at = stretch * (f64::from(k) + 0.15 + 0.7 * fastrand::f64());
-            let wait = at - started.elapsed().as_secs_f64();
-            if wait > 0.0 {
-                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-            }
-            restarts_at_s.push(started.elapsed().as_secs_f64());
+            events.push((
+                stretch * (f64::from(k) + 0.15 + 0.7 * fastrand::f64()),
+                false,
+            ));
+        }
+    }
+    if own.is_some() {
+        events.push((total * (0.3 + 0.4 * fastrand::f64()), true));
+    }
+    events.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut restarts_at_s, mut db_restarts_at_s) = (Vec::new(), Vec::new());
+    for (at, is_db) in events {
+        let wait = at - started.elapsed().as_secs_f64();
+        if wait > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+        let now = started.elapsed().as_secs_f64();
+        if let (true, Some(c)) = (is_db, own.as_ref()) {
+            db_restarts_at_s.push(now);
+            tokio::task::block_in_place(|| c.restart(Duration::from_secs(3)))?;
+        } else {
+            restarts_at_s.push(now);
             switch.stop(args.restart);
             switch.start()?;
             wait_listening(target, Duration::from_secs(20)).await?;
@@ -394,6 +425,7 @@ endpoint = "acq"
     let mut report = SoakReport {
         duration_s,
         restarts_at_s,
+        db_restarts_at_s,
         requests: 0,
         tps: 0.0,
         response_codes: BTreeMap::new(),

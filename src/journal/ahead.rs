@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
-use super::db::{Arg, DbTx, Statement};
-use super::{now_us, Backend};
+use super::db::{Arg, Relaxed, Statement};
+use super::{next_batch, now_us, Backend};
 
 /// One forwarded request as the acquirer saw it, and how the terminal knows it.
 #[derive(Debug, Clone, Default)]
@@ -147,8 +147,11 @@ impl WriteAhead {
     }
 }
 
+/// The batch's records in one statement: on the relaxed session (one round trip, the commit not
+/// waiting for the disk), or with `sync` as an ordinary commit that waits for it.
 async fn insert(
     backend: &Backend,
+    relaxed: &mut Relaxed,
     node: &str,
     sync: bool,
     batch: &[Job],
@@ -179,15 +182,12 @@ async fn insert(
             Arg::from(f.created_us),
         ]
     });
-    let mut tx = backend.begin().await?;
-    if let (DbTx::Pg(pg), false) = (&mut tx, sync) {
-        // The record must reach PostgreSQL, not its disk (see the module's comment).
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut **pg)
-            .await?;
+    if sync {
+        backend.execute(&st).await?;
+    } else {
+        relaxed.execute(&st).await?;
     }
-    tx.execute(&st).await?;
-    tx.commit().await
+    Ok(())
 }
 
 async fn run(
@@ -197,16 +197,10 @@ async fn run(
     sync: bool,
     mut rx: mpsc::Receiver<Job>,
 ) {
+    let mut relaxed = Relaxed::new(&backend);
     let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < batch_max {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
-        }
-        let ok = match insert(&backend, &node, sync, &batch).await {
+    while next_batch(&mut rx, &mut batch, batch_max).await {
+        let ok = match insert(&backend, &mut relaxed, &node, sync, &batch).await {
             Ok(()) => true,
             Err(e) => {
                 error!(error = %e, records = batch.len(), "write-ahead records failed: not forwarded");

@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
-use super::db::{Arg, DbTx, Statement};
-use super::{now_us, Backend};
+use super::db::{Arg, Relaxed, Statement};
+use super::{next_batch, now_us, Backend};
 
 /// What the database knows of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +165,7 @@ async fn lookup(backend: &Backend, keys: &[&str]) -> Result<Vec<Stored>, sqlx::E
 
 /// Inserts the batch's keys; the keys that were new.
 async fn insert(
-    backend: &Backend,
+    relaxed: &mut Relaxed,
     node: &str,
     batch: &[Request],
 ) -> Result<HashSet<String>, sqlx::Error> {
@@ -184,34 +184,20 @@ async fn insert(
         ]
     });
     st.push(" ON CONFLICT (dkey) DO NOTHING RETURNING dkey");
-    let mut tx = backend.begin().await?;
-    if let DbTx::Pg(pg) = &mut tx {
-        // The claim's commit need not wait for the disk (see the module's comment).
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut **pg)
-            .await?;
-    }
-    let new = tx
+    // The claim's commit need not wait for the disk (see the module's comment).
+    relaxed
         .fetch_all(&st)
         .await?
         .into_iter()
         .map(|r| r.get::<String>(0))
-        .collect::<Result<HashSet<String>, sqlx::Error>>()?;
-    tx.commit().await?;
-    Ok(new)
+        .collect()
 }
 
 async fn run(backend: Backend, node: String, batch_max: usize, mut rx: mpsc::Receiver<Request>) {
+    let mut relaxed = Relaxed::new(&backend);
     let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < batch_max {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let new = match insert(&backend, &node, &batch).await {
+    while next_batch(&mut rx, &mut batch, batch_max).await {
+        let new = match insert(&mut relaxed, &node, &batch).await {
             Ok(new) => new,
             Err(e) => {
                 error!(error = %e, claims = batch.len(), "duplicate-key claims failed");

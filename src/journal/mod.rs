@@ -168,6 +168,22 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// Waits for the next item on `rx` and takes every other one already waiting, up to `max` in
+/// `batch` (group commit for the batched writers); `false` once the channel is closed.
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) -> bool {
+    let Some(first) = rx.recv().await else {
+        return false;
+    };
+    batch.push(first);
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(r) => batch.push(r),
+            Err(_) => break,
+        }
+    }
+    true
+}
+
 fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
