@@ -259,6 +259,21 @@ impl Dedup {
         }
     }
 
+    /// Waits (at most as long as a copy would) for a request in flight on this node under
+    /// `key` to complete; whether one was in flight.
+    pub(crate) async fn wait_in_flight(&self, key: &str) -> bool {
+        let waiting = self
+            .local
+            .lock()
+            .ok()
+            .and_then(|l| l.in_flight.get(key).map(|(_, tx)| tx.subscribe()));
+        let Some(mut rx) = waiting else {
+            return false;
+        };
+        let _ = tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await;
+        true
+    }
+
     fn replay(&self, sealed: &str) -> Verdict {
         Decision::open(&self.journal, sealed).map_or(Verdict::Unknown, Verdict::Replay)
     }

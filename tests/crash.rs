@@ -343,3 +343,40 @@ async fn a_rotated_data_key_reseals_stored_entries_and_the_old_key_can_go() {
     sw.shutdown().await;
     acq.stop().await;
 }
+
+#[tokio::test]
+async fn a_terminal_reversal_of_a_request_still_in_flight_waits_for_it_and_reverses_it() {
+    let TestDb(url, pool, _schema) = pg_schema("crash_in_flight").await;
+    let acq = acquirer_with(slow(1_500)).await;
+    let sw = config(&url, acq.local_addr()).start().await;
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    let mut t2 = Terminal::connect(sw.listener_addrs()[0]).await;
+    let original = purchase(3_100, 21, "000000000021");
+    t.send(&original).await;
+    eventually(Duration::from_secs(5), "the acquirer decided", || async {
+        acq.ledger().len() == 1
+    })
+    .await;
+    // The terminal gives up before the reply and reverses (DE90 from its own request) on
+    // another connection: the switch waits for the original, then reverses it as the acquirer
+    // knows it.
+    let reply = t2
+        .exchange(&terminal_reversal(&original, Mti::REVERSAL_ADVICE, 22))
+        .await;
+    assert_eq!(rc(&reply), "00");
+    assert_eq!(rc(&t.recv().await), "00", "the original's own answer");
+    eventually(
+        Duration::from_secs(10),
+        "reversed at the acquirer",
+        || async { acq.ledger()[0].reversed },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "reversed in the journal",
+        || async { state_of(&pool, "000000000021", "0200").await == "reversed" },
+    )
+    .await;
+    sw.shutdown().await;
+    acq.stop().await;
+}

@@ -147,6 +147,19 @@ pub(super) fn outgoing_reversal(
     out
 }
 
+/// The original a terminal's reversal names, as far as the reversal tells it: its MTI, and the
+/// STAN and DE7 from DE90, over the reversal's other fields (enough for its duplicate key).
+pub(super) fn original_named(reversal: &Message) -> Option<Message> {
+    let de90 = reversal.get_str(90)?;
+    let mti = Mti::new(de90.get(..4)?.as_bytes().try_into().ok()?).ok()?;
+    let (stan, de7) = (de90.get(4..10)?, de90.get(10..20)?);
+    let mut m = reversal.clone();
+    m.set_mti(mti);
+    m.set(11, stan.as_bytes());
+    m.set(7, de7.as_bytes());
+    Some(m)
+}
+
 /// The same message as a reversal advice (0420), to be queued for store-and-forward.
 pub(super) fn as_reversal_advice(m: &Message) -> Message {
     let mut advice = m.clone();
@@ -329,6 +342,20 @@ mod tests {
         let packed = pack(&kept);
         assert!(unpack(&packed[..packed.len() - 1]).is_none(), "cut short");
         assert!(unpack(b"01").is_none());
+    }
+
+    #[test]
+    fn a_reversal_names_its_original() {
+        let mut rev = purchase();
+        rev.set_mti(Mti::new(*b"0420").unwrap());
+        rev.set(11, b"000900");
+        rev.set(90, b"020000012312011200000000000000000000000000");
+        let o = original_named(&rev).unwrap();
+        assert_eq!(o.mti().as_str(), "0200");
+        assert_eq!(o.get_str(11), Some("000123"));
+        assert_eq!(o.get_str(7), Some("1201120000"));
+        rev.set(90, b"02");
+        assert!(original_named(&rev).is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tracing::warn;
 use super::card::CardMessage;
 use super::outcome::Outcome;
 use super::{build, Pipeline};
+use crate::dedup::Dedup;
 use crate::journal::{DecidedBy, Original, OriginalKeys, SafKind, StateChange};
 use crate::state::TxnState;
 use crate::upstream::{Endpoint, Upstream};
@@ -21,6 +22,7 @@ impl Pipeline {
     /// A terminal's reversal (0400/0420 and repeats), matched to its original.
     pub(super) async fn reversal(&self, card: &CardMessage<'_>) -> Option<Outcome> {
         let CardMessage {
+            listener,
             request,
             txn_id,
             pan,
@@ -35,7 +37,19 @@ impl Pipeline {
             transmission_time: de90.and_then(|d| d.get(10..20)),
             rrn: request.rrn(),
         };
-        let original = match self.journal.find_original(&keys).await {
+        let mut original = self.journal.find_original(&keys).await;
+        // Not journaled yet: it may still be in flight here (its terminal gave up on it first).
+        // Its outcome is waited for, then it is looked up again.
+        if matches!(original, Ok(None)) {
+            let in_flight = match build::original_named(request) {
+                Some(o) => self.dedup.wait_in_flight(&Dedup::key(listener, &o)).await,
+                None => false,
+            };
+            if in_flight {
+                original = self.journal.find_original(&keys).await;
+            }
+        }
+        let original = match original {
             Ok(o) => o,
             Err(e) => {
                 warn!(error = %e, "original look-up failed");
