@@ -65,17 +65,26 @@ impl Pipeline {
         } else {
             Screened::default()
         };
-        let mut outcome = match screened.decline {
-            Some(code) => Outcome::new(
-                request.response_with(code)?,
-                DecidedBy::Fraud,
-                TxnState::Declined,
+        let (mut outcome, pan_hmac) = match screened.decline {
+            Some(code) => (
+                Outcome::new(
+                    request.response_with(code)?,
+                    DecidedBy::Fraud,
+                    TxnState::Declined,
+                ),
+                screened.pan_hmac,
             ),
-            None => self.route(card).await?,
+            None => {
+                // Computed once: the write-ahead record and the journal row both carry it.
+                let hmac = screened
+                    .pan_hmac
+                    .unwrap_or_else(|| self.journal.pan_hmac(pan));
+                (self.route(card, &hmac).await?, Some(hmac))
+            }
         };
         outcome.fraud = screened.fired;
         outcome.fraud_time = (!screened.took.is_zero()).then_some(screened.took);
-        outcome.pan_hmac = screened.pan_hmac;
+        outcome.pan_hmac = pan_hmac;
         Some(outcome)
     }
 
@@ -129,7 +138,7 @@ impl Pipeline {
 
     /// The write-ahead record of a card request, less what the link fixes: the terminal's
     /// keys and the request, sealed, without its card secrets.
-    fn forward_record(&self, card: &CardMessage<'_>) -> Forward {
+    fn forward_record(&self, card: &CardMessage<'_>, pan_hmac: &str) -> Forward {
         let r = card.request;
         let text = |f: u8| r.get_str(f).map(str::to_owned);
         let kept = build::pack(&build::kept_request(r, card.pan));
@@ -141,14 +150,14 @@ impl Pipeline {
             rrn: text(37),
             dkey: Some(card.dkey.to_owned()),
             listener: card.listener.to_owned(),
-            pan_hmac: Some(self.journal.pan_hmac(card.pan)),
+            pan_hmac: Some(pan_hmac.to_owned()),
             payload: self.journal.sealer().seal(&kept),
             ..Forward::default()
         }
     }
 
     /// Routing, PIN translation and the acquirer (or stand-in) for a request.
-    pub(super) async fn route(&self, card: &CardMessage<'_>) -> Option<Outcome> {
+    pub(super) async fn route(&self, card: &CardMessage<'_>, pan_hmac: &str) -> Option<Outcome> {
         let CardMessage {
             listener,
             request,
@@ -165,7 +174,7 @@ impl Pipeline {
         // Written down before the request goes on any link; resolved by the outcome's commit.
         let ahead = Ahead {
             journal: self.journal.write_ahead(),
-            record: self.forward_record(card),
+            record: self.forward_record(card, pan_hmac),
         };
         let candidates = std::iter::once(&route.endpoint).chain(route.fallback.iter());
         let mut first: Option<&Arc<Endpoint>> = None;
