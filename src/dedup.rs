@@ -10,7 +10,7 @@
 //! complete there. Once completed, the stored decision (the reply's decision fields, sealed) is
 //! sent again. Same key, other content: 94.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -99,9 +99,35 @@ pub(crate) enum Verdict {
 
 type Waiters = watch::Sender<Option<Decision>>;
 
+/// Most completed decisions remembered on this node (for copies while the database cannot be
+/// asked): about 10 MB.
+const RECENT_MAX: usize = 100_000;
+
 #[derive(Debug, Default)]
 struct Local {
     in_flight: HashMap<String, (String, Waiters)>,
+    /// Decisions completed here lately, by key: content hash and decision. Oldest first in
+    /// `order`. (A bounded first-in first-out map: the few lines are simpler than an LRU crate,
+    /// and recency of use does not matter here.)
+    recent: HashMap<String, (String, Decision)>,
+    order: VecDeque<String>,
+}
+
+impl Local {
+    fn remember(&mut self, key: &str, hash: &str, decision: &Decision) {
+        if self
+            .recent
+            .insert(key.to_owned(), (hash.to_owned(), decision.clone()))
+            .is_none()
+        {
+            self.order.push_back(key.to_owned());
+        }
+        while self.order.len() > RECENT_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+    }
 }
 
 /// The duplicate checker.
@@ -117,6 +143,7 @@ pub(crate) struct Dedup {
 #[derive(Debug)]
 pub(crate) struct Guard {
     key: String,
+    hash: String,
     local: Arc<Mutex<Local>>,
 }
 
@@ -127,12 +154,13 @@ impl Guard {
         &self.key
     }
 
-    /// Hands the decision to the copies waiting here.
+    /// Hands the decision to the copies waiting here, and remembers it.
     pub(crate) fn complete(self, decision: &Decision) {
         if let Ok(mut l) = self.local.lock() {
             if let Some((_, tx)) = l.in_flight.remove(&self.key) {
                 let _ = tx.send(Some(decision.clone()));
             }
+            l.remember(&self.key, &self.hash, decision);
         }
     }
 }
@@ -215,6 +243,7 @@ impl Dedup {
         }
         let guard = Guard {
             key: key.clone(),
+            hash: hash.clone(),
             local: Arc::clone(&self.local),
         };
         match self
@@ -232,7 +261,10 @@ impl Dedup {
                 }
                 v
             }
-            Claim::Unavailable => Verdict::Unknown,
+            Claim::Unavailable => {
+                drop(guard);
+                self.recalled(&key, &hash)
+            }
             Claim::InFlight => {
                 // Claimed on another node or before a restart: wait for it to complete.
                 let wait_us = i64::try_from(self.wait.as_micros()).unwrap_or(i64::MAX / 4);
@@ -256,6 +288,50 @@ impl Dedup {
                     }
                 }
             }
+        }
+    }
+
+    /// Checks a request while the database cannot be asked: a copy of one in flight here waits
+    /// for it, a copy of one completed here lately gets its decision; anything else is
+    /// `Unknown`. Claims nothing.
+    pub(crate) async fn check_offline(&self, key: &str, hash: &str) -> Verdict {
+        let waiting = {
+            let Ok(l) = self.local.lock() else {
+                return Verdict::Unknown;
+            };
+            match l.in_flight.get(key) {
+                Some((h, _)) if h != hash => return Verdict::Conflict,
+                Some((_, tx)) => Some(tx.subscribe()),
+                None => None,
+            }
+        };
+        if let Some(mut rx) = waiting {
+            let done = tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await;
+            return match done {
+                Ok(Ok(d)) => d.clone().map_or(Verdict::Stuck, Verdict::Replay),
+                _ => Verdict::Stuck,
+            };
+        }
+        self.recalled(key, hash)
+    }
+
+    /// What this node remembers of a completed key.
+    fn recalled(&self, key: &str, hash: &str) -> Verdict {
+        let Ok(l) = self.local.lock() else {
+            return Verdict::Unknown;
+        };
+        match l.recent.get(key) {
+            Some((h, _)) if h != hash => Verdict::Conflict,
+            Some((_, d)) => Verdict::Replay(d.clone()),
+            None => Verdict::Unknown,
+        }
+    }
+
+    /// Remembers the decision a request got without a claim (the database could not be
+    /// asked): copies on this node get it too.
+    pub(crate) fn remember(&self, key: &str, hash: &str, decision: &Decision) {
+        if let Ok(mut l) = self.local.lock() {
+            l.remember(key, hash, decision);
         }
     }
 

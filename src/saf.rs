@@ -156,7 +156,7 @@ async fn send(journal: &Journal, endpoint: &Endpoint, q: Queued) {
                         states.push(StateChange {
                             txn_id,
                             to: Some(to),
-                            from,
+                            from: std::borrow::Cow::Borrowed(from),
                             amount_reversed_minor: None,
                             upstream_stan: (q.kind == "advice")
                                 .then(|| sent_stan.clone())

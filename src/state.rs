@@ -30,7 +30,8 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The state of a transaction (or of a reversal or advice message row).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TxnState {
     /// Answered approved (by the acquirer).
     Approved,

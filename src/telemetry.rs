@@ -15,6 +15,10 @@
 //! | `cardswitch_journal_batch_rows` | histogram | |
 //! | `cardswitch_journal_commit_seconds` | histogram | |
 //! | `cardswitch_journal_backlog` | gauge | |
+//! | `cardswitch_journal_breaker_open` | gauge (1 open: nothing is forwarded) | |
+//! | `cardswitch_journal_breaker_transitions_total` | counter | to: open, closed |
+//! | `cardswitch_journal_spool_bytes` | gauge | |
+//! | `cardswitch_journal_dead_letters_total` | counter | |
 //! | `cardswitch_saf_depth` | gauge | endpoint |
 //! | `cardswitch_hsm_connections_up` | gauge | |
 //! | `cardswitch_hsm_failures_total` | counter | |
@@ -45,6 +49,14 @@ pub const JOURNAL_BATCH_ROWS: &str = "cardswitch_journal_batch_rows";
 pub const JOURNAL_COMMIT_SECONDS: &str = "cardswitch_journal_commit_seconds";
 /// Rows waiting for the database.
 pub const JOURNAL_BACKLOG: &str = "cardswitch_journal_backlog";
+/// 1 while the journal's breaker is open (requests answered 96 before forwarding).
+pub const JOURNAL_BREAKER_OPEN: &str = "cardswitch_journal_breaker_open";
+/// Breaker transitions, by the state entered.
+pub const JOURNAL_BREAKER_TRANSITIONS: &str = "cardswitch_journal_breaker_transitions_total";
+/// Bytes in the local spool of changes waiting for the database.
+pub const JOURNAL_SPOOL_BYTES: &str = "cardswitch_journal_spool_bytes";
+/// Changes set aside in the dead-letter table (an alarm: each needs an operator).
+pub const JOURNAL_DEAD_LETTERS: &str = "cardswitch_journal_dead_letters_total";
 /// Store-and-forward entries pending, per endpoint.
 pub const SAF_DEPTH: &str = "cardswitch_saf_depth";
 /// Store-and-forward entries that could not be opened (sealed under a key this node lacks).
@@ -225,6 +237,16 @@ fn describe() {
         "Time per journal commit"
     );
     describe_gauge!(JOURNAL_BACKLOG, "Journal rows waiting for the database");
+    describe_gauge!(
+        JOURNAL_BREAKER_OPEN,
+        "1 while journal commits fail and nothing is forwarded"
+    );
+    describe_counter!(JOURNAL_BREAKER_TRANSITIONS, "Journal breaker transitions");
+    describe_gauge!(JOURNAL_SPOOL_BYTES, "Bytes in the journal's local spool");
+    describe_counter!(
+        JOURNAL_DEAD_LETTERS,
+        "Journal changes set aside as dead letters (each needs an operator)"
+    );
     describe_gauge!(SAF_DEPTH, "Store-and-forward entries pending");
     describe_counter!(
         SAF_UNOPENABLE,

@@ -84,6 +84,7 @@ async fn rows(backend: &Backend) -> Vec<Vec<(String, String)>> {
         "auth_code",
         "request_summary",
         "reply_summary",
+        "state",
     ];
     const NUMBERS: &[&str] = &[
         "id",
@@ -260,34 +261,48 @@ async fn durable_mode_answers_96_while_the_journal_is_down_and_recovers() {
         "96",
         "an approval that cannot be recorded is not given"
     );
+    let journal = sw.pipeline().journal().clone();
+    assert!(
+        journal.breaker().is_open(),
+        "a failed commit opens the breaker"
+    );
+    let asked = acq.ledger().len();
     assert_eq!(exchange(&sw, &request(100, 3)).await, "96");
+    assert_eq!(acq.ledger().len(), asked, "nothing forwarded while open");
     sqlx::query("ALTER TABLE transactions_away RENAME TO transactions")
         .execute(&pool)
         .await
         .unwrap();
+    common::eventually(
+        std::time::Duration::from_secs(5),
+        "the breaker closed",
+        || async { !journal.breaker().is_open() },
+    )
+    .await;
     assert_eq!(
         exchange(&sw, &request(100, 4)).await,
         "00",
         "recovered by itself"
     );
     let all = rows(sw.pipeline().journal().backend()).await;
-    let got: Vec<(&str, &str, &str)> = all
+    let got: Vec<(&str, &str, &str, &str)> = all
         .iter()
         .map(|r| {
             (
                 col(r, "stan"),
                 col(r, "response_code"),
                 col(r, "decided_by"),
+                col(r, "state"),
             )
         })
         .collect();
     assert_eq!(
         got,
         [
-            ("000001", "00", "acquirer"),
-            ("000002", "96", "switch"),
-            ("000003", "96", "switch"),
-            ("000004", "00", "acquirer")
+            ("000001", "00", "acquirer", "approved"),
+            ("000002", "96", "switch", "reversal_pending"),
+            ("000003", "96", "switch", "declined"),
+            ("000004", "00", "acquirer", "approved")
         ],
         "the rows written late say what the terminal was told"
     );

@@ -1,15 +1,16 @@
-//! The ledger check, 60 seconds of it: `cardswitch soak` against PostgreSQL with the acquirer
-//! matching reversals strictly by DE90, dropping 5% of requests, answering 2% late and
-//! disconnecting on 1%, and the switch killed (`kill -9`) once at a random moment. The journal,
-//! the acquirer's ledger and the terminals must agree. (The 10-minute run at 2,000 TPS with three
-//! kills is the same command with `--duration 10m --kills 3`; see the README.)
+//! The ledger check, 60 seconds of it: `cardswitch soak` against a PostgreSQL cluster of its own
+//! with the acquirer matching reversals strictly by DE90, dropping 5% of requests, answering 2%
+//! late and disconnecting on 1%, the switch killed (`kill -9`) once at a random moment and
+//! PostgreSQL stopped for 5 seconds at another. The journal, the acquirer's ledger and the
+//! terminals must agree. (The 10-minute run at 2,000 TPS with three kills and a 20-second outage
+//! is the same command with `--duration 10m --kills 3 --db-outage 20`; see the README.)
 
 #[cfg(feature = "simulators")]
 use std::process::Command;
 
 #[cfg(feature = "simulators")] // `soak` is one of the simulator commands
 #[test]
-fn sixty_second_ledger_check_with_a_kill_9_at_a_random_moment() {
+fn sixty_second_ledger_check_with_a_kill_9_and_a_database_outage() {
     let url = std::env::var("TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let out = Command::new(env!("CARGO_BIN_EXE_cardswitch"))
@@ -25,6 +26,8 @@ fn sixty_second_ledger_check_with_a_kill_9_at_a_random_moment() {
             "kill",
             "--kills",
             "1",
+            "--db-outage",
+            "5",
             "--json",
             "--database-url",
             &url,
@@ -48,6 +51,15 @@ fn sixty_second_ledger_check_with_a_kill_9_at_a_random_moment() {
     assert!(
         report["saf"]["delivered"].as_i64().unwrap_or(0) > 0,
         "{stdout}"
+    );
+    assert_eq!(
+        report["db_restarts_at_s"].as_array().map(Vec::len),
+        Some(1),
+        "{stdout}"
+    );
+    assert!(
+        report["outage_96"].as_u64().unwrap_or(0) > 0,
+        "the outage answered 96: {stdout}"
     );
     let charged = &report["charged"];
     assert_eq!(charged["acquirer"], charged["journal"]);

@@ -328,7 +328,7 @@ async fn settlement(
         .map(|e| (e.name().to_owned(), e.config().settlement.clone()))
         .collect();
     match crate::settlement::report::build(
-        state.pipeline.journal().backend(),
+        state.pipeline.journal().reader(),
         &date,
         q.get("endpoint").map(String::as_str),
         &fees,
@@ -348,7 +348,7 @@ async fn batch(
     State(state): State<AdminState>,
     Path((terminal, batch)): Path<(String, String)>,
 ) -> Response {
-    match crate::settlement::batch::closed(state.pipeline.journal().backend(), &terminal, &batch)
+    match crate::settlement::batch::closed(state.pipeline.journal().reader(), &terminal, &batch)
         .await
     {
         Ok(Some(b)) => Json(b).into_response(),

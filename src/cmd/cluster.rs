@@ -1,4 +1,4 @@
-//! A PostgreSQL cluster of a soak's own: made with `initdb` in a temporary directory, served on
+//! A PostgreSQL cluster of a soak's (or a test's) own: made with `initdb` in a temporary directory, served on
 //! a spare loopback port, restarted on command and removed at the end. A soak that stops or
 //! restarts PostgreSQL does it to this one, never to a server other work shares.
 //!
@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -46,7 +45,12 @@ impl OwnCluster {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let dir = std::env::temp_dir().join(format!("cardswitch-soak-pg-{}", std::process::id()));
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "cardswitch-own-pg-{}-{}",
+            std::process::id(),
+            MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let uid = Command::new("id").arg("-u").output()?;
@@ -86,14 +90,19 @@ impl OwnCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// Stops it (fast shutdown: sessions are cut, committed work is kept) and starts it again
-    /// after `down`.
+    /// Stops it (fast shutdown: sessions are cut, committed work is kept).
     ///
     /// # Errors
     /// `pg_ctl` failing.
-    pub(crate) fn restart(&self, down: Duration) -> Result<()> {
-        self.pg_ctl(&["stop", "-m", "fast"])?;
-        std::thread::sleep(down);
+    pub(crate) fn stop(&self) -> Result<()> {
+        self.pg_ctl(&["stop", "-m", "fast"])
+    }
+
+    /// Starts it again after [`OwnCluster::stop`].
+    ///
+    /// # Errors
+    /// `pg_ctl` failing.
+    pub(crate) fn start_again(&self) -> Result<()> {
         self.pg_ctl(&["start"])
     }
 

@@ -90,6 +90,7 @@ node = "demo"
 [journal]
 url = "sqlite://{journal}"
 ephemeral_keys = true
+spool_dir = "{spool}"
 [hsm]
 addresses = ["{hsm}"]
 [admin]
@@ -123,6 +124,9 @@ prefix = "541333"
 endpoint = "acquirer-b"
 "#,
         journal = journal.display(),
+        spool = std::env::temp_dir()
+            .join(format!("cardswitch-demo-spool-{}", std::process::id()))
+            .display(),
         a = acquirer_a.local_addr(),
         b = acquirer_b.local_addr(),
         hsm = hsm.local_addr(),

@@ -77,6 +77,10 @@ pub(crate) struct SoakArgs {
     /// removed afterwards) and restart it once at a random moment, down for 3 seconds.
     #[arg(long)]
     pub(crate) restart_db: bool,
+    /// Like `--restart-db`, with PostgreSQL down for this many seconds (a journal outage:
+    /// requests meanwhile are answered 96 and nothing is forwarded).
+    #[arg(long)]
+    pub(crate) db_outage: Option<f64>,
     /// Acquirer faults in percent: requests dropped.
     #[arg(long, default_value_t = 5.0)]
     pub(crate) drop: f64,
@@ -112,6 +116,8 @@ pub(crate) struct SoakReport {
     pub(crate) tps: f64,
     /// Replies by response code (first transmissions).
     pub(crate) response_codes: BTreeMap<String, u64>,
+    /// Of those, 96 answers received while PostgreSQL was down.
+    pub(crate) outage_96: u64,
     /// Requests with no reply (reversed by the terminal).
     pub(crate) unanswered: u64,
     /// Reversals the terminals sent (their own and for unanswered requests), counting repeats.
@@ -158,8 +164,8 @@ pub(crate) async fn run(args: SoakArgs, out: &mut dyn Write) -> Result<()> {
 fn print_report(r: &SoakReport, out: &mut dyn Write) -> Result<()> {
     writeln!(
         out,
-        "traffic: {} requests in {:.0} s ({:.0} TPS); codes {:?}",
-        r.requests, r.duration_s, r.tps, r.response_codes
+        "traffic: {} requests in {:.0} s ({:.0} TPS); codes {:?}; 96 while PostgreSQL was down: {}",
+        r.requests, r.duration_s, r.tps, r.response_codes, r.outage_96
     )?;
     let at = |v: &[f64]| v.iter().map(|s| format!("{s:.1}")).collect::<Vec<_>>();
     writeln!(
@@ -273,7 +279,7 @@ impl Drop for SwitchProcess {
 
 #[allow(clippy::too_many_lines)]
 async fn soak(args: &SoakArgs) -> Result<SoakReport> {
-    let own = if args.restart_db {
+    let own = if args.restart_db || args.db_outage.is_some() {
         Some(tokio::task::spawn_blocking(OwnCluster::start).await??)
     } else {
         None
@@ -311,6 +317,7 @@ async fn soak(args: &SoakArgs) -> Result<SoakReport> {
     let dir = std::env::temp_dir().join(format!("cardswitch-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("switch.toml");
+    let spool = dir.join("spool").display().to_string();
     std::fs::write(
         &config,
         format!(
@@ -320,6 +327,7 @@ node = "soak"
 shutdown_grace_ms = 5000
 [journal]
 url = "{url}"
+spool_dir = "{spool}"
 pan_hmac_key = "{KEY}"
 data_key = "{KEY}"
 [[listeners]]
@@ -396,7 +404,14 @@ endpoint = "acq"
         let now = started.elapsed().as_secs_f64();
         if let (true, Some(c)) = (is_db, own.as_ref()) {
             db_restarts_at_s.push(now);
-            tokio::task::block_in_place(|| c.restart(Duration::from_secs(3)))?;
+            tokio::task::block_in_place(|| c.stop())?;
+            DB_DOWN.store(true, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs_f64(
+                args.db_outage.unwrap_or(3.0).max(0.0),
+            ))
+            .await;
+            tokio::task::block_in_place(|| c.start_again())?;
+            DB_DOWN.store(false, std::sync::atomic::Ordering::Relaxed);
         } else {
             restarts_at_s.push(now);
             switch.stop(args.restart);
@@ -429,6 +444,7 @@ endpoint = "acq"
         requests: 0,
         tps: 0.0,
         response_codes: BTreeMap::new(),
+        outage_96: 0,
         unanswered: 0,
         terminal_reversals_sent: 0,
         resends: 0,
@@ -444,6 +460,7 @@ endpoint = "acq"
     };
     for v in views {
         report.requests += v.requests;
+        report.outage_96 += v.outage_96;
         report.unanswered += v.unanswered;
         report.terminal_reversals_sent += v.reversals_sent;
         report.resends += v.resends;
@@ -483,6 +500,35 @@ endpoint = "acq"
     ] {
         if !d.is_empty() {
             report.differences.insert(name.into(), d);
+        }
+    }
+    // What the journal holds of the first few differences, to see why.
+    for keys in report.differences.values() {
+        for key in keys.iter().take(3) {
+            let Some((terminal, rrn)) = key.split_once('/') else {
+                continue;
+            };
+            let st = Statement::new(
+                "SELECT t.id, t.mti, t.stan, t.response_code, t.decided_by, t.state, \
+                 COALESCE(string_agg(e.state || ':' || e.cause, ', ' ORDER BY e.at_us), '') \
+                 FROM transactions t LEFT JOIN transaction_events e ON e.txn_id = t.id \
+                 WHERE t.terminal_id = $1 AND t.rrn = $2 GROUP BY t.id ORDER BY t.id",
+            )
+            .bind(terminal)
+            .bind(rrn);
+            for r in backend.fetch_all(&st).await.unwrap_or_default() {
+                let col = |i| r.get::<String>(i).unwrap_or_default();
+                eprintln!(
+                    "{key}: id {} {} stan {} rc {} by {} state {} events [{}]",
+                    r.get::<i64>(0).unwrap_or_default(),
+                    col(1),
+                    col(2),
+                    col(3),
+                    col(4),
+                    col(5),
+                    col(6)
+                );
+            }
         }
     }
     report.double_charges = ledger
@@ -570,10 +616,14 @@ async fn journal_charged(backend: &Backend) -> Result<(Keys, Vec<(String, String
     Ok((set, twice))
 }
 
+/// Set while the soak's PostgreSQL is stopped.
+static DB_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What one terminal saw.
 #[derive(Default)]
 struct View {
     requests: u64,
+    outage_96: u64,
     codes: HashMap<String, u64>,
     unanswered: u64,
     reversals_sent: u64,
@@ -747,6 +797,9 @@ async fn terminal(
                     match sent {
                         Sent::Original(rrn, req) => {
                             *view.codes.entry(code.clone()).or_default() += 1;
+                            if code == "96" && DB_DOWN.load(std::sync::atomic::Ordering::Relaxed) {
+                                view.outage_96 += 1;
+                            }
                             if code == "00" {
                                 view.charged.insert((terminal_id.clone(), rrn));
                                 if approved.len() < 64 {
@@ -762,6 +815,20 @@ async fn terminal(
                                 || first.auth_code() != reply.auth_code()
                             {
                                 view.resend_mismatches += 1;
+                                if view.resend_mismatches <= 3 {
+                                    eprintln!(
+                                        "resend {}/{}: first {} {:?}, again {} {:?}",
+                                        terminal_id,
+                                        first.rrn().unwrap_or(""),
+                                        first
+                                            .response_code()
+                                            .map(|c| c.to_string())
+                                            .unwrap_or_default(),
+                                        first.auth_code(),
+                                        code,
+                                        reply.auth_code()
+                                    );
+                                }
                             }
                         }
                         Sent::Reversal(rrn) => {

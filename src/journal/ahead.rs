@@ -13,12 +13,15 @@
 //! default) of its commit; `journal.write_ahead_sync = true` waits for the disk as well and
 //! closes that window at the cost of a flush per batch. SQLite commits synchronously.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
+use super::backend::is_data_error;
 use super::db::{Arg, Relaxed, Statement};
-use super::{next_batch, now_us, Backend};
+use super::{next_batch, now_us, Backend, Breaker};
 
 /// One forwarded request as the acquirer saw it, and how the terminal knows it.
 #[derive(Debug, Clone, Default)]
@@ -78,10 +81,18 @@ impl WriteAhead {
         node: &str,
         batch_max: usize,
         sync: bool,
+        breaker: Arc<Breaker>,
         tracker: &TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(batch_max * 8);
-        tracker.spawn(run(backend.clone(), node.to_owned(), batch_max, sync, rx));
+        tracker.spawn(run(
+            backend.clone(),
+            node.to_owned(),
+            batch_max,
+            sync,
+            breaker,
+            rx,
+        ));
         Self {
             tx,
             backend,
@@ -195,18 +206,24 @@ async fn run(
     node: String,
     batch_max: usize,
     sync: bool,
+    breaker: Arc<Breaker>,
     mut rx: mpsc::Receiver<Job>,
 ) {
     let mut relaxed = Relaxed::new(&backend);
     let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
     while next_batch(&mut rx, &mut batch, batch_max).await {
-        let ok = match insert(&backend, &mut relaxed, &node, sync, &batch).await {
-            Ok(()) => true,
-            Err(e) => {
-                error!(error = %e, records = batch.len(), "write-ahead records failed: not forwarded");
-                false
-            }
-        };
+        // While the journal cannot commit, nothing is forwarded: no need to wait to learn it.
+        let ok = !breaker.is_open()
+            && match insert(&backend, &mut relaxed, &node, sync, &batch).await {
+                Ok(()) => true,
+                Err(e) => {
+                    error!(error = %e, records = batch.len(), "write-ahead records failed: not forwarded");
+                    if !is_data_error(&e) {
+                        breaker.trip("write-ahead records failed");
+                    }
+                    false
+                }
+            };
         for j in batch.drain(..) {
             let _ = j.done.send(ok);
         }

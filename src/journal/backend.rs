@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+use sqlx::Connection as _;
 use sqlx::{PgPool, SqlitePool};
 
 use super::change::{Change, SafEntry, StateChange};
@@ -26,18 +27,57 @@ pub enum Backend {
     Sqlite(SqlitePool),
 }
 
+/// How a pool waits: for a connection, and for each statement.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Most connections.
+    pub connections: u32,
+    /// Longest wait for a connection (a database that is down fails this fast).
+    pub acquire: Duration,
+    /// Longest a statement may run (PostgreSQL `statement_timeout`); `None`: no limit.
+    pub statement: Option<Duration>,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        Self {
+            connections: 4,
+            acquire: Duration::from_secs(5),
+            statement: None,
+        }
+    }
+}
+
 impl Backend {
     /// Connects and brings the schema up to date.
     ///
     /// # Errors
     /// An unknown URL scheme, a database that cannot be reached, a migration that fails.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, PoolLimits::default(), true).await
+    }
+
+    /// Connects with `limits`; brings the schema up to date first when `migrate` is set (on a
+    /// connection of its own, without the statement limit).
+    ///
+    /// # Errors
+    /// As [`Backend::connect`].
+    pub async fn connect_with(url: &str, limits: PoolLimits, migrate: bool) -> Result<Self> {
         let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options: PgConnectOptions = url.parse().context("journal.url")?;
+            if migrate {
+                let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+                MIGRATOR.run(&mut conn).await?;
+                let _ = sqlx::Connection::close(conn).await;
+            }
+            let options = match limits.statement {
+                Some(t) => options.options([("statement_timeout", t.as_millis())]),
+                None => options,
+            };
             Self::Postgres(
                 PgPoolOptions::new()
-                    .max_connections(4)
-                    .acquire_timeout(Duration::from_secs(5))
+                    .max_connections(limits.connections)
+                    .acquire_timeout(limits.acquire)
                     .connect_with(options)
                     .await?,
             )
@@ -47,19 +87,17 @@ impl Backend {
                 .create_if_missing(true)
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
             // One connection: SQLite has one writer, and an in-memory database is per connection.
-            Self::Sqlite(
-                SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(options)
-                    .await?,
-            )
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await?;
+            if migrate {
+                MIGRATOR.run(&pool).await?;
+            }
+            Self::Sqlite(pool)
         } else {
             bail!("journal.url: expected postgres://... or sqlite://..., or set DATABASE_URL");
         };
-        match &backend {
-            Self::Postgres(p) => MIGRATOR.run(p).await?,
-            Self::Sqlite(p) => MIGRATOR.run(p).await?,
-        }
         Ok(backend)
     }
 
@@ -73,9 +111,76 @@ impl Backend {
         let mut tx = self.begin().await?;
         let applied = apply_states(&mut tx, changes).await?;
         write_rows(&mut tx, node, changes).await?;
-        apply_rest(&mut tx, changes).await?;
+        update_rows(&mut tx, changes).await?;
+        apply_rest(&mut tx, node, changes).await?;
         tx.commit().await?;
         Ok(applied)
+    }
+
+    /// Writes changes again (from the backlog or the spool): an earlier attempt may have
+    /// committed without saying so (the connection lost after COMMIT). Changes whose rows are
+    /// already in the journal have their rows updated to what the terminal was told and their
+    /// state changes not applied twice; queued messages already in are not queued twice.
+    pub(super) async fn apply_again(
+        &self,
+        node: &str,
+        changes: &mut [Change],
+    ) -> Result<(), sqlx::Error> {
+        let firsts: Vec<i64> = changes
+            .iter()
+            .filter_map(|c| c.rows.first().map(super::row::Row::id))
+            .collect();
+        let mut present = std::collections::HashSet::new();
+        for chunk in firsts.chunks(512) {
+            let mut st = Statement::new("SELECT id FROM transactions WHERE id IN ");
+            st.tuple(chunk.iter().map(|&id| Arg::from(id)));
+            for r in self.fetch_all(&st).await? {
+                present.insert(r.get::<i64>(0)?);
+            }
+        }
+        for c in changes.iter_mut() {
+            c.rows_written = c.rows.first().is_some_and(|r| present.contains(&r.id()));
+        }
+        self.apply(node, changes).await.map(|_| ())
+    }
+
+    /// Sets `change` aside as a dead letter, with the error that stopped it.
+    pub(super) async fn dead_letter(
+        &self,
+        id: i64,
+        node: &str,
+        error: &str,
+        change: &Change,
+    ) -> Result<(), sqlx::Error> {
+        let json = serde_json::to_string(change).unwrap_or_default();
+        let st = Statement::new(
+            "INSERT INTO journal_dead_letters (id, node, at_us, error, change) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(node)
+        .bind(now_us())
+        .bind(error)
+        .bind(json.as_str());
+        self.execute(&st).await.map(|_| ())
+    }
+
+    /// An empty write transaction: whether the database takes commits again.
+    pub(super) async fn probe(&self) -> Result<(), sqlx::Error> {
+        self.begin().await?.commit().await
+    }
+}
+
+/// Whether a failed write is the fault of what was written (a constraint it breaks, a value a
+/// column refuses), so that writing it again fails again; anything else (connection, server
+/// shutting down, permissions, timeouts) is an outage, and waiting mends it.
+pub(super) fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            !matches!(d.kind(), sqlx::error::ErrorKind::Other)
+                || d.code()
+                    .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+        }
+        _ => false,
     }
 }
 
@@ -95,6 +200,11 @@ async fn apply_states(tx: &mut DbTx, changes: &mut [Change]) -> Result<Vec<bool>
     let mut applied = Vec::with_capacity(changes.len());
     for change in changes.iter_mut() {
         let mut ok = true;
+        if change.rows_written {
+            // Applied already, by the commit that wrote its rows.
+            applied.push(true);
+            continue;
+        }
         for sc in &change.states {
             let Some(to) = sc.to else {
                 tx.execute(&event(sc, "unchanged")).await?;
@@ -134,7 +244,10 @@ async fn apply_states(tx: &mut DbTx, changes: &mut [Change]) -> Result<Vec<bool>
 /// per-batch planning; the commit at its end is the batch's one fsync. SQLite has no COPY:
 /// multi-row inserts.
 async fn write_rows(tx: &mut DbTx, node: &str, changes: &[Change]) -> Result<(), sqlx::Error> {
-    let rows = changes.iter().flat_map(|c| &c.rows);
+    let rows = changes
+        .iter()
+        .filter(|c| !c.rows_written)
+        .flat_map(|c| &c.rows);
     match tx {
         DbTx::Pg(pg) => {
             let mut buf = String::new();
@@ -167,9 +280,32 @@ async fn write_rows(tx: &mut DbTx, node: &str, changes: &[Change]) -> Result<(),
     Ok(())
 }
 
+/// Rows already written by an earlier commit that reported failure: they become what the
+/// terminal was told (see [`Change::answered_unrecorded`]).
+async fn update_rows(tx: &mut DbTx, changes: &[Change]) -> Result<(), sqlx::Error> {
+    for r in changes
+        .iter()
+        .filter(|c| c.rows_written)
+        .flat_map(|c| &c.rows)
+    {
+        let st = Statement::new(
+            "UPDATE transactions SET response_code = $1, decided_by = $2, auth_code = $3, \
+             state = $4, reply_summary = $5 WHERE id = $6",
+        )
+        .bind(r.response_code())
+        .bind(r.decided_by().as_str())
+        .bind(r.auth_code())
+        .bind(r.state.as_str())
+        .bind(r.reply_summary())
+        .bind(r.id());
+        tx.execute(&st).await?;
+    }
+    Ok(())
+}
+
 /// Everything after the rows: store-and-forward entries and their progress, completed
 /// duplicate keys.
-async fn apply_rest(tx: &mut DbTx, changes: &[Change]) -> Result<(), sqlx::Error> {
+async fn apply_rest(tx: &mut DbTx, node: &str, changes: &[Change]) -> Result<(), sqlx::Error> {
     let saf: Vec<&SafEntry> = changes.iter().flat_map(|c| &c.saf).collect();
     let now = now_us();
     for chunk in saf.chunks(256) {
@@ -191,6 +327,17 @@ async fn apply_rest(tx: &mut DbTx, changes: &[Change]) -> Result<(), sqlx::Error
                 Arg::from(now),
             ]
         });
+        // Queued once: a change written again does not queue its messages twice.
+        st.push(" ON CONFLICT (id) DO NOTHING");
+        tx.execute(&st).await?;
+    }
+    let cancel: Vec<i64> = changes
+        .iter()
+        .flat_map(|c| c.saf_cancel.iter().copied())
+        .collect();
+    for chunk in cancel.chunks(512) {
+        let mut st = Statement::new("DELETE FROM saf WHERE state = 'pending' AND id IN ");
+        st.tuple(chunk.iter().map(|&id| Arg::from(id)));
         tx.execute(&st).await?;
     }
     for p in changes.iter().flat_map(|c| &c.saf_progress) {
@@ -215,6 +362,28 @@ async fn apply_rest(tx: &mut DbTx, changes: &[Change]) -> Result<(), sqlx::Error
             Statement::new("UPDATE dedup SET state = 'done', reply = v.column2 FROM (VALUES ");
         st.tuples(chunk, |(k, r)| [Arg::from(k), Arg::from(r)]);
         st.push(") AS v WHERE dedup.dkey = v.column1");
+        tx.execute(&st).await?;
+    }
+    let unclaimed: Vec<&(String, String, i64, String)> = changes
+        .iter()
+        .filter_map(|c| c.dedup_unclaimed.as_ref())
+        .collect();
+    for chunk in unclaimed.chunks(256) {
+        let mut st = Statement::new(
+            "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, reply, created_us) VALUES ",
+        );
+        st.tuples(chunk, |(k, h, id, r)| {
+            [
+                Arg::from(k),
+                Arg::from(h),
+                Arg::from(*id),
+                Arg::from(node),
+                Arg::from("done"),
+                Arg::from(r),
+                Arg::from(now),
+            ]
+        });
+        st.push(" ON CONFLICT (dkey) DO NOTHING");
         tx.execute(&st).await?;
     }
     // Outcomes recorded: their write-ahead records go in the same transaction.

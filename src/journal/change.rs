@@ -1,11 +1,16 @@
 //! What one event writes in one database transaction: rows, state changes of earlier
 //! transactions, store-and-forward entries and their progress, a completed duplicate key.
 
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
 use super::row::Row;
 use crate::state::TxnState;
 
 /// What a store-and-forward entry carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SafKind {
     /// An 0420 reversal advice.
     Reversal,
@@ -25,7 +30,7 @@ impl SafKind {
 }
 
 /// A message queued for an endpoint, to be sent until acknowledged.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SafEntry {
     /// Entry id (time-ordered: the queue order).
     pub id: i64,
@@ -48,7 +53,8 @@ pub struct SafEntry {
 }
 
 /// Where a store-and-forward entry stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SafState {
     /// Waiting to be sent (again).
     Pending,
@@ -80,7 +86,7 @@ impl SafState {
 }
 
 /// The outcome of one transmission of a store-and-forward entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SafProgress {
     /// Entry id.
     pub id: i64,
@@ -95,14 +101,14 @@ pub struct SafProgress {
 }
 
 /// A change of a journaled transaction's state, with its cause.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateChange {
     /// The transaction.
     pub txn_id: i64,
     /// Its new state; `None` records the cause without changing the state.
     pub to: Option<TxnState>,
     /// States it may change from; empty: any.
-    pub from: &'static [TxnState],
+    pub from: Cow<'static, [TxnState]>,
     /// New reversed amount, when it changes.
     pub amount_reversed_minor: Option<i64>,
     /// The STAN the acquirer now knows the transaction by, when it changes (a stand-in
@@ -114,8 +120,9 @@ pub struct StateChange {
     pub detail: Option<String>,
 }
 
-/// Everything one event writes, in one database transaction.
-#[derive(Debug, Default)]
+/// Everything one event writes, in one database transaction. Serializable for the spool: its
+/// rows are masked, its messages and replies sealed.
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Change {
     /// Journal rows.
     pub rows: Vec<Row>,
@@ -130,8 +137,19 @@ pub struct Change {
     pub saf_progress: Vec<SafProgress>,
     /// A duplicate key completed: key and sealed reply.
     pub dedup_done: Option<(String, String)>,
+    /// A duplicate key never claimed (the database could not be asked), written completed:
+    /// key, content hash, transaction id, sealed reply. An existing key is left as it is.
+    pub dedup_unclaimed: Option<(String, String, i64, String)>,
     /// Transactions whose write-ahead records this change resolves (their outcome is in it).
     pub resolves: Vec<i64>,
+    /// Store-and-forward entries withdrawn if still pending (a stand-in advice whose approval
+    /// the terminal was never told of).
+    pub saf_cancel: Vec<i64>,
+    /// Set on a change written again (from the backlog or the spool) whose rows are already in
+    /// the journal: an earlier commit reported failure but had committed. Its rows are then
+    /// updated to what the terminal was told, and its state changes are not applied twice.
+    #[serde(skip)]
+    pub rows_written: bool,
 }
 
 impl Change {
@@ -150,7 +168,27 @@ impl Change {
             && self.saf.is_empty()
             && self.saf_progress.is_empty()
             && self.dedup_done.is_none()
+            && self.dedup_unclaimed.is_none()
             && self.resolves.is_empty()
+            && self.saf_cancel.is_empty()
+    }
+
+    /// Its commit failed and its terminals were answered 96 instead: its rows say so (a
+    /// charge becomes a decline, or a pending reversal where one is queued), stand-in advices
+    /// are withdrawn (nothing was approved), reversals stay.
+    pub fn answered_unrecorded(&mut self) {
+        let (advices, keep): (Vec<SafEntry>, Vec<SafEntry>) = std::mem::take(&mut self.saf)
+            .into_iter()
+            .partition(|e| e.kind == SafKind::Advice);
+        self.saf_cancel.extend(advices.iter().map(|e| e.id));
+        self.saf = keep;
+        for row in &mut self.rows {
+            let reversed = self
+                .saf
+                .iter()
+                .any(|e| e.kind == SafKind::Reversal && e.txn_id == Some(row.id()));
+            row.answered_unrecorded(reversed);
+        }
     }
 }
 

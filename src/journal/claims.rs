@@ -9,13 +9,16 @@
 //! transaction that was never answered.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::error;
 
+use super::backend::is_data_error;
 use super::db::{Arg, Relaxed, Statement};
+use super::Breaker;
 use super::{next_batch, now_us, Backend};
 
 /// What the database knows of a key.
@@ -52,10 +55,17 @@ impl Claims {
         backend: Backend,
         node: &str,
         batch_max: usize,
+        breaker: Arc<Breaker>,
         tracker: &TaskTracker,
     ) -> Self {
         let (tx, rx) = mpsc::channel(batch_max * 8);
-        tracker.spawn(run(backend.clone(), node.to_owned(), batch_max, rx));
+        tracker.spawn(run(
+            backend.clone(),
+            node.to_owned(),
+            batch_max,
+            breaker,
+            rx,
+        ));
         Self { tx, backend }
     }
 
@@ -173,7 +183,10 @@ async fn insert(
     let mut st = Statement::new(
         "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) VALUES ",
     );
-    st.tuples(batch, |r| {
+    // Each key once (a statement may not touch a row twice); the first request carrying it.
+    let mut seen = HashSet::new();
+    let unique: Vec<&Request> = batch.iter().filter(|r| seen.insert(&r.key)).collect();
+    st.tuples(unique, |r| {
         [
             Arg::from(&r.key),
             Arg::from(&r.hash),
@@ -183,7 +196,12 @@ async fn insert(
             Arg::from(now),
         ]
     });
-    st.push(" ON CONFLICT (dkey) DO NOTHING RETURNING dkey");
+    // A key already claimed by this same transaction counts as new: the statement sent again
+    // after a lost connection (whose first attempt may have committed) claims nothing twice.
+    st.push(
+        " ON CONFLICT (dkey) DO UPDATE SET txn_id = EXCLUDED.txn_id \
+         WHERE dedup.txn_id = EXCLUDED.txn_id RETURNING dkey",
+    );
     // The claim's commit need not wait for the disk (see the module's comment).
     relaxed
         .fetch_all(&st)
@@ -193,14 +211,31 @@ async fn insert(
         .collect()
 }
 
-async fn run(backend: Backend, node: String, batch_max: usize, mut rx: mpsc::Receiver<Request>) {
+async fn run(
+    backend: Backend,
+    node: String,
+    batch_max: usize,
+    breaker: Arc<Breaker>,
+    mut rx: mpsc::Receiver<Request>,
+) {
     let mut relaxed = Relaxed::new(&backend);
     let mut batch: Vec<Request> = Vec::with_capacity(batch_max);
     while next_batch(&mut rx, &mut batch, batch_max).await {
-        let new = match insert(&mut relaxed, &node, &batch).await {
+        // While the journal cannot commit, nobody waits on a database that is not there.
+        let inserted = if breaker.is_open() {
+            Err(None)
+        } else {
+            insert(&mut relaxed, &node, &batch).await.map_err(Some)
+        };
+        let new = match inserted {
             Ok(new) => new,
             Err(e) => {
-                error!(error = %e, claims = batch.len(), "duplicate-key claims failed");
+                if let Some(e) = e {
+                    error!(error = %e, claims = batch.len(), "duplicate-key claims failed");
+                    if !is_data_error(&e) {
+                        breaker.trip("duplicate-key claims failed");
+                    }
+                }
                 for r in batch.drain(..) {
                     let _ = r.reply.send(Claim::Unavailable);
                 }

@@ -381,43 +381,60 @@ impl Relaxed {
         Ok(())
     }
 
-    /// Runs `st` (committed on its own); the rows it changed.
+    /// Runs `st` (committed on its own); the rows it changed. A statement that fails on a
+    /// connection kept from before (the server restarted since) is sent once more on a new
+    /// one: the statements of a relaxed session must be idempotent.
     ///
     /// # Errors
     /// Database errors.
     pub async fn execute(&mut self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
         match self {
             Self::Pg(pool, conn) => {
-                Self::pg(pool, conn).await?;
-                let Some(c) = conn.as_mut() else {
-                    return Err(sqlx::Error::PoolClosed);
-                };
-                let done = st.pg().execute(&mut *c).await;
-                if done.is_err() {
-                    *conn = None;
+                for fresh in [conn.is_none(), true] {
+                    Self::pg(pool, conn).await?;
+                    let Some(c) = conn.as_mut() else {
+                        return Err(sqlx::Error::PoolClosed);
+                    };
+                    match st.pg().execute(&mut *c).await {
+                        Ok(done) => return Ok(done.rows_affected()),
+                        Err(e) => {
+                            *conn = None;
+                            if fresh || !is_stale(&e) {
+                                return Err(e);
+                            }
+                        }
+                    }
                 }
-                Ok(done?.rows_affected())
+                Err(sqlx::Error::PoolClosed)
             }
             Self::Lite(p) => Ok(st.lite().execute(&*p).await?.rows_affected()),
         }
     }
 
-    /// Runs `st` (committed on its own); every row it returns.
+    /// Runs `st` (committed on its own); every row it returns. Sent once more on a new
+    /// connection as [`Relaxed::execute`].
     ///
     /// # Errors
     /// Database errors.
     pub async fn fetch_all(&mut self, st: &Statement<'_>) -> Result<Vec<DbRow>, sqlx::Error> {
         match self {
             Self::Pg(pool, conn) => {
-                Self::pg(pool, conn).await?;
-                let Some(c) = conn.as_mut() else {
-                    return Err(sqlx::Error::PoolClosed);
-                };
-                let done = st.pg().fetch_all(&mut *c).await;
-                if done.is_err() {
-                    *conn = None;
+                for fresh in [conn.is_none(), true] {
+                    Self::pg(pool, conn).await?;
+                    let Some(c) = conn.as_mut() else {
+                        return Err(sqlx::Error::PoolClosed);
+                    };
+                    match st.pg().fetch_all(&mut *c).await {
+                        Ok(rows) => return Ok(rows.into_iter().map(DbRow::Pg).collect()),
+                        Err(e) => {
+                            *conn = None;
+                            if fresh || !is_stale(&e) {
+                                return Err(e);
+                            }
+                        }
+                    }
                 }
-                Ok(done?.into_iter().map(DbRow::Pg).collect())
+                Err(sqlx::Error::PoolClosed)
             }
             Self::Lite(p) => Ok(st
                 .lite()
@@ -427,5 +444,17 @@ impl Relaxed {
                 .map(DbRow::Lite)
                 .collect()),
         }
+    }
+}
+
+/// Whether an error says the connection itself is gone (the server restarted or cut it), so
+/// that a new connection may succeed.
+fn is_stale(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        _ => false,
     }
 }

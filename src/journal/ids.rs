@@ -11,8 +11,19 @@ use sha2::Sha256;
 
 use super::now_us;
 
-/// Time-ordered ids, unique across nodes: milliseconds << 22 | node (10 bits) << 12 | sequence.
-/// Cheap to clone; clones share the sequence.
+/// The ids' epoch: 2026-01-01T00:00:00Z, in milliseconds since 1970.
+const EPOCH_MS: i64 = 1_767_225_600_000;
+/// Bits of the sequence within a millisecond.
+const SEQ_BITS: u32 = 11;
+/// Bits of the node number.
+const NODE_BITS: u32 = 10;
+const SEQ_MASK: i64 = (1 << SEQ_BITS) - 1;
+const TIME_SHIFT: u32 = SEQ_BITS + NODE_BITS;
+
+/// Time-ordered ids, unique across nodes by construction: milliseconds since 2026-01-01 (42
+/// bits: until the year 2165) << 21 | node number (10 bits, from the `nodes` table) << 11 |
+/// sequence (11 bits: 2,048 ids per millisecond; past that the next millisecond's are used).
+/// Always positive. Cheap to clone; clones share the sequence.
 #[derive(Debug, Clone)]
 pub(super) struct Ids {
     next: Arc<AtomicI64>,
@@ -20,23 +31,28 @@ pub(super) struct Ids {
 }
 
 impl Ids {
-    /// Ids for the node named `node` (its name hashed to 10 bits).
-    pub(super) fn new(node: &str) -> Self {
-        let node_hash = node
-            .bytes()
-            .fold(0i64, |h, b| (h * 31 + i64::from(b)) & 0x3FF);
+    /// Ids for node number `number` (0 to 1023).
+    pub(super) fn new(number: u16) -> Self {
         Self {
             next: Arc::new(AtomicI64::new(0)),
-            node_bits: node_hash << 12,
+            node_bits: (i64::from(number) & ((1 << NODE_BITS) - 1)) << SEQ_BITS,
         }
     }
 
     /// The next id: never below the current millisecond's, always above the last one.
     pub(super) fn next(&self) -> i64 {
-        let base = (now_us() / 1000) << 22 | self.node_bits;
+        let now_ms = (now_us() / 1000 - EPOCH_MS).max(0);
         let mut prev = self.next.load(Ordering::Relaxed);
         loop {
-            let next = base.max(prev + 1);
+            let prev_ms = prev >> TIME_SHIFT;
+            let next = if now_ms > prev_ms {
+                now_ms << TIME_SHIFT | self.node_bits
+            } else if prev & SEQ_MASK == SEQ_MASK {
+                // This millisecond's sequence is used up: the next one's.
+                (prev_ms + 1) << TIME_SHIFT | self.node_bits
+            } else {
+                prev + 1
+            };
             match self
                 .next
                 .compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed)
@@ -95,11 +111,30 @@ mod tests {
 
     #[test]
     fn ids_rise_and_carry_the_node() {
-        let ids = Ids::new("node-a");
+        let ids = Ids::new(5);
         let a = ids.next();
         let b = ids.clone().next();
-        assert!(b > a);
-        assert_eq!(a >> 12 & 0x3FF, ids.node_bits >> 12);
+        assert!(b > a && a > 0);
+        assert_eq!(a >> SEQ_BITS & 0x3FF, 5);
+        assert_eq!(b >> SEQ_BITS & 0x3FF, 5);
+    }
+
+    #[test]
+    fn a_used_up_millisecond_moves_on_without_touching_the_node_bits() {
+        let ids = Ids::new(1023);
+        let seen: Vec<i64> = (0..10_000).map(|_| ids.next()).collect();
+        assert!(seen.windows(2).all(|w| w[1] > w[0]));
+        assert!(seen.iter().all(|id| id >> SEQ_BITS & 0x3FF == 1023));
+        let other = Ids::new(1022);
+        let theirs: std::collections::HashSet<i64> = (0..10_000).map(|_| other.next()).collect();
+        assert!(seen.iter().all(|id| !theirs.contains(id)));
+    }
+
+    #[test]
+    fn ids_stay_positive_for_a_century() {
+        let in_2126_ms = 4_922_899_200_000_i64 - EPOCH_MS;
+        let id = in_2126_ms << TIME_SHIFT | 1023 << SEQ_BITS | SEQ_MASK;
+        assert!(id > 0);
     }
 
     #[test]

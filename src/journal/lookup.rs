@@ -116,7 +116,7 @@ impl Journal {
     /// The database cannot be read.
     pub async fn transaction_story(&self, id: i64) -> Result<Option<Value>, sqlx::Error> {
         let by_id = |sql: String| Statement::new(sql).bind(id);
-        let all = |sql: String| async move { self.backend.fetch_all(&by_id(sql)).await };
+        let all = |sql: String| async move { self.reader.fetch_all(&by_id(sql)).await };
         let rows = all(format!(
             "SELECT {} FROM transactions WHERE id = $1",
             columns()

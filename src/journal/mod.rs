@@ -33,19 +33,23 @@ use crate::state::TxnState;
 
 pub mod ahead;
 mod backend;
+mod breaker;
 mod change;
 pub mod claims;
 pub mod db;
 mod ids;
 mod keys;
 pub mod lookup;
+mod node;
 mod row;
 pub mod saf;
 mod secrets;
+mod spool;
 mod writer;
 
-pub use backend::Backend;
 pub(crate) use backend::{copy_end, copy_num, copy_text};
+pub use backend::{Backend, PoolLimits};
+pub use breaker::Breaker;
 pub use change::{Change, Committed, SafEntry, SafKind, SafProgress, SafState, StateChange};
 use db::Statement;
 use ids::{Ids, Keyer};
@@ -54,7 +58,7 @@ pub use row::{DecidedBy, Original, OriginalKeys, Row};
 use secrets::Secrets;
 pub use secrets::{reseal, Resealed};
 pub use writer::JournalStats;
-use writer::{Job, Writer};
+use writer::{Job, Writer, Written};
 
 /// `[journal]`.
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +92,21 @@ pub struct JournalSection {
     /// Write-ahead records of forwarded requests wait for the disk too (see [`ahead`]):
     /// they then survive a PostgreSQL crash as well, at the cost of a flush per batch.
     pub write_ahead_sync: bool,
+    /// Directory of the local spool: changes that could not be committed wait there, on this
+    /// node's disk, until the database takes them (one file per node name).
+    pub spool_dir: String,
+    /// Most megabytes the spool holds; at the cap, nothing more is forwarded.
+    pub spool_max_mb: u64,
+    /// Longest the hot path waits for a database connection, in milliseconds: a database that
+    /// is down is answered 96 this fast (and the breaker opens).
+    pub connect_timeout_ms: u64,
+    /// Longest one statement of the hot path (commits, claims, write-ahead records) may run,
+    /// in milliseconds: a database that stops answering fails the commit instead of hanging it.
+    pub statement_timeout_ms: u64,
+    /// Connections of the read path (operators' look-ups, reports), apart from the hot path's.
+    pub read_connections: u32,
+    /// Longest one statement of the read path may run, in milliseconds.
+    pub read_statement_timeout_ms: u64,
 }
 
 impl JournalSection {
@@ -116,6 +135,12 @@ impl Default for JournalSection {
             ephemeral_keys: false,
             duplicate_retention_s: 90_000,
             write_ahead_sync: false,
+            spool_dir: "spool".into(),
+            spool_max_mb: 256,
+            connect_timeout_ms: 1_000,
+            statement_timeout_ms: 5_000,
+            read_connections: 2,
+            read_statement_timeout_ms: 30_000,
         }
     }
 }
@@ -152,12 +177,17 @@ pub struct Journal {
     /// The writer's counters.
     pub stats: Arc<JournalStats>,
     backend: Backend,
+    /// The read path's pool (look-ups, reports): its own connections and statement limit.
+    reader: Backend,
     node: Arc<str>,
     sealer: Sealer,
     saf_queued: Arc<tokio::sync::Notify>,
     claims: claims::Claims,
     ahead: ahead::WriteAhead,
     retention: Duration,
+    breaker: Arc<Breaker>,
+    /// This node's registration (its lock is held while a handle lives).
+    _node: Arc<node::Registered>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -197,47 +227,96 @@ impl Journal {
     /// As [`Backend::connect`], and a PAN HMAC key that is not hex or shorter than 32 bytes.
     pub async fn start(config: &JournalSection, node: &str, tracker: &TaskTracker) -> Result<Self> {
         let secrets = Secrets::load(config)?;
-        let backend = Backend::connect(&config.url).await?;
+        let ms = Duration::from_millis;
+        let backend = Backend::connect_with(
+            &config.url,
+            PoolLimits {
+                connections: 4,
+                acquire: ms(config.connect_timeout_ms.max(1)),
+                statement: Some(ms(config.statement_timeout_ms.max(1))),
+            },
+            true,
+        )
+        .await?;
+        // Look-ups and reports never wait on (or hold up) the hot path's connections.
+        let reader = match &backend {
+            Backend::Sqlite(_) => backend.clone(),
+            Backend::Postgres(_) => {
+                Backend::connect_with(
+                    &config.url,
+                    PoolLimits {
+                        connections: config.read_connections.max(1),
+                        acquire: ms(5_000),
+                        statement: Some(ms(config.read_statement_timeout_ms.max(1))),
+                    },
+                    false,
+                )
+                .await?
+            }
+        };
         secrets.verify(&backend, node).await?;
         if config.ephemeral_keys {
             warn!("journal.ephemeral_keys: keys drawn for this process only; nothing sealed survives a restart");
         }
         let sealer = secrets.sealer.clone();
+        let spool = spool::Spool::open(
+            std::path::Path::new(&config.spool_dir),
+            node,
+            config.spool_max_mb.saturating_mul(1 << 20),
+        )?;
+        let breaker = Arc::new(Breaker::default());
+        let registered = node::register(&backend, node, tracker).await?;
+        let ids = Ids::new(registered.number);
         let (tx, rx) = mpsc::channel(config.batch_max.max(1) * 8);
         let stats = Arc::new(JournalStats::default());
         let saf_queued = Arc::new(tokio::sync::Notify::new());
-        let claims = claims::Claims::start(backend.clone(), node, config.batch_max.max(1), tracker);
+        let claims = claims::Claims::start(
+            backend.clone(),
+            node,
+            config.batch_max.max(1),
+            Arc::clone(&breaker),
+            tracker,
+        );
         let ahead = ahead::WriteAhead::start(
             backend.clone(),
             node,
             config.batch_max.max(1),
             config.write_ahead_sync,
+            Arc::clone(&breaker),
             tracker,
         );
         let journal = Self {
             tx,
             durable: config.mode == JournalMode::Durable,
             keyer: Keyer::new(&secrets.pan_hmac)?,
-            ids: Ids::new(node),
+            ids: ids.clone(),
             stats: Arc::clone(&stats),
             backend: backend.clone(),
+            reader,
             node: Arc::from(node),
             sealer,
             saf_queued: Arc::clone(&saf_queued),
             claims,
             ahead,
             retention: Duration::from_secs(config.duplicate_retention_s),
+            breaker: Arc::clone(&breaker),
+            _node: Arc::new(registered),
         };
-        let writer = Writer {
+        let mut writer = Writer {
             backend,
             node: node.to_owned(),
             batch_max: config.batch_max.max(1),
             delay: Duration::from_micros(config.batch_delay_us),
             stats,
             backlog: VecDeque::new(),
+            spool,
+            breaker,
+            ids,
             saf_queued,
             durable: config.mode == JournalMode::Durable,
         };
+        // What an earlier run could not write goes first, before recovery or traffic.
+        writer.replay_spool().await?;
         tracker.spawn(writer.run(rx));
         info!(durable = journal.durable, "journal ready");
         Ok(journal)
@@ -249,10 +328,22 @@ impl Journal {
         &self.backend
     }
 
+    /// The read path's database (operators' look-ups and reports).
+    #[must_use]
+    pub fn reader(&self) -> &Backend {
+        &self.reader
+    }
+
     /// Whether replies wait for the commit.
     #[must_use]
     pub fn is_durable(&self) -> bool {
         self.durable
+    }
+
+    /// The breaker: open while commits fail (nothing is then forwarded).
+    #[must_use]
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// The node name.
@@ -385,30 +476,65 @@ impl Journal {
     }
 
     /// Submits a change. Durable mode: waits for the commit. Async mode: returns once queued
-    /// (a conditional change waits for its commit in both modes: its outcome is needed).
+    /// (a conditional change waits for its commit in both modes: its outcome is needed). A
+    /// change whose commit failed is kept and written later; in durable mode as a 96 (see
+    /// [`Change::answered_unrecorded`]).
     pub async fn submit(&self, change: Change) -> Committed {
-        let failed = Committed {
-            ok: false,
-            applied: false,
-        };
+        match self.try_submit(change).await {
+            Ok(c) => c,
+            Err(mut change) => {
+                if self.durable {
+                    change.answered_unrecorded();
+                }
+                self.keep(*change).await;
+                Committed {
+                    ok: false,
+                    applied: false,
+                }
+            }
+        }
+    }
+
+    /// Submits a change as [`Journal::submit`]; a change whose commit failed comes back, for
+    /// the caller to [`Journal::keep`] as it must now be written.
+    ///
+    /// # Errors
+    /// The change, when it was not committed.
+    pub async fn try_submit(&self, change: Change) -> Result<Committed, Box<Change>> {
         if self.durable || change.conditional {
             let (tx, rx) = oneshot::channel();
-            if self
-                .tx
-                .send(Job::Change(Box::new(change), Some(tx)))
-                .await
-                .is_err()
-            {
-                return failed;
+            let job = Job::Change(Box::new(change), Some(tx));
+            if let Err(mpsc::error::SendError(job)) = self.tx.send(job).await {
+                // The writer is gone (shutting down).
+                return match job {
+                    Job::Change(c, _) | Job::Keep(c, _) => Err(c),
+                    Job::Flush(_) => Err(Box::default()),
+                };
             }
-            rx.await.unwrap_or(failed)
+            match rx.await {
+                Ok(Written::Done(c)) => Ok(c),
+                Ok(Written::Failed(c)) => Err(c),
+                Err(_) => Ok(Committed {
+                    ok: false,
+                    applied: false,
+                }),
+            }
         } else {
             let ok = self
                 .tx
                 .send(Job::Change(Box::new(change), None))
                 .await
                 .is_ok();
-            Committed { ok, applied: ok }
+            Ok(Committed { ok, applied: ok })
+        }
+    }
+
+    /// Keeps a change that could not be committed until it can: in the writer's backlog and
+    /// its spool on disk (returns once it is there).
+    pub async fn keep(&self, change: Change) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Job::Keep(Box::new(change), tx)).await.is_ok() {
+            let _ = rx.await;
         }
     }
 

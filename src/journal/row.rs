@@ -7,7 +7,8 @@ use super::db::Arg;
 use crate::state::TxnState;
 
 /// Who decided a transaction's response code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DecidedBy {
     /// The acquirer's reply.
     Acquirer,
@@ -36,8 +37,9 @@ impl DecidedBy {
     }
 }
 
-/// One journal row. Built by [`Journal::row`], which is where card data is masked and hashed.
-#[derive(Debug, Clone)]
+/// One journal row. Built by [`Journal::row`], which is where card data is masked and hashed
+/// (so a row, spooled as JSON, carries no card data in clear).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Row {
     pub(super) id: i64,
     pub(super) received_us: i64,
@@ -110,6 +112,36 @@ impl Row {
     #[must_use]
     pub fn decided_by(&self) -> DecidedBy {
         self.decided_by
+    }
+
+    /// The terminal was answered the journal's failure code (96) instead of this row's reply:
+    /// decided by the switch, no authorization code, nothing charged; a queued reversal of an
+    /// acquirer's approval leaves it pending reversal.
+    pub(super) fn answered_unrecorded(&mut self, reversal_queued: bool) {
+        cardswitch_routing::Failure::JournalUnavailable
+            .response_code()
+            .as_str()
+            .clone_into(&mut self.response_code);
+        self.decided_by = DecidedBy::Switch;
+        self.auth_code = None;
+        if reversal_queued {
+            self.state = TxnState::ReversalPending;
+        } else if self.state.is_charged() {
+            self.state = TxnState::Declined;
+        }
+    }
+
+    pub(super) fn auth_code(&self) -> Option<&str> {
+        self.auth_code.as_deref()
+    }
+
+    pub(super) fn reply_summary(&self) -> &str {
+        &self.reply_summary
+    }
+
+    /// Its reply summary, after the reply changed.
+    pub(crate) fn set_reply_summary(&mut self, dialect: &Dialect, reply: &Message) {
+        self.reply_summary = summary(dialect, reply);
     }
 }
 

@@ -354,7 +354,17 @@ impl Pipeline {
         let key = Dedup::key(listener, request);
         let hash = self.dedup.content_hash(request, Some(&pan));
         let is_reversal = class == MessageClass::Reversal;
-        let guard = match self.dedup.check(key, hash, txn_id, is_reversal).await {
+        // Nothing is asked of an acquirer while nothing can be recorded: only what this node
+        // knows of a copy is answered.
+        let offline = self.journal.is_durable() && self.journal.breaker().is_open();
+        let verdict = if offline {
+            self.dedup.check_offline(&key, &hash).await
+        } else {
+            self.dedup
+                .check(key.clone(), hash.clone(), txn_id, is_reversal)
+                .await
+        };
+        let guard = match verdict {
             Verdict::Go(guard) => guard,
             Verdict::Replay(decision) => {
                 self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -382,7 +392,16 @@ impl Pipeline {
                     TxnState::Duplicate,
                 ));
             }
-            Verdict::Unknown => return fail(Failure::JournalUnavailable),
+            Verdict::Unknown => {
+                // Its key goes with its row: a copy after recovery gets this 96 too. (Not for
+                // a reversal: its repeats must be heard once the journal is back.)
+                let mut o = Outcome::refused(request, Failure::JournalUnavailable)?;
+                if !is_reversal {
+                    o.unclaimed = Some((key, hash));
+                }
+                o.txn_id = Some(txn_id);
+                return Some(o);
+            }
         };
         let card = card::CardMessage {
             listener,

@@ -40,6 +40,9 @@ pub(super) struct Outcome {
     pub(super) change: Change,
     /// The claimed duplicate key.
     pub(super) guard: Option<Guard>,
+    /// The duplicate key and content hash of a request answered without a claim (the
+    /// database could not be asked): written with its row.
+    pub(super) unclaimed: Option<(String, String)>,
     /// An acquirer approval: reversed if it cannot be recorded.
     pub(super) reversal_if_unrecorded: Option<(Arc<Endpoint>, u32)>,
     /// The transaction id, once one was given.
@@ -67,6 +70,7 @@ impl Outcome {
             business_date: None,
             change: Change::default(),
             guard: None,
+            unclaimed: None,
             reversal_if_unrecorded: None,
             txn_id: None,
         }

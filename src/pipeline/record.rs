@@ -11,9 +11,8 @@ use cardswitch_routing::Failure;
 use super::outcome::Outcome;
 use super::{build, Pipeline};
 use crate::dedup::Decision;
-use crate::journal::{Change, SafKind, StateChange};
+use crate::journal::{Change, DecidedBy, SafKind, StateChange};
 use crate::settlement::{self, batch};
-use crate::state::TxnState;
 use crate::telemetry::Stage;
 
 /// When a message arrived and how long its decoding took.
@@ -63,6 +62,7 @@ impl Pipeline {
             batch::batch_of(request, self.batch_field),
         );
         let txn_id = row.id();
+        let is_reversal = super::MessageClass::of(request.mti()) == super::MessageClass::Reversal;
         let mut decision = Decision::of(&outcome.reply);
         let mut change = std::mem::take(&mut outcome.change);
         if outcome.endpoint.is_some() {
@@ -73,27 +73,73 @@ impl Pipeline {
         if let Some(g) = &outcome.guard {
             change.dedup_done = Some((g.key().to_owned(), decision.seal(&self.journal)));
         }
+        if let Some((key, hash)) = outcome.unclaimed.take() {
+            self.dedup.remember(&key, &hash, &decision);
+            change.dedup_unclaimed = Some((key, hash, txn_id, decision.seal(&self.journal)));
+        }
         let journal_started = Instant::now();
-        let committed = self.journal.submit(change).await;
+        let result = self.journal.try_submit(change).await;
         self.metrics
             .stage(Stage::Journal, journal_started.elapsed());
-        if !committed.ok && self.journal.is_durable() {
-            self.unrecorded(request, outcome, txn_id).await;
-            decision = Decision::of(&outcome.reply);
+        match result {
+            Ok(committed) if committed.ok || !self.journal.is_durable() => {}
+            Ok(_) => {
+                // The writer is gone: nothing will be written.
+                self.refuse_unrecorded(outcome);
+                decision = Decision::of(&outcome.reply);
+            }
+            Err(change) if outcome.decided_by == DecidedBy::Duplicate => {
+                // A copy answered with its first's decision: that decision stands (it is
+                // recorded already); only this copy's row waits for the database.
+                self.journal.keep(*change).await;
+            }
+            Err(mut change) if is_reversal && self.journal.is_durable() => {
+                // The reversal is kept and applied once the database is back: the terminal is
+                // told 96 now, and its repeat gets the acknowledgement (the decision stored).
+                self.refuse_unrecorded(outcome);
+                change.answered_unrecorded();
+                if let Some(row) = change.rows.iter_mut().find(|r| r.id() == txn_id) {
+                    row.set_reply_summary(dialect, &outcome.reply);
+                }
+                self.journal.keep(*change).await;
+            }
+            Err(mut change) => {
+                if self.journal.is_durable() {
+                    self.unrecorded(request, dialect, outcome, txn_id, &mut change);
+                    decision = Decision::of(&outcome.reply);
+                    if let Some(g) = &outcome.guard {
+                        // A copy is answered what this terminal is told.
+                        change.dedup_done =
+                            Some((g.key().to_owned(), decision.seal(&self.journal)));
+                    }
+                }
+                self.journal.keep(*change).await;
+            }
         }
         if let Some(g) = outcome.guard.take() {
             g.complete(&decision);
         }
     }
 
-    /// A durable commit failed: the terminal is not told of an approval that is not recorded,
-    /// and an acquirer's approval is reversed.
-    async fn unrecorded(&self, request: &Message, outcome: &mut Outcome, txn_id: i64) {
-        // Never approve what is not recorded; an acquirer's approval is reversed.
+    fn refuse_unrecorded(&self, outcome: &mut Outcome) {
         outcome
             .reply
             .set_response_code(Failure::JournalUnavailable.response_code());
         outcome.reply.remove(38);
+    }
+
+    /// A durable commit failed: the terminal is not told of an approval that is not recorded,
+    /// an acquirer's approval is reversed, and `change` becomes what must be written instead:
+    /// the 96, the reversal, no stand-in advice.
+    fn unrecorded(
+        &self,
+        request: &Message,
+        dialect: &Dialect,
+        outcome: &mut Outcome,
+        txn_id: i64,
+        change: &mut Change,
+    ) {
+        self.refuse_unrecorded(outcome);
         // Built only now: the hot path does not pay for it.
         let rev = outcome
             .reversal_if_unrecorded
@@ -107,21 +153,20 @@ impl Pipeline {
             });
         if let Some(rev) = rev {
             self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
-            self.journal
-                .submit_later(Change {
-                    saf: vec![rev],
-                    states: vec![StateChange {
-                        txn_id,
-                        to: Some(TxnState::ReversalPending),
-                        from: &[],
-                        amount_reversed_minor: None,
-                        upstream_stan: None,
-                        cause: "journal unavailable".into(),
-                        detail: Some("answered 96; acquirer approval reversed".into()),
-                    }],
-                    ..Change::default()
-                })
-                .await;
+            change.saf.push(rev);
+            change.states.push(StateChange {
+                txn_id,
+                to: None,
+                from: std::borrow::Cow::Borrowed(&[]),
+                amount_reversed_minor: None,
+                upstream_stan: None,
+                cause: "journal unavailable".into(),
+                detail: Some("answered 96; acquirer approval reversed".into()),
+            });
+        }
+        change.answered_unrecorded();
+        if let Some(row) = change.rows.iter_mut().find(|r| r.id() == txn_id) {
+            row.set_reply_summary(dialect, &outcome.reply);
         }
     }
 }

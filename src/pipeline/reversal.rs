@@ -101,7 +101,7 @@ impl Pipeline {
         outcome.change.states.push(StateChange {
             txn_id: original.id,
             to: Some(to),
-            from: TxnState::REVERSIBLE,
+            from: std::borrow::Cow::Borrowed(TxnState::REVERSIBLE),
             amount_reversed_minor: Some(total),
             upstream_stan: None,
             cause: "terminal reversal".into(),

@@ -34,7 +34,7 @@ impl Pipeline {
             change.states.push(StateChange {
                 txn_id: id,
                 to: None,
-                from: &[],
+                from: std::borrow::Cow::Borrowed(&[]),
                 amount_reversed_minor: None,
                 upstream_stan: None,
                 cause: "late reply".into(),

@@ -352,11 +352,19 @@ impl SwitchConfig {
     /// The minimal configuration: journal `journal_url` (empty: `DATABASE_URL`), endpoint `acq`
     /// with one link to `link`.
     pub fn new(journal_url: &str, link: impl std::fmt::Display) -> Self {
+        static SPOOLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let spool = std::env::temp_dir().join(format!(
+            "cardswitch-test-spool-{}-{}",
+            std::process::id(),
+            SPOOLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let spool = spool.display();
         let doc = toml::from_str(&format!(
             r#"
 [journal]
 url = "{journal_url}"
 ephemeral_keys = true
+spool_dir = "{spool}"
 [[listeners]]
 name = "pos"
 address = "127.0.0.1:0"
