@@ -3,9 +3,11 @@
 //! Transactions hand their row to the writer over a bounded channel. The writer takes every row
 //! already waiting (up to `batch_max`, optionally waiting `batch_delay_us` for more), writes them
 //! in one database transaction (rows by COPY on PostgreSQL), and then tells each waiting
-//! transaction the outcome. In durable mode a transaction replies only after that commit; when the commit
-//! fails it replies 96 instead, and its row is kept and written (as a 96, decided by the switch)
-//! once the database is back. In async mode the reply goes first and the row follows.
+//! transaction the outcome. In durable mode a transaction replies only after that commit; when the
+//! commit fails it replies 96 instead, the breaker opens (nothing more is forwarded), and what it
+//! must still write (its 96, the reversal of an acquirer's approval) is kept in the backlog and
+//! the spool until the database takes it (see [`writer`]). In async mode the reply goes first and
+//! the row follows: a crash loses what was not yet committed.
 //!
 //! Backends: PostgreSQL (`postgres://`), and SQLite (`sqlite://`) for a zero-setup start; the
 //! same portable migrations build both. Card data never reaches a row in clear: the PAN is
@@ -13,7 +15,8 @@
 //!
 //! Files: [`row`] (the row model and the one declaration of its columns), [`backend`] (the
 //! databases, the batch write, COPY), [`change`] (what one event writes), [`writer`] (group
-//! commit and the backlog), [`ids`] (transaction ids, keyed hashes); [`claims`] (duplicate-key
+//! commit and the backlog), [`breaker`], [`spool`], [`node`] (node numbers and their lock),
+//! [`ids`] (transaction ids, keyed hashes); [`claims`] (duplicate-key
 //! claims), [`saf`] (the store-and-forward queue), [`keys`] (stored HSM keys) and [`lookup`]
 //! (operators' look-ups) read and write their own tables.
 
@@ -255,6 +258,9 @@ impl Journal {
             }
         };
         secrets.verify(&backend, node).await?;
+        if config.mode == JournalMode::Async {
+            warn!("journal.mode = async: replies go before their commit; a crash of this node loses the changes not yet committed (durable mode does not)");
+        }
         if config.ephemeral_keys {
             warn!("journal.ephemeral_keys: keys drawn for this process only; nothing sealed survives a restart");
         }
@@ -314,6 +320,7 @@ impl Journal {
             ids,
             saf_queued,
             durable: config.mode == JournalMode::Durable,
+            next_probe: tokio::time::Instant::now(),
         };
         // What an earlier run could not write goes first, before recovery or traffic.
         writer.replay_spool().await?;

@@ -62,11 +62,6 @@ impl Spool {
         self.len
     }
 
-    /// Whether it reached its cap.
-    pub(super) fn is_full(&self) -> bool {
-        self.len >= self.cap
-    }
-
     /// The changes it holds, in order. A last line cut short by a crash mid-write is skipped
     /// (its change was not yet acknowledged to anyone).
     pub(super) fn load(&self) -> Result<Vec<Change>> {

@@ -62,8 +62,12 @@ pub struct JournalStats {
     pub dead_letters: AtomicU64,
 }
 
-/// How often the backlog (or a probe) is tried while commits fail.
+/// How often the writer wakes while commits fail.
 const RETRY: Duration = Duration::from_millis(200);
+/// How often the database is probed while commits fail, and how long a probe may take: the
+/// writer keeps answering (and spooling) in between.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
 
 type Waiter = oneshot::Sender<Written>;
 
@@ -81,6 +85,8 @@ pub(super) struct Writer {
     /// Told after each commit that queued store-and-forward entries.
     pub(super) saf_queued: Arc<tokio::sync::Notify>,
     pub(super) durable: bool,
+    /// While commits fail: when the database is probed next.
+    pub(super) next_probe: tokio::time::Instant,
 }
 
 /// What one turn of the writer took from its channel.
@@ -186,22 +192,19 @@ impl Writer {
                 let _ = a.send(());
             }
         }
-        if self.backlog.is_empty() {
-            if self.breaker.is_open()
-                && changes.is_empty()
-                && !self.spool.is_full()
-                && self.backend.probe().await.is_ok()
-            {
+        if (!self.backlog.is_empty() || self.breaker.is_open()) && self.database_back().await {
+            if self.backlog.is_empty() {
                 self.breaker.reset();
+            } else {
+                self.write_backlog().await;
             }
-        } else {
-            self.write_backlog().await;
         }
         if !changes.is_empty() {
-            if self.backlog.is_empty() {
+            if self.backlog.is_empty() && !self.breaker.is_open() {
                 self.commit_split(changes).await;
             } else {
-                // Behind the backlog: nothing is written out of order.
+                // Behind the backlog (nothing is written out of order), or with the database
+                // not back yet.
                 for (c, w) in changes {
                     self.failed(c, w);
                 }
@@ -210,6 +213,23 @@ impl Writer {
         for f in flushes {
             let _ = f.send(());
         }
+    }
+
+    /// While commits fail: whether a probe (at most one per [`PROBE_EVERY`], cut short after
+    /// [`PROBE_TIMEOUT`]) finds the database taking commits again.
+    async fn database_back(&mut self) -> bool {
+        if !self.breaker.is_open() {
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        if now < self.next_probe {
+            return false;
+        }
+        self.next_probe = now + PROBE_EVERY;
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, self.backend.probe()).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Commits a batch; a batch refused for what one of its changes holds is split until the
