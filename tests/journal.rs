@@ -245,7 +245,7 @@ async fn sqlite_journal_rows() {
 
 #[tokio::test]
 async fn durable_mode_answers_96_while_the_journal_is_down_and_recovers() {
-    let TestDb(url, _pool, _schema) = pg_schema("outage").await;
+    let TestDb(url, test_pool, _schema) = pg_schema("outage").await;
     let acq = acquirer().await;
     let sw = switch(&url, &acq, "durable").await;
     assert_eq!(exchange(&sw, &request(100, 1)).await, "00");
@@ -284,6 +284,20 @@ async fn durable_mode_answers_96_while_the_journal_is_down_and_recovers() {
         "00",
         "recovered by itself"
     );
+    // The acquirer's approval of the unrecorded one is reversed through store-and-forward.
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "the unrecorded approval reversed",
+        || async {
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM transactions WHERE stan = '000002'")
+                    .fetch_optional(&test_pool)
+                    .await
+                    .unwrap();
+            acq.ledger()[1].reversed && state.as_deref() == Some("reversed")
+        },
+    )
+    .await;
     let all = rows(sw.pipeline().journal().backend()).await;
     let got: Vec<(&str, &str, &str, &str)> = all
         .iter()
@@ -300,7 +314,7 @@ async fn durable_mode_answers_96_while_the_journal_is_down_and_recovers() {
         got,
         [
             ("000001", "00", "acquirer", "approved"),
-            ("000002", "96", "switch", "reversal_pending"),
+            ("000002", "96", "switch", "reversed"),
             ("000003", "96", "switch", "declined"),
             ("000004", "00", "acquirer", "approved")
         ],
