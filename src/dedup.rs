@@ -327,6 +327,32 @@ impl Dedup {
         }
     }
 
+    /// Fills the memory of recent decisions from the journal (the latest completed keys), so
+    /// that after a restart copies are still answered while the database cannot be asked.
+    pub(crate) async fn warm(&self) {
+        let st = crate::journal::db::Statement::new(
+            "SELECT dkey, content_hash, reply FROM dedup WHERE state = 'done' AND reply IS NOT NULL \
+             ORDER BY created_us DESC LIMIT 100000",
+        );
+        let Ok(rows) = self.journal.reader().fetch_all(&st).await else {
+            return;
+        };
+        let Ok(mut l) = self.local.lock() else {
+            return;
+        };
+        // Oldest first, so that the newest are kept longest.
+        for r in rows.iter().rev() {
+            let (Ok(key), Ok(hash), Ok(sealed)) =
+                (r.get::<String>(0), r.get::<String>(1), r.get::<String>(2))
+            else {
+                continue;
+            };
+            if let Some(d) = Decision::open(&self.journal, &sealed) {
+                l.remember(&key, &hash, &d);
+            }
+        }
+    }
+
     /// Remembers the decision a request got without a claim (the database could not be
     /// asked): copies on this node get it too.
     pub(crate) fn remember(&self, key: &str, hash: &str, decision: &Decision) {

@@ -183,6 +183,7 @@ impl Switch {
         // What an earlier run of this node forwarded without recording the outcome is
         // reversed before any terminal is heard.
         pipeline.recover().await?;
+        pipeline.warm_duplicates().await;
         let bound = bind_listeners(&config, &pipeline, &run).await?;
         let admin = match &cfg.admin {
             Some(a) => Some(

@@ -220,6 +220,12 @@ impl Pipeline {
         &self.endpoints
     }
 
+    /// Loads the latest duplicate decisions into memory (answers copies while the journal is
+    /// down, after a restart too).
+    pub async fn warm_duplicates(&self) {
+        self.dedup.warm().await;
+    }
+
     /// The journal.
     #[must_use]
     pub fn journal(&self) -> &Journal {
