@@ -113,6 +113,11 @@ pub struct ListenerConfig {
     /// Terminal keys: PIN translation and MAC verification.
     #[serde(default)]
     pub security: Option<crate::security::TerminalSecurityConfig>,
+    /// Whether the terminals take partial approvals: an acquirer's DE39 10 is relayed with the
+    /// approved DE4 (and DE6). When false (the default), a partial approval is reversed and the
+    /// terminal is declined 51.
+    #[serde(default)]
+    pub partial_approvals: bool,
 }
 
 const fn default_max_connections() -> usize {

@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cardswitch_codec::{Message, Pan};
+use cardswitch_codec::{Message, Pan, ResponseCode};
 use tokio::sync::watch;
 
 use crate::journal::claims::Claim;
@@ -28,12 +28,19 @@ pub(crate) const DECISION_FIELDS: &[u8] = &[38, 39, 44, 54, 55, 102, 103];
 pub(crate) struct Decision(Vec<(u8, Vec<u8>)>);
 
 impl Decision {
-    /// The decision carried by `reply`.
+    /// The decision carried by `reply`; a partial approval's includes the amounts approved
+    /// (DE4, DE6), which differ from the request's.
     #[must_use]
     pub(crate) fn of(reply: &Message) -> Self {
+        let amounts: &[u8] = if reply.response_code() == Some(ResponseCode::PARTIAL_APPROVAL) {
+            &[4, 6]
+        } else {
+            &[]
+        };
         Self(
             DECISION_FIELDS
                 .iter()
+                .chain(amounts)
                 .filter_map(|&f| reply.get(f).map(|v| (f, v.to_vec())))
                 .collect(),
         )
@@ -395,5 +402,26 @@ mod tests {
         assert_eq!(Decision::from_bytes(&d.to_bytes()), Some(d));
         assert_eq!(Decision::from_bytes(&[39, 0, 5, b'0']), None);
         assert_eq!(Decision::from_bytes(&[]), Some(Decision(vec![])));
+    }
+
+    #[test]
+    fn a_partial_approval_is_replayed_with_the_amount_approved() {
+        #![allow(clippy::unwrap_used)]
+        let mut request = Message::new(cardswitch_codec::Mti::new(*b"0200").unwrap());
+        request.set_amount(4_010);
+        request.set(11, b"000001");
+        let mut reply = request
+            .response_with(ResponseCode::PARTIAL_APPROVAL)
+            .unwrap();
+        reply.set_amount(2_005);
+        reply.set(38, b"A1B2C3");
+        let again = Decision::of(&reply).reply_to(&request).unwrap();
+        assert_eq!(
+            (again.amount(), again.auth_code()),
+            (Some(2_005), Some("A1B2C3"))
+        );
+        // A full approval carries no amount: the request's is echoed.
+        reply.set_response_code(ResponseCode::APPROVED);
+        assert!(Decision::of(&reply).0.iter().all(|(f, _)| *f != 4));
     }
 }

@@ -176,7 +176,13 @@ impl Switch {
             Pipeline::new(config.bins.clone(), endpoints, journal.clone())
                 .with_security(hsm, listener_security)
                 .with_fraud(config.fraud.clone())
-                .with_batch_field(cfg.settlement.batch_field),
+                .with_batch_field(cfg.settlement.batch_field)
+                .with_partial_approvals(
+                    cfg.listeners
+                        .iter()
+                        .filter(|l| l.partial_approvals)
+                        .map(|l| l.name.clone()),
+                ),
         );
         serve_endpoints(&pipeline, strays, &journal, &run);
         purge_duplicate_keys(journal.clone(), &run);

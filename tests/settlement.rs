@@ -24,17 +24,19 @@ use common::{acquirer, pg_schema, SwitchConfig, Terminal, TestDb};
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 const TOKEN: &str = "settlement-token-0123456789";
 
-async fn switch(url: &str, acq: &Acquirer) -> Switch {
+/// The settlement tests' switch: journal keys shared with the acquirer, admin side, fees.
+fn config(url: &str, acq: &Acquirer) -> SwitchConfig {
     acq.set_pan_hmac_key(&hex::decode(KEY).unwrap());
-    let sw = SwitchConfig::new(url, acq.local_addr())
+    SwitchConfig::new(url, acq.local_addr())
         .keys()
         .set("journal", "pan_hmac_key", KEY)
         .admin(TOKEN)
         .endpoint(None, "request_timeout_ms", 5000)
         .endpoint(Some("settlement"), "fee_rate", "0.0125")
-        .start()
-        .await;
-    sw
+}
+
+async fn switch(url: &str, acq: &Acquirer) -> Switch {
+    config(url, acq).start().await
 }
 
 /// A 0200 (purchase, or refund with `refund`) in batch `batch`.
@@ -880,5 +882,150 @@ fn the_embedded_journal_settles_and_reconciles_too() {
         sw.shutdown().await;
         acq.stop().await;
         let _ = std::fs::remove_dir_all(dir);
+    });
+}
+
+/// Partial approvals (DE39 10). On a listener that takes them the terminal gets the 10 with the
+/// approved DE4, and the journal, a copy of the request, the batch totals, the settlement report
+/// and reconciliation all carry the approved amount. On a listener that does not, the approval
+/// is reversed (for the amount approved) and the terminal declined 51.
+#[test]
+fn a_partial_approval_charges_what_the_acquirer_approved() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let TestDb(url, pool, _schema) = pg_schema("partial").await;
+        // The shipped rules: amounts ending in 10 are half approved.
+        let acq = acquirer(None).await;
+        let sw = config(&url, &acq)
+            .listener("partial_approvals", true)
+            .add_listener("pos-full-only", "")
+            .endpoint(Some("saf"), "initial_delay_ms", 0)
+            .endpoint(Some("saf"), "poll_ms", 100)
+            .start()
+            .await;
+        let mut takes = Terminal::connect(sw.listener_addrs()[0]).await;
+        let mut refuses = Terminal::connect(sw.listener_addrs()[1]).await;
+        let today = acq.business_date();
+
+        let a = sale(4_010, 1, "000000000701", "000011", false);
+        let first = takes.exchange(&a).await;
+        assert_eq!(rc(&first), "10");
+        assert_eq!(first.amount(), Some(2_005), "the approved amount");
+        assert!(first.auth_code().is_some());
+        // A copy gets the same answer, approved amount included, and is not charged again.
+        let copy = takes.exchange(&a).await;
+        assert_eq!(
+            (rc(&copy), copy.amount(), copy.auth_code()),
+            ("10".to_owned(), Some(2_005), first.auth_code())
+        );
+        let b = sale(1_000, 2, "000000000702", "000011", false);
+        assert_eq!(rc(&takes.exchange(&b).await), "00");
+
+        let c = sale(3_010, 1, "000000000703", "000012", false);
+        let declined = refuses.exchange(&c).await;
+        assert_eq!(rc(&declined), "51");
+        assert_eq!(declined.amount(), Some(3_010), "the request's amount, echoed");
+        assert!(declined.auth_code().is_none());
+        // Its approval is reversed at the acquirer, for what was approved.
+        common::eventually(Duration::from_secs(20), "the partial approval reversed", || {
+            let acq = &acq;
+            async move {
+                acq.ledger()
+                    .iter()
+                    .any(|e| e.rrn == "000000000703" && e.amount == 1_505 && e.reversed)
+            }
+        })
+        .await;
+        let rev = acq
+            .reversals()
+            .into_iter()
+            .find(|r| r.rrn == "000000000703")
+            .unwrap();
+        assert_eq!((rev.mti.as_str(), rev.amount, rev.found), ("0420", Some(1_505), true));
+        assert_eq!(acq.ledger().len(), 3, "the copy was not forwarded");
+
+        // The journal: approved beside requested.
+        sw.pipeline().journal().flush().await;
+        common::eventually(Duration::from_secs(10), "the refused one reversed", || {
+            let pool = &pool;
+            async move { common::state_of(pool, "000000000703", "0200").await == "reversed" }
+        })
+        .await;
+        type Amounts = (String, String, String, Option<i64>, Option<i64>);
+        let rows: Vec<Amounts> = sqlx::query_as(
+            "SELECT rrn, response_code, state, amount_minor, amount_requested_minor FROM transactions \
+             WHERE mti = '0200' AND decided_by <> 'duplicate' ORDER BY rrn",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let row = |rrn: &str, code: &str, state: &str, amount: i64, asked: i64| {
+            (
+                rrn.to_owned(),
+                code.to_owned(),
+                state.to_owned(),
+                Some(amount),
+                Some(asked),
+            )
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row("000000000701", "10", "approved", 2_005, 4_010),
+                row("000000000702", "00", "approved", 1_000, 1_000),
+                row("000000000703", "51", "reversed", 1_505, 3_010),
+            ]
+        );
+
+        // The terminal's batch totals count the approved amount.
+        let mine = Totals {
+            debits: 2,
+            debits_amount: 2_005 + 1_000,
+            ..Totals::default()
+        };
+        let reply = takes
+            .exchange(&settlement_request(b"0500", 3, "000011", &mine))
+            .await;
+        assert_eq!(rc(&reply), "00", "{:?}", Totals::read(&reply));
+
+        // The settlement report, and reconciliation against the acquirer's clearing file.
+        let admin = sw.admin_addr().unwrap();
+        let date = format_date(today);
+        let report = tokio::task::spawn_blocking(move || {
+            get_json(&format!(
+                "http://{admin}/api/settlement?date={date}&endpoint=acq"
+            ))
+        })
+        .await
+        .unwrap();
+        let purchases = report["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["type"] == "purchase")
+            .map(|l| (l["count"].as_u64(), l["amount_minor"].as_i64()))
+            .unwrap();
+        assert_eq!(purchases, (Some(2), Some(3_005)), "{report}");
+        let file = acq.clearing_file(today);
+        assert!(file
+            .iter()
+            .any(|r| r.rrn == "000000000701" && r.amount_minor == 2_005));
+        let path = write_file(&file);
+        let backend = sw.pipeline().journal().backend().clone();
+        let r = recon::reconcile(
+            &backend,
+            &recon::Request {
+                endpoint: "acq",
+                date: today,
+                file: &path,
+                late_days: 45,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.exceptions, vec![], "the approved amounts reconcile");
+        assert_eq!(r.counts.get("matched").copied(), Some(2));
+        sw.shutdown().await;
+        acq.stop().await;
+        let _ = std::fs::remove_file(path);
     });
 }

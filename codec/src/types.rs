@@ -157,6 +157,8 @@ impl ResponseCode {
     pub const APPROVED: Self = Self(*b"00");
     /// 05 do not honour.
     pub const DO_NOT_HONOUR: Self = Self(*b"05");
+    /// 10 partial approval (the approved amount is in DE4).
+    pub const PARTIAL_APPROVAL: Self = Self(*b"10");
     /// 12 invalid transaction.
     pub const INVALID_TRANSACTION: Self = Self(*b"12");
     /// 13 invalid amount.

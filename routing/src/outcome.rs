@@ -34,6 +34,11 @@ pub enum Failure {
     OutOfBalance,
     /// A transaction type the switch does not handle.
     Unsupported,
+    /// The acquirer approved part of the amount and the terminal's listener does not take
+    /// partial approvals: the approval is reversed and the terminal declined.
+    PartialNotAccepted,
+    /// The acquirer's reply cannot be relayed (a partial approval without a valid amount).
+    BadReply,
 }
 
 impl Failure {
@@ -52,6 +57,8 @@ impl Failure {
             Self::OriginalNotFound => ResponseCode::RECORD_NOT_FOUND,
             Self::OutOfBalance => ResponseCode::RECONCILE_ERROR,
             Self::Unsupported => ResponseCode::INVALID_TRANSACTION,
+            Self::PartialNotAccepted => ResponseCode::INSUFFICIENT_FUNDS,
+            Self::BadReply => ResponseCode::SYSTEM_MALFUNCTION,
         }
     }
 }
@@ -75,13 +82,15 @@ mod tests {
             Failure::BadPinBlock,
             Failure::BadMac,
             Failure::OutOfBalance,
+            Failure::PartialNotAccepted,
+            Failure::BadReply,
         ]
         .iter()
         .map(|f| f.response_code().to_string())
         .collect();
         assert_eq!(
             codes,
-            ["30", "14", "15", "91", "91", "96", "94", "25", "96", "55", "63", "95"]
+            ["30", "14", "15", "91", "91", "96", "94", "25", "96", "55", "63", "95", "51", "96"]
         );
     }
 }

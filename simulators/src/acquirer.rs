@@ -118,6 +118,10 @@ pub struct AmountRule {
     pub suffix: String,
     /// The response code.
     pub code: String,
+    /// With code 10 (partial approval): the percentage of DE4 approved, sent back as DE4 (and
+    /// DE6 in proportion); 50 when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approve_percent: Option<u8>,
 }
 
 /// Latency bounds in milliseconds.
@@ -173,6 +177,11 @@ impl Rules {
         }
         for r in &rules.amount_rules {
             anyhow::ensure!(
+                r.approve_percent.is_none_or(|p| (1..=100).contains(&p)),
+                "acquirer rules: approve_percent of suffix {:?} is not 1 to 100",
+                r.suffix
+            );
+            anyhow::ensure!(
                 r.suffix.len() == 2 && r.suffix.bytes().all(|b| b.is_ascii_digit()),
                 "acquirer rules: amount suffix {:?} is not two digits",
                 r.suffix
@@ -185,7 +194,8 @@ impl Rules {
         Ok(rules)
     }
 
-    /// The shipped default: approve, except amounts ending in 51 (51) and 05 (05).
+    /// The shipped default: approve, except amounts ending in 51 (51), 05 (05) and 10 (10, half
+    /// approved).
     ///
     /// # Panics
     /// Never: the shipped file is checked by the tests.
@@ -195,12 +205,17 @@ impl Rules {
         Self::from_toml(DEFAULT_RULES).expect("shipped acquirer rules parse")
     }
 
-    fn code_for(&self, msg: &Message) -> String {
+    /// The response code for `msg`, and the percentage of its amount a partial approval
+    /// approves.
+    fn code_for(&self, msg: &Message) -> (String, u8) {
         let suffix = msg.get(4).and_then(|a| a.get(a.len().saturating_sub(2)..));
         self.amount_rules
             .iter()
             .find(|r| Some(r.suffix.as_bytes()) == suffix)
-            .map_or_else(|| self.default_code.clone(), |r| r.code.clone())
+            .map_or_else(
+                || (self.default_code.clone(), 50),
+                |r| (r.code.clone(), r.approve_percent.unwrap_or(50)),
+            )
     }
 }
 
@@ -215,8 +230,10 @@ pub struct LedgerEntry {
     pub rrn: String,
     /// DE11 as the host received it.
     pub stan: String,
-    /// DE4 in minor units.
+    /// DE4 in minor units: as approved (part of the request's for a partial approval).
     pub amount: u64,
+    /// The request's DE4 in minor units.
+    pub requested: u64,
     /// DE49.
     pub currency: String,
     /// The response code sent.
@@ -248,6 +265,8 @@ pub struct ReversalSeen {
     pub original: Option<String>,
     /// DE37.
     pub rrn: String,
+    /// DE4 in minor units.
+    pub amount: Option<u64>,
     /// Whether it found its original.
     pub found: bool,
 }
@@ -320,6 +339,8 @@ impl Ledger {
 pub struct LedgerSummary {
     /// Keys with an approval standing (approved, not reversed).
     pub charged: std::collections::BTreeSet<(String, String)>,
+    /// What stands of each charged key, minor units (approved less partly reversed).
+    pub amounts: std::collections::BTreeMap<(String, String), u64>,
     /// Keys with more than one approval standing.
     pub double_charges: Vec<(String, String)>,
     /// Entries in all.
@@ -342,9 +363,10 @@ impl LedgerSummary {
                 out.reversed += 1;
             }
             if e.auth_code.is_some() && !e.reversed {
-                *standing
-                    .entry((e.terminal.clone(), e.rrn.clone()))
-                    .or_default() += 1;
+                let k = (e.terminal.clone(), e.rrn.clone());
+                *out.amounts.entry(k.clone()).or_default() +=
+                    e.amount.saturating_sub(e.amount_reversed);
+                *standing.entry(k).or_default() += 1;
             }
         }
         for (k, n) in standing {
@@ -972,6 +994,7 @@ impl State {
                             rrn: key.1,
                             stan: text(request, 11),
                             amount: request.amount().unwrap_or(0),
+                            requested: request.amount().unwrap_or(0),
                             currency: text(request, 49),
                             response_code: "00".into(),
                             auth_code: request.auth_code().map(str::to_owned),
@@ -983,12 +1006,22 @@ impl State {
                 }
             }
             1 | 2 => {
-                let code = if checked == Checked::BadPin {
-                    "55".to_owned()
+                let (code, percent) = if checked == Checked::BadPin {
+                    ("55".to_owned(), 0)
                 } else {
                     rules.code_for(request)
                 };
                 reply.set(39, code.as_bytes());
+                let mut amount = request.amount().unwrap_or(0);
+                if code == "10" {
+                    // A partial approval: part of DE4 (and of DE6) approved, sent back in them.
+                    let part = |a: u64| (a * u64::from(percent) / 100).max(1).min(a);
+                    amount = part(amount);
+                    reply.set_amount(amount);
+                    if let Some(billing) = request.get_str(6).and_then(|b| b.parse::<u64>().ok()) {
+                        reply.set(6, format!("{:012}", part(billing)).as_bytes());
+                    }
+                }
                 reply.set(15, self.settlement_mmdd().as_bytes());
                 let approved = ResponseCode::new(code.as_bytes().try_into().unwrap_or(*b"96"))
                     .is_some_and(|c| c.is_approved());
@@ -1001,7 +1034,7 @@ impl State {
                 if let Some(a) = &auth_code {
                     reply.set(38, a.as_bytes());
                 }
-                self.record(request, &code, auth_code);
+                self.record(request, &code, amount, auth_code);
             }
             // A reversal marks its original reversed (again: no change). An 0400 whose original
             // is unknown is answered 25; an 0420 is acknowledged whatever it finds.
@@ -1026,6 +1059,7 @@ impl State {
                         reason: request.get_str(39).map(str::to_owned),
                         original: request.get_str(90).map(str::to_owned),
                         rrn: text(request, 37),
+                        amount: request.amount(),
                         found: found.is_some(),
                     });
                 }
@@ -1064,6 +1098,7 @@ impl State {
             rrn: String::new(),
             stan: String::new(),
             amount: 0,
+            requested: 0,
             currency: String::new(),
             response_code: String::new(),
             auth_code: None,
@@ -1082,13 +1117,15 @@ impl State {
         }
     }
 
-    fn record(&self, request: &Message, code: &str, auth_code: Option<String>) {
+    /// Records a decision on `request`; `amount` is what was approved.
+    fn record(&self, request: &Message, code: &str, amount: u64, auth_code: Option<String>) {
         let entry = LedgerEntry {
             mti: request.mti().to_string(),
             terminal: text(request, 41),
             rrn: text(request, 37),
             stan: text(request, 11),
-            amount: request.amount().unwrap_or(0),
+            amount,
+            requested: request.amount().unwrap_or(0),
             currency: text(request, 49),
             response_code: code.to_owned(),
             auth_code,

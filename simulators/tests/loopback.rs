@@ -69,20 +69,29 @@ async fn closed_loop_every_request_answered_and_the_ledger_agrees() {
             (3000, 3000, 0, 0),
             "{dialect}"
         );
-        let approved_replies = report.response_codes.get("00").copied().unwrap_or(0);
+        let code = |c: &str| report.response_codes.get(c).copied().unwrap_or(0);
+        let approved_replies = code("00") + code("10");
         let ledger = acq.ledger();
         assert_eq!(ledger.len(), 3000, "{dialect}");
-        let approved_in_ledger = ledger.iter().filter(|e| e.response_code == "00").count() as u64;
+        let approved_in_ledger = ledger.iter().filter(|e| e.auth_code.is_some()).count() as u64;
         assert_eq!(approved_in_ledger, approved_replies, "{dialect}");
-        // Amounts ending 51 and 05 are declined with those codes, everything else approved.
+        // Amounts ending 51 and 05 are declined with those codes, those ending 10 approved for
+        // half, everything else approved.
         for e in &ledger {
-            let expected = match e.amount % 100 {
+            let expected = match e.requested % 100 {
                 51 => "51",
                 5 => "05",
+                10 => "10",
                 _ => "00",
             };
             assert_eq!(e.response_code, expected, "{e:?}");
-            assert_eq!(e.auth_code.is_some(), expected == "00");
+            assert_eq!(e.auth_code.is_some(), matches!(expected, "00" | "10"));
+            let approved = if expected == "10" {
+                e.requested / 2
+            } else {
+                e.requested
+            };
+            assert_eq!(e.amount, approved, "{e:?}");
         }
         acq.stop().await;
     }
@@ -258,7 +267,11 @@ async fn faults_on_command() {
 fn shipped_rules_parse_and_bad_rules_are_refused() {
     let rules = Rules::default_rules();
     assert_eq!(rules.default_code, "00");
-    assert_eq!(rules.amount_rules.len(), 2);
+    assert_eq!(rules.amount_rules.len(), 3);
+    assert!(Rules::from_toml(
+        "[[amount_rules]]\nsuffix = \"10\"\ncode = \"10\"\napprove_percent = 0"
+    )
+    .is_err());
     assert!(Rules::from_toml("default_code = \"000\"").is_err());
     assert!(Rules::from_toml("[[amount_rules]]\nsuffix = \"5\"\ncode = \"51\"").is_err());
     assert!(Rules::from_toml("defualt_code = \"00\"").is_err());

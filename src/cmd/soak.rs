@@ -14,7 +14,11 @@
 //! - the switch's journal: authorization and financial rows whose state still charges;
 //! - the terminals: answered approved and not reversed by the terminal.
 //!
-//! They must be the same sets, with no key charged twice anywhere.
+//! They must be the same sets, with the same amount standing for each key in all three, and no
+//! key charged twice anywhere. Amounts ending in 10 are approved in part by the acquirer (DE39
+//! 10, half the amount): half the terminals connect to a listener that takes partial approvals
+//! and count what was approved, the other half to one that does not, where the switch reverses
+//! them and declines (51).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;
@@ -310,6 +314,7 @@ async fn soak(args: &SoakArgs) -> Result<SoakReport> {
     })
     .await?;
     let port = free_port()?;
+    let port_full = free_port()?;
     let links = (0..4)
         .map(|_| format!("\"{}\"", acquirer.local_addr()))
         .collect::<Vec<_>>()
@@ -333,6 +338,10 @@ data_key = "{KEY}"
 [[listeners]]
 name = "pos"
 address = "127.0.0.1:{port}"
+partial_approvals = true
+[[listeners]]
+name = "pos-full"
+address = "127.0.0.1:{port_full}"
 [[endpoints]]
 name = "acq"
 links = [{links}]
@@ -361,6 +370,7 @@ endpoint = "acq"
     };
     switch.start()?;
     let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let target_full: SocketAddr = format!("127.0.0.1:{port_full}").parse()?;
     wait_listening(target, Duration::from_secs(20)).await?;
 
     let started = Instant::now();
@@ -372,7 +382,7 @@ endpoint = "acq"
         let dialect = dialect.clone();
         tasks.push(tokio::spawn(terminal(
             u32::try_from(i).unwrap_or(0) + 1,
-            target,
+            if i % 2 == 0 { target } else { target_full },
             dialect,
             interval,
             traffic_end,
@@ -436,7 +446,7 @@ endpoint = "acq"
     // The three views.
     let ledger = LedgerSummary::of(&acquirer.ledger());
     let journal = journal_charged(&backend).await?;
-    let mut terminals = BTreeSet::new();
+    let mut terminals = BTreeMap::new();
     let mut report = SoakReport {
         duration_s,
         restarts_at_s,
@@ -488,6 +498,7 @@ endpoint = "acq"
         .insert("acquirer".into(), ledger.charged.len());
     report.charged.insert("journal".into(), journal.0.len());
     report.charged.insert("terminals".into(), terminals.len());
+    let terminal_keys: Keys = terminals.keys().cloned().collect();
     let show = |k: &(String, String)| format!("{}/{}", k.0, k.1);
     let diff = |a: &BTreeSet<(String, String)>, b: &BTreeSet<(String, String)>| -> Vec<String> {
         a.difference(b).map(show).collect()
@@ -495,8 +506,12 @@ endpoint = "acq"
     for (name, d) in [
         ("acquirer not journal", diff(&ledger.charged, &journal.0)),
         ("journal not acquirer", diff(&journal.0, &ledger.charged)),
-        ("terminals not journal", diff(&terminals, &journal.0)),
-        ("journal not terminals", diff(&journal.0, &terminals)),
+        ("terminals not journal", diff(&terminal_keys, &journal.0)),
+        ("journal not terminals", diff(&journal.0, &terminal_keys)),
+        (
+            "amounts differ",
+            amounts_differ(&ledger.amounts, &journal.2, &terminals),
+        ),
     ] {
         if !d.is_empty() {
             report.differences.insert(name.into(), d);
@@ -505,6 +520,7 @@ endpoint = "acq"
     // What the journal holds of the first few differences, to see why.
     for keys in report.differences.values() {
         for key in keys.iter().take(3) {
+            let key = key.split_once(' ').map_or(key.as_str(), |(k, _)| k);
             let Some((terminal, rrn)) = key.split_once('/') else {
                 continue;
             };
@@ -594,26 +610,44 @@ async fn counts(backend: &Backend, sql: &str) -> Result<BTreeMap<String, i64>> {
 }
 
 type Keys = BTreeSet<(String, String)>;
+type Amounts = BTreeMap<(String, String), u64>;
 
-/// Authorization and financial rows whose state charges, and keys charged more than once.
-async fn journal_charged(backend: &Backend) -> Result<(Keys, Vec<(String, String)>)> {
-    let sql =
-        "SELECT terminal_id, rrn FROM transactions WHERE mti IN ('0100', '0101', '0200', '0201') \
+/// The keys charged in all three views whose amounts standing are not the same, each with
+/// the three amounts.
+fn amounts_differ(acquirer: &Amounts, journal: &Amounts, terminals: &Amounts) -> Vec<String> {
+    acquirer
+        .iter()
+        .filter_map(|(k, a)| {
+            let (j, t) = (journal.get(k)?, terminals.get(k)?);
+            (a != j || a != t)
+                .then(|| format!("{}/{} acquirer {a} journal {j} terminal {t}", k.0, k.1))
+        })
+        .collect()
+}
+
+/// Authorization and financial rows whose state charges, keys charged more than once, and
+/// the amount that stands of each.
+async fn journal_charged(backend: &Backend) -> Result<(Keys, Vec<(String, String)>, Amounts)> {
+    let sql = "SELECT terminal_id, rrn, \
+        CAST(COALESCE(amount_minor, 0) - COALESCE(amount_reversed_minor, 0) AS BIGINT) \
+        FROM transactions WHERE mti IN ('0100', '0101', '0200', '0201') \
         AND state IN ('approved', 'partially_reversed', 'advice_pending', 'advised')";
     let rows = backend
         .fetch_all(&Statement::new(sql))
         .await?
         .iter()
-        .map(|r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))
+        .map(|r| Ok(((r.get::<String>(0)?, r.get::<String>(1)?), r.get::<i64>(2)?)))
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let mut set = BTreeSet::new();
     let mut twice = Vec::new();
-    for k in rows {
+    let mut amounts = Amounts::new();
+    for (k, amount) in rows {
+        *amounts.entry(k.clone()).or_default() += u64::try_from(amount).unwrap_or(0);
         if !set.insert(k.clone()) {
             twice.push(k);
         }
     }
-    Ok((set, twice))
+    Ok((set, twice, amounts))
 }
 
 /// Set while the soak's PostgreSQL is stopped.
@@ -630,7 +664,8 @@ struct View {
     resends: u64,
     resend_mismatches: u64,
     unresolved: u64,
-    charged: BTreeSet<(String, String)>,
+    /// Keys approved and not reversed, with the amount approved.
+    charged: Amounts,
 }
 
 enum Sent {
@@ -800,8 +835,11 @@ async fn terminal(
                             if code == "96" && DB_DOWN.load(std::sync::atomic::Ordering::Relaxed) {
                                 view.outage_96 += 1;
                             }
-                            if code == "00" {
-                                view.charged.insert((terminal_id.clone(), rrn));
+                            if code == "00" || code == "10" {
+                                view.charged.insert(
+                                    (terminal_id.clone(), rrn),
+                                    reply.amount().unwrap_or(0),
+                                );
                                 if approved.len() < 64 {
                                     approved.push_back(req.clone());
                                 }
@@ -813,6 +851,7 @@ async fn terminal(
                         Sent::Resend(first) => {
                             if first.response_code() != reply.response_code()
                                 || first.auth_code() != reply.auth_code()
+                                || first.amount() != reply.amount()
                             {
                                 view.resend_mismatches += 1;
                                 if view.resend_mismatches <= 3 {

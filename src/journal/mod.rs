@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
-use cardswitch_codec::{Dialect, Message, Pan};
+use cardswitch_codec::{Dialect, Message, Pan, ResponseCode};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -443,7 +443,13 @@ impl Journal {
             merchant_id: text(request, 42),
             pan_masked: pan.as_ref().map(|p| p.masked().to_string()),
             pan_hmac: pan_hmac.or_else(|| pan.as_ref().map(|p| self.pan_hmac(p))),
-            amount_minor: request.amount().and_then(|a| i64::try_from(a).ok()),
+            amount_minor: if reply.response_code() == Some(ResponseCode::PARTIAL_APPROVAL) {
+                reply.amount()
+            } else {
+                request.amount()
+            }
+            .and_then(|a| i64::try_from(a).ok()),
+            amount_requested_minor: request.amount().and_then(|a| i64::try_from(a).ok()),
             currency: text(request, 49),
             route: None,
             endpoint: None,

@@ -53,7 +53,12 @@ pub struct Row {
     pub(super) merchant_id: Option<String>,
     pub(super) pan_masked: Option<String>,
     pub(super) pan_hmac: Option<String>,
+    /// DE4 as approved, minor units: the acquirer's DE4 of a partial approval (DE39 10), else
+    /// the request's.
     pub(super) amount_minor: Option<i64>,
+    /// DE4 as the terminal asked, minor units.
+    #[serde(default)]
+    pub(super) amount_requested_minor: Option<i64>,
     pub(super) currency: Option<String>,
     /// The matching account range.
     pub route: Option<String>,
@@ -139,6 +144,12 @@ impl Row {
         &self.reply_summary
     }
 
+    /// The amount the acquirer approved, when the terminal was told something else (a partial
+    /// approval reversed because the terminal does not take them).
+    pub(crate) fn set_amount_approved(&mut self, minor: u64) {
+        self.amount_minor = i64::try_from(minor).ok();
+    }
+
     /// Its reply summary, after the reply changed.
     pub(crate) fn set_reply_summary(&mut self, dialect: &Dialect, reply: &Message) {
         self.reply_summary = summary(dialect, reply);
@@ -222,7 +233,7 @@ const fn int(name: &'static str, shown: bool, value: Read) -> Column {
 
 /// The `transactions` columns a row writes, in order: the one declaration that COPY, the
 /// SQLite insert and the look-ups use.
-pub(super) const COLUMNS: [Column; 35] = [
+pub(super) const COLUMNS: [Column; 36] = [
     int("id", true, |r, _| Arg::Int(Some(r.id))),
     text("node", true, |_, node| Arg::Text(Some(node))),
     int("received_us", true, |r, _| Arg::Int(Some(r.received_us))),
@@ -247,6 +258,9 @@ pub(super) const COLUMNS: [Column; 35] = [
     }),
     text("pan_hmac", false, |r, _| Arg::Text(r.pan_hmac.as_deref())),
     int("amount_minor", true, |r, _| Arg::Int(r.amount_minor)),
+    int("amount_requested_minor", true, |r, _| {
+        Arg::Int(r.amount_requested_minor)
+    }),
     text("currency", true, |r, _| Arg::Text(r.currency.as_deref())),
     text("route", true, |r, _| Arg::Text(r.route.as_deref())),
     text("endpoint", true, |r, _| Arg::Text(r.endpoint.as_deref())),
@@ -322,6 +336,6 @@ mod tests {
             .collect();
         assert_eq!(hidden, ["pan_hmac", "acquirer_inst"]);
         let ints = COLUMNS.iter().filter(|c| c.int).count();
-        assert_eq!(ints, 9);
+        assert_eq!(ints, 10);
     }
 }

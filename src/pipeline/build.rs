@@ -63,6 +63,41 @@ pub(super) fn auto_reversal(
     m
 }
 
+/// What a partial approval (DE39 10) approved: the acquirer's DE4 in minor units, and its DE6
+/// (cardholder billing amount) when it sent one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Partial {
+    pub(super) amount: u64,
+    billing: Option<Vec<u8>>,
+}
+
+impl Partial {
+    /// The partial approval `reply` gives `request`: `Ok(None)` when it is not one, `Err(())`
+    /// when it is one the switch cannot relay (no DE4, zero, or more than was asked).
+    pub(super) fn of(request: &Message, reply: &Message) -> Result<Option<Self>, ()> {
+        if reply.response_code() != Some(ResponseCode::PARTIAL_APPROVAL) {
+            return Ok(None);
+        }
+        let asked = request.amount().ok_or(())?;
+        match reply.amount() {
+            Some(amount) if amount > 0 && amount <= asked => Ok(Some(Self {
+                amount,
+                billing: reply.get(6).map(<[u8]>::to_vec),
+            })),
+            _ => Err(()),
+        }
+    }
+
+    /// Sets the approved amounts on `m`: the terminal's reply, or the reversal of the approval
+    /// (which reverses what the acquirer approved, not what was asked).
+    pub(super) fn apply(&self, m: &mut Message) {
+        m.set_amount(self.amount);
+        if let Some(b) = &self.billing {
+            m.set(6, b);
+        }
+    }
+}
+
 /// What the write-ahead record keeps of a request: the card number in DE2, no track, PIN
 /// block, chip data or MAC.
 pub(super) fn kept_request(request: &Message, pan: &Pan) -> Message {
@@ -140,6 +175,12 @@ pub(super) fn outgoing_reversal(
         original.transmission_time.as_deref(),
     ) {
         out.set(90, de90(&original.mti, stan, de7, sent_ids).as_bytes());
+    }
+    // A partial approval's reversal names what the acquirer approved (journaled as its amount).
+    if original.response_code == ResponseCode::PARTIAL_APPROVAL.as_str() {
+        if let Some(a) = original.amount_minor.and_then(|a| u64::try_from(a).ok()) {
+            out.set_amount(a);
+        }
     }
     for f in [35, 45, 52, 55] {
         out.remove(f);
@@ -235,6 +276,68 @@ mod tests {
             pan_hmac: None,
             response_code: "00".into(),
         }
+    }
+
+    #[test]
+    fn a_partial_approval_carries_an_amount_above_zero_and_not_above_the_request() {
+        let req = purchase();
+        let reply_with = |code: &[u8], amount: Option<&[u8]>| {
+            let mut r = req.response().unwrap();
+            r.set(39, code);
+            match amount {
+                Some(a) => r.set(4, a),
+                None => {
+                    r.remove(4);
+                }
+            }
+            r
+        };
+        // Not a partial approval: nothing to do, whatever DE4 says.
+        assert_eq!(
+            Partial::of(&req, &reply_with(b"00", Some(b"000000000400"))),
+            Ok(None)
+        );
+        let p = Partial::of(&req, &reply_with(b"10", Some(b"000000000400")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.amount, 400);
+        // All of it is still a partial approval to relay; none, zero or more is not.
+        assert!(Partial::of(&req, &reply_with(b"10", Some(b"000000001000")))
+            .unwrap()
+            .is_some());
+        for bad in [None, Some(&b"000000000000"[..]), Some(b"000000001001")] {
+            assert_eq!(
+                Partial::of(&req, &reply_with(b"10", bad)),
+                Err(()),
+                "{bad:?}"
+            );
+        }
+        // Applied: DE4 and DE6 as the acquirer approved them.
+        let mut with_billing = reply_with(b"10", Some(b"000000000400"));
+        with_billing.set(6, b"000000000333");
+        let p = Partial::of(&req, &with_billing).unwrap().unwrap();
+        let mut rev = auto_reversal(&req, req.pan().as_ref(), 7, (None, None));
+        p.apply(&mut rev);
+        assert_eq!(rev.amount(), Some(400));
+        assert_eq!(rev.get_str(6), Some("000000000333"));
+    }
+
+    #[test]
+    fn the_reversal_of_a_partial_approval_names_the_approved_amount() {
+        let mut reversal = purchase();
+        reversal.set_mti(Mti::REVERSAL_REQUEST);
+        let mut original = unknown_original();
+        original.amount_minor = Some(400);
+        assert_eq!(
+            outgoing_reversal(&reversal, &original, (None, None)).amount(),
+            Some(1000),
+            "a full approval: the terminal's DE4"
+        );
+        original.response_code = "10".into();
+        assert_eq!(
+            outgoing_reversal(&reversal, &original, (None, None)).amount(),
+            Some(400)
+        );
     }
 
     #[test]

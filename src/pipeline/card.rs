@@ -209,12 +209,34 @@ impl Pipeline {
                         .get_str(15)
                         .and_then(|d| settlement::resolve_mmdd(d, sent_day))
                         .unwrap_or(sent_day);
-                    let reply = Endpoint::relay(request, &reply)?;
-                    let state = build::state_of(&reply);
-                    let mut o = Outcome::new(reply, DecidedBy::Acquirer, state);
-                    if state == TxnState::Approved {
-                        o.reversal_if_unrecorded = Some((Arc::clone(endpoint), stan));
-                    }
+                    let partial = build::Partial::of(request, &reply);
+                    let mut relayed = Endpoint::relay(request, &reply)?;
+                    let mut o = match partial {
+                        Ok(Some(p)) if !self.partial_approvals.contains(listener) => self
+                            .refuse_approval(
+                                card,
+                                endpoint,
+                                stan,
+                                Some(p),
+                                Failure::PartialNotAccepted,
+                            )?,
+                        Err(()) => {
+                            warn!(endpoint = %name, "partial approval without a valid DE4: reversed");
+                            self.refuse_approval(card, endpoint, stan, None, Failure::BadReply)?
+                        }
+                        Ok(partial) => {
+                            if let Some(p) = &partial {
+                                p.apply(&mut relayed);
+                            }
+                            let state = build::state_of(&relayed);
+                            let mut o = Outcome::new(relayed, DecidedBy::Acquirer, state);
+                            if state == TxnState::Approved {
+                                o.reversal_if_unrecorded = Some((Arc::clone(endpoint), stan));
+                            }
+                            o.partial = partial;
+                            o
+                        }
+                    };
                     o.link = Some(link);
                     o.upstream_stan = Some(stan);
                     o.business_date = Some(day);
@@ -339,6 +361,45 @@ impl Pipeline {
         self.counters
             .stand_in_approvals
             .fetch_add(1, Ordering::Relaxed);
+        Some(o)
+    }
+
+    /// An acquirer's approval the terminal is not given (a partial approval its listener does
+    /// not take, or one without a valid amount): reversed through store-and-forward (0420 68,
+    /// the approved amount) and the terminal answered the code of `why`.
+    fn refuse_approval(
+        &self,
+        card: &CardMessage<'_>,
+        endpoint: &Endpoint,
+        stan: u32,
+        partial: Option<build::Partial>,
+        why: Failure,
+    ) -> Option<Outcome> {
+        let CardMessage {
+            request,
+            txn_id,
+            pan,
+            ..
+        } = *card;
+        let mut rev = build::auto_reversal(request, Some(pan), stan, endpoint.sent_ids(request));
+        if let Some(p) = &partial {
+            p.apply(&mut rev);
+        }
+        let entry = self.saf_entry(
+            endpoint,
+            SafKind::Reversal,
+            &rev,
+            Some(txn_id),
+            Some(self.journal.pan_hmac(pan)),
+        );
+        self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+        let mut o = Outcome::new(
+            request.response_with(why.response_code())?,
+            DecidedBy::Switch,
+            TxnState::ReversalPending,
+        );
+        o.change.saf.extend(entry);
+        o.partial = partial;
         Some(o)
     }
 

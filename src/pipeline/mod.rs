@@ -144,6 +144,8 @@ pub struct Pipeline {
     fraud: Option<Arc<FraudRules>>,
     /// The field terminals carry their batch number in.
     batch_field: u8,
+    /// The listeners whose terminals take partial approvals (DE39 10 with the approved DE4).
+    partial_approvals: std::collections::HashSet<String>,
 }
 
 impl Pipeline {
@@ -167,6 +169,7 @@ impl Pipeline {
             metrics: PipelineMetrics::default(),
             fraud: None,
             batch_field: 60,
+            partial_approvals: std::collections::HashSet::new(),
         }
     }
 
@@ -174,6 +177,14 @@ impl Pipeline {
     #[must_use]
     pub fn with_batch_field(mut self, field: u8) -> Self {
         self.batch_field = field;
+        self
+    }
+
+    /// Names the listeners whose terminals take partial approvals; on the others a partial
+    /// approval is reversed and the terminal declined (51).
+    #[must_use]
+    pub fn with_partial_approvals(mut self, listeners: impl IntoIterator<Item = String>) -> Self {
+        self.partial_approvals = listeners.into_iter().collect();
         self
     }
 

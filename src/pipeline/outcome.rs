@@ -6,6 +6,7 @@ use std::time::Duration;
 use cardswitch_codec::Message;
 use cardswitch_routing::Failure;
 
+use super::build::Partial;
 use crate::dedup::Guard;
 use crate::journal::{Change, DecidedBy, Row};
 use crate::settlement;
@@ -45,6 +46,8 @@ pub(super) struct Outcome {
     pub(super) unclaimed: Option<(String, String)>,
     /// An acquirer approval: reversed if it cannot be recorded.
     pub(super) reversal_if_unrecorded: Option<(Arc<Endpoint>, u32)>,
+    /// What a partial approval approved (the amount journaled, and reversed if need be).
+    pub(super) partial: Option<Partial>,
     /// The transaction id, once one was given.
     pub(super) txn_id: Option<i64>,
 }
@@ -72,6 +75,7 @@ impl Outcome {
             guard: None,
             unclaimed: None,
             reversal_if_unrecorded: None,
+            partial: None,
             txn_id: None,
         }
     }
@@ -109,6 +113,9 @@ impl Outcome {
         row.fraud = self.fraud.take();
         row.business_date = Some(settlement::format_date(business_date));
         row.batch_number = batch_number;
+        if let Some(p) = &self.partial {
+            row.set_amount_approved(p.amount);
+        }
         if let Some(id) = self.txn_id {
             row.set_id(id);
         }

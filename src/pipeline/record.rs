@@ -146,8 +146,11 @@ impl Pipeline {
             .take()
             .and_then(|(endpoint, stan)| {
                 let pan = build::card_pan(request);
-                let msg =
+                let mut msg =
                     build::auto_reversal(request, pan.as_ref(), stan, endpoint.sent_ids(request));
+                if let Some(p) = &outcome.partial {
+                    p.apply(&mut msg);
+                }
                 let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
                 self.saf_entry(&endpoint, SafKind::Reversal, &msg, Some(txn_id), order_key)
             });

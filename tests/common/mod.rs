@@ -464,6 +464,18 @@ endpoint = "acq"
         self
     }
 
+    /// One more listener, `name` on a free loopback port, with these settings (a TOML fragment).
+    pub fn add_listener(mut self, name: &str, fragment: &str) -> Self {
+        let mut l: toml::Table = toml::from_str(fragment).unwrap();
+        l.insert("name".into(), name.into());
+        l.insert("address".into(), "127.0.0.1:0".into());
+        self.doc["listeners"]
+            .as_array_mut()
+            .unwrap()
+            .push(toml::Value::Table(l));
+        self
+    }
+
     /// Routes one more card range to the endpoint.
     pub fn route(self, prefix: &str) -> Self {
         self.route_to(prefix, "acq", None)
