@@ -14,6 +14,7 @@ use cardswitch_codec::{sample, Message};
 use cardswitch_simulators::acquirer::Faults;
 use cardswitch_simulators::{Acquirer, Rules};
 use sqlx::Row as _;
+use std::time::Duration;
 
 mod common;
 
@@ -451,4 +452,108 @@ async fn sqlite_saf_queue_keeps_each_cards_order() {
     let (url, path) = sqlite_url("safq");
     saf_queue_keeps_each_cards_order(&url).await;
     let _ = std::fs::remove_file(path);
+}
+
+/// Operators' look-ups and reports have a pool of their own: a dozen of them running without
+/// pause over a large journal, during traffic, never hold up a claim or a commit: every
+/// request is approved (on one shared pool some wait past their deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_look_ups_during_traffic_cost_no_96() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    const TOKEN: &str = "look-up-token-0123456789";
+    let TestDb(url, pool, _schema) = pg_schema("heavy_lookups").await;
+    let acq = acquirer().await;
+    let sw = SwitchConfig::new(&url, acq.local_addr())
+        .keys()
+        .admin(TOKEN)
+        .start()
+        .await;
+    // 300,000 rows on a date of their own for the settlement report to add up.
+    sqlx::query(
+        "INSERT INTO transactions (id, node, received_us, listener, mti, processing_code, \
+         response_code, decided_by, request_summary, reply_summary, t_total_us, state, \
+         endpoint, business_date, amount_minor, currency) \
+         SELECT -g, 'old', 0, 'pos', '0200', '000000', '00', 'acquirer', '{}', '{}', 0, \
+         'approved', 'acq', '2000-01-01', g % 1000, '826' FROM generate_series(1, 300000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE transactions")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let admin = sw.admin_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut lookups = Vec::new();
+    for i in 0..12 {
+        let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
+        lookups.push(std::thread::spawn(move || {
+            let url = if i % 2 == 0 {
+                format!("http://{admin}/api/settlement?date=2000-01-01")
+            } else {
+                format!("http://{admin}/api/transactions?terminal=T0000001&limit=200")
+            };
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let status = ureq::get(&url)
+                    .header("Authorization", &format!("Bearer {TOKEN}"))
+                    .call()
+                    .map_or_else(|e| format!("{e}"), |r| r.status().to_string());
+                statuses.push(status);
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            statuses
+        }));
+    }
+    // The look-ups are under way before the traffic starts.
+    common::eventually(Duration::from_secs(30), "look-ups answered", || {
+        let done = Arc::clone(&done);
+        async move { done.load(Ordering::Relaxed) >= 12 }
+    })
+    .await;
+    let before = done.load(Ordering::Relaxed);
+
+    // Four terminals, 100 requests each, while the look-ups go on.
+    let mut terminals = Vec::new();
+    for t in 0..4u32 {
+        let addr = sw.listener_addrs()[0];
+        terminals.push(tokio::spawn(async move {
+            let mut term = Terminal::connect(addr).await;
+            let mut codes = Vec::new();
+            for n in 0..100u32 {
+                let mut m = request(1_000, t * 1_000 + n + 1);
+                m.set(37, format!("{:012}", t * 1_000 + n + 1).as_bytes());
+                codes.push(term.code(&m).await);
+            }
+            codes
+        }));
+    }
+    let mut codes = std::collections::BTreeMap::<String, u32>::new();
+    for t in terminals {
+        for c in t.await.unwrap() {
+            *codes.entry(c).or_default() += 1;
+        }
+    }
+    let during = done.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    let mut statuses = std::collections::BTreeMap::<String, u32>::new();
+    for l in lookups {
+        for s in l.join().unwrap() {
+            *statuses.entry(s).or_default() += 1;
+        }
+    }
+    assert_eq!(codes.get("00"), Some(&400), "{codes:?}");
+    assert!(
+        during > 0,
+        "the look-ups ran during the traffic: {statuses:?}"
+    );
+    assert_eq!(statuses.len(), 1, "every look-up answered: {statuses:?}");
+    assert!(statuses.contains_key("200 OK"), "{statuses:?}");
+    sw.shutdown().await;
+    acq.stop().await;
 }
