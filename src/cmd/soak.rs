@@ -85,6 +85,10 @@ pub(crate) struct SoakArgs {
     /// requests meanwhile are answered 96 and nothing is forwarded).
     #[arg(long)]
     pub(crate) db_outage: Option<f64>,
+    /// The switch's `journal.mode`: `durable` (replies after their commit) or `async` (replies
+    /// first; a kill then loses what was not committed, which the report counts).
+    #[arg(long, default_value = "durable", value_parser = ["durable", "async"])]
+    pub(crate) journal_mode: String,
     /// Acquirer faults in percent: requests dropped.
     #[arg(long, default_value_t = 5.0)]
     pub(crate) drop: f64,
@@ -323,6 +327,7 @@ async fn soak(args: &SoakArgs) -> Result<SoakReport> {
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("switch.toml");
     let spool = dir.join("spool").display().to_string();
+    let mode = &args.journal_mode;
     std::fs::write(
         &config,
         format!(
@@ -332,6 +337,7 @@ node = "soak"
 shutdown_grace_ms = 5000
 [journal]
 url = "{url}"
+mode = "{mode}"
 spool_dir = "{spool}"
 pan_hmac_key = "{KEY}"
 data_key = "{KEY}"
