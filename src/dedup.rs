@@ -227,26 +227,8 @@ impl Dedup {
         may_take_over: bool,
     ) -> Verdict {
         // A copy of a request in flight on this node waits for it here.
-        let waiting = {
-            let Ok(mut l) = self.local.lock() else {
-                return Verdict::Unknown;
-            };
-            match l.in_flight.get(&key) {
-                Some((h, _)) if *h != hash => return Verdict::Conflict,
-                Some((_, tx)) => Some(tx.subscribe()),
-                None => {
-                    let (tx, _) = watch::channel(None);
-                    l.in_flight.insert(key.clone(), (hash.clone(), tx));
-                    None
-                }
-            }
-        };
-        if let Some(mut rx) = waiting {
-            let done = tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await;
-            return match done {
-                Ok(Ok(d)) => d.clone().map_or(Verdict::Stuck, Verdict::Replay),
-                _ => Verdict::Stuck,
-            };
+        if let Some(v) = self.in_flight_here(&key, &hash, true).await {
+            return v;
         }
         let guard = Guard {
             key: key.clone(),
@@ -302,24 +284,37 @@ impl Dedup {
     /// for it, a copy of one completed here lately gets its decision; anything else is
     /// `Unknown`. Claims nothing.
     pub(crate) async fn check_offline(&self, key: &str, hash: &str) -> Verdict {
-        let waiting = {
-            let Ok(l) = self.local.lock() else {
-                return Verdict::Unknown;
+        match self.in_flight_here(key, hash, false).await {
+            Some(v) => v,
+            None => self.recalled(key, hash),
+        }
+    }
+
+    /// What a request in flight on this node with the same key says of this one: a conflict
+    /// (other content), or its decision once it has one (waited for, at most the wait).
+    /// `None` when none is in flight; with `enter`, this one is then entered as in flight.
+    async fn in_flight_here(&self, key: &str, hash: &str, enter: bool) -> Option<Verdict> {
+        let mut rx = {
+            let Ok(mut l) = self.local.lock() else {
+                return Some(Verdict::Unknown);
             };
             match l.in_flight.get(key) {
-                Some((h, _)) if h != hash => return Verdict::Conflict,
-                Some((_, tx)) => Some(tx.subscribe()),
-                None => None,
+                Some((h, _)) if h != hash => return Some(Verdict::Conflict),
+                Some((_, tx)) => tx.subscribe(),
+                None => {
+                    if enter {
+                        let (tx, _) = watch::channel(None);
+                        l.in_flight.insert(key.to_owned(), (hash.to_owned(), tx));
+                    }
+                    return None;
+                }
             }
         };
-        if let Some(mut rx) = waiting {
-            let done = tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await;
-            return match done {
-                Ok(Ok(d)) => d.clone().map_or(Verdict::Stuck, Verdict::Replay),
-                _ => Verdict::Stuck,
-            };
-        }
-        self.recalled(key, hash)
+        let done = tokio::time::timeout(self.wait, rx.wait_for(Option::is_some)).await;
+        Some(match done {
+            Ok(Ok(d)) => d.clone().map_or(Verdict::Stuck, Verdict::Replay),
+            _ => Verdict::Stuck,
+        })
     }
 
     /// What this node remembers of a completed key.

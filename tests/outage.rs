@@ -153,21 +153,45 @@ fn slow(ms: u64) -> Rules {
     }
 }
 
+/// A switch journaling through a relay that can cut its database connection, its acquirer and
+/// a terminal whose first purchase (`rrn`) was approved and recorded.
+struct Relayed {
+    db: TestDb,
+    relay: PgRelay,
+    acq: cardswitch_simulators::Acquirer,
+    sw: cardswitch::server::Switch,
+    t: Terminal,
+}
+
+async fn relayed(schema: &str, rrn: &str) -> Relayed {
+    let db = pg_schema(schema).await;
+    let relay = PgRelay::start("127.0.0.1:5432".into()).await;
+    let acq = acquirer_with(Rules::default_rules()).await;
+    let sw = config(&relay.url(&db.0), acq.local_addr()).start().await;
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    assert_eq!(rc(&t.exchange(&purchase(1_000, 1, rrn)).await), "00");
+    Relayed {
+        db,
+        relay,
+        acq,
+        sw,
+        t,
+    }
+}
+
 async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 #[tokio::test]
 async fn an_approval_whose_commit_fails_is_answered_96_reversed_and_replayed_as_96() {
-    let TestDb(url, pool, _schema) = pg_schema("outage_commit").await;
-    let relay = PgRelay::start("127.0.0.1:5432".into()).await;
-    let acq = acquirer_with(Rules::default_rules()).await;
-    let sw = config(&relay.url(&url), acq.local_addr()).start().await;
-    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
-    assert_eq!(
-        rc(&t.exchange(&purchase(1_000, 1, "000000000001")).await),
-        "00"
-    );
+    let Relayed {
+        db: TestDb(_, pool, _schema),
+        relay,
+        acq,
+        sw,
+        mut t,
+    } = relayed("outage_commit", "000000000001").await;
 
     relay.arm(Cut::BeforeCommit);
     let sale = purchase(2_500, 2, "000000000002");
@@ -215,15 +239,13 @@ async fn an_approval_whose_commit_fails_is_answered_96_reversed_and_replayed_as_
 
 #[tokio::test]
 async fn a_commit_that_succeeded_unseen_is_not_written_twice_and_the_writer_flows_on() {
-    let TestDb(url, pool, _schema) = pg_schema("outage_ambiguous").await;
-    let relay = PgRelay::start("127.0.0.1:5432".into()).await;
-    let acq = acquirer_with(Rules::default_rules()).await;
-    let sw = config(&relay.url(&url), acq.local_addr()).start().await;
-    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
-    assert_eq!(
-        rc(&t.exchange(&purchase(1_000, 1, "000000000021")).await),
-        "00"
-    );
+    let Relayed {
+        db: TestDb(_, pool, _schema),
+        relay,
+        acq,
+        sw,
+        mut t,
+    } = relayed("outage_ambiguous", "000000000021").await;
 
     relay.arm(Cut::AfterCommit);
     let sale = purchase(3_000, 2, "000000000022");

@@ -366,24 +366,40 @@ impl Relaxed {
         }
     }
 
-    async fn pg(
+    /// The session's connection, opened when there is none.
+    async fn connection<'c>(
         pool: &sqlx::PgPool,
-        conn: &mut Option<sqlx::PgConnection>,
-    ) -> Result<(), sqlx::Error> {
-        if conn.is_none() {
-            // Out of the pool: the session setting must not reach anyone else's commits.
-            let mut c = pool.acquire().await?.detach();
-            sqlx::query("SET synchronous_commit = off")
-                .execute(&mut c)
-                .await?;
-            *conn = Some(c);
+        conn: &'c mut Option<sqlx::PgConnection>,
+    ) -> Result<&'c mut sqlx::PgConnection, sqlx::Error> {
+        if let Some(c) = conn {
+            return Ok(c);
         }
-        Ok(())
+        // Out of the pool: the session setting must not reach anyone else's commits.
+        let mut c = pool.acquire().await?.detach();
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut c)
+            .await?;
+        Ok(conn.insert(c))
     }
 
-    /// Runs `st` (committed on its own); the rows it changed. A statement that fails on a
-    /// connection kept from before (the server restarted since) is sent once more on a new
-    /// one: the statements of a relaxed session must be idempotent.
+    /// After statement error `e`: the connection is dropped; `Ok` when the statement is to be
+    /// sent once more (the connection was one kept from before, and is gone: the server
+    /// restarted since). The statements of a relaxed session must be idempotent.
+    fn failed(
+        conn: &mut Option<sqlx::PgConnection>,
+        fresh: bool,
+        e: sqlx::Error,
+    ) -> Result<(), sqlx::Error> {
+        *conn = None;
+        if fresh || !is_stale(&e) {
+            Err(e)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `st` (committed on its own); the rows it changed. Sent once more on a new
+    /// connection when the one kept from before is gone ([`Relaxed::failed`]).
     ///
     /// # Errors
     /// Database errors.
@@ -391,18 +407,10 @@ impl Relaxed {
         match self {
             Self::Pg(pool, conn) => {
                 for fresh in [conn.is_none(), true] {
-                    Self::pg(pool, conn).await?;
-                    let Some(c) = conn.as_mut() else {
-                        return Err(sqlx::Error::PoolClosed);
-                    };
-                    match st.pg().execute(&mut *c).await {
+                    let c = Self::connection(pool, conn).await?;
+                    match st.pg().execute(c).await {
                         Ok(done) => return Ok(done.rows_affected()),
-                        Err(e) => {
-                            *conn = None;
-                            if fresh || !is_stale(&e) {
-                                return Err(e);
-                            }
-                        }
+                        Err(e) => Self::failed(conn, fresh, e)?,
                     }
                 }
                 Err(sqlx::Error::PoolClosed)
@@ -420,18 +428,10 @@ impl Relaxed {
         match self {
             Self::Pg(pool, conn) => {
                 for fresh in [conn.is_none(), true] {
-                    Self::pg(pool, conn).await?;
-                    let Some(c) = conn.as_mut() else {
-                        return Err(sqlx::Error::PoolClosed);
-                    };
-                    match st.pg().fetch_all(&mut *c).await {
+                    let c = Self::connection(pool, conn).await?;
+                    match st.pg().fetch_all(c).await {
                         Ok(rows) => return Ok(rows.into_iter().map(DbRow::Pg).collect()),
-                        Err(e) => {
-                            *conn = None;
-                            if fresh || !is_stale(&e) {
-                                return Err(e);
-                            }
-                        }
+                        Err(e) => Self::failed(conn, fresh, e)?,
                     }
                 }
                 Err(sqlx::Error::PoolClosed)

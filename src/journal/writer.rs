@@ -235,14 +235,9 @@ impl Writer {
     /// Commits a batch; a batch refused for what one of its changes holds is split until the
     /// changes at fault are found, and the rest commits.
     async fn commit_split(&mut self, batch: Vec<(Change, Option<Waiter>)>) {
-        let mut pending = vec![batch];
-        while let Some(mut part) = pending.pop() {
-            let mut changes: Vec<Change> = Vec::with_capacity(part.len());
-            let mut waiters: Vec<Option<Waiter>> = Vec::with_capacity(part.len());
-            for (c, w) in part.drain(..) {
-                changes.push(c);
-                waiters.push(w);
-            }
+        // Each part: its changes, and their waiters in the same order.
+        let mut pending: Vec<(Vec<Change>, Vec<Option<Waiter>>)> = vec![batch.into_iter().unzip()];
+        while let Some((mut changes, mut waiters)) = pending.pop() {
             match self.commit(&mut changes).await {
                 Ok(applied) => {
                     for (w, applied) in waiters.into_iter().zip(applied) {
@@ -252,12 +247,11 @@ impl Writer {
                     }
                 }
                 Err(e) if is_data_error(&e) && changes.len() > 1 => {
-                    let mut both: Vec<(Change, Option<Waiter>)> =
-                        changes.into_iter().zip(waiters).collect();
-                    let back = both.split_off(both.len() / 2);
+                    let half = changes.len() / 2;
+                    let back = (changes.split_off(half), waiters.split_off(half));
                     // Popped last first: the front half goes first.
                     pending.push(back);
-                    pending.push(both);
+                    pending.push((changes, waiters));
                 }
                 Err(e) => {
                     if !is_data_error(&e) {

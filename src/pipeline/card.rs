@@ -14,7 +14,7 @@ use super::outcome::Outcome;
 use super::{build, Pipeline};
 use crate::fraud::Txn;
 use crate::journal::ahead::Forward;
-use crate::journal::{DecidedBy, SafKind};
+use crate::journal::{DecidedBy, SafEntry, SafKind};
 use crate::settlement;
 use crate::stand_in;
 use crate::state::TxnState;
@@ -364,6 +364,28 @@ impl Pipeline {
         Some(o)
     }
 
+    /// The switch's own reversal (0420 68) of `request` as the acquirer got it (upstream STAN
+    /// `stan`), for the amount approved when `partial` says so, queued for store-and-forward in
+    /// the card's order; counted.
+    pub(super) fn auto_reversal_entry(
+        &self,
+        request: &Message,
+        pan: Option<&Pan>,
+        endpoint: &Endpoint,
+        stan: u32,
+        txn_id: i64,
+        partial: Option<&build::Partial>,
+    ) -> Option<SafEntry> {
+        let mut rev = build::auto_reversal(request, pan, stan, endpoint.sent_ids(request));
+        if let Some(p) = partial {
+            p.apply(&mut rev);
+        }
+        let order_key = pan.map(|p| self.journal.pan_hmac(p));
+        let entry = self.saf_entry(endpoint, SafKind::Reversal, &rev, Some(txn_id), order_key)?;
+        self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+        Some(entry)
+    }
+
     /// An acquirer's approval the terminal is not given (a partial approval its listener does
     /// not take, or one without a valid amount): reversed through store-and-forward (0420 68,
     /// the approved amount) and the terminal answered the code of `why`.
@@ -381,18 +403,8 @@ impl Pipeline {
             pan,
             ..
         } = *card;
-        let mut rev = build::auto_reversal(request, Some(pan), stan, endpoint.sent_ids(request));
-        if let Some(p) = &partial {
-            p.apply(&mut rev);
-        }
-        let entry = self.saf_entry(
-            endpoint,
-            SafKind::Reversal,
-            &rev,
-            Some(txn_id),
-            Some(self.journal.pan_hmac(pan)),
-        );
-        self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+        let entry =
+            self.auto_reversal_entry(request, Some(pan), endpoint, stan, txn_id, partial.as_ref());
         let mut o = Outcome::new(
             request.response_with(why.response_code())?,
             DecidedBy::Switch,
@@ -416,15 +428,7 @@ impl Pipeline {
         timed_out: bool,
         cvv: Cvv,
     ) -> Option<Outcome> {
-        let rev = build::auto_reversal(request, Some(pan), stan, endpoint.sent_ids(request));
-        let entry = self.saf_entry(
-            endpoint,
-            SafKind::Reversal,
-            &rev,
-            Some(txn_id),
-            Some(self.journal.pan_hmac(pan)),
-        );
-        self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+        let entry = self.auto_reversal_entry(request, Some(pan), endpoint, stan, txn_id, None);
         let cfg = &endpoint.config().stand_in;
         let stood_in = (cfg.enabled
             && (if timed_out {

@@ -2,7 +2,6 @@
 //! changes (its row, queued reversals and advices, the original's state, its duplicate key) in
 //! one database transaction, before the reply goes out in durable mode.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use cardswitch_codec::{Dialect, Message};
@@ -11,7 +10,7 @@ use cardswitch_routing::Failure;
 use super::outcome::Outcome;
 use super::{build, Pipeline};
 use crate::dedup::Decision;
-use crate::journal::{Change, DecidedBy, SafKind, StateChange};
+use crate::journal::{Change, DecidedBy, StateChange};
 use crate::settlement::{self, batch};
 use crate::telemetry::Stage;
 
@@ -146,16 +145,10 @@ impl Pipeline {
             .take()
             .and_then(|(endpoint, stan)| {
                 let pan = build::card_pan(request);
-                let mut msg =
-                    build::auto_reversal(request, pan.as_ref(), stan, endpoint.sent_ids(request));
-                if let Some(p) = &outcome.partial {
-                    p.apply(&mut msg);
-                }
-                let order_key = pan.as_ref().map(|p| self.journal.pan_hmac(p));
-                self.saf_entry(&endpoint, SafKind::Reversal, &msg, Some(txn_id), order_key)
+                let partial = outcome.partial.as_ref();
+                self.auto_reversal_entry(request, pan.as_ref(), &endpoint, stan, txn_id, partial)
             });
         if let Some(rev) = rev {
-            self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
             change.saf.push(rev);
             change.states.push(StateChange {
                 txn_id,
