@@ -309,6 +309,105 @@ async fn terminal_reversals_unknown_originals_twice_and_partial() {
     acq.stop().await;
 }
 
+/// A TCP relay to `to` that holds what the switch sends for `delay` before passing it on, in
+/// order (what the acquirer sends back is not held): a slow link.
+async fn slow_link(to: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((down, _)) = listener.accept().await {
+            let Ok(up) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let (mut down_r, mut down_w) = down.into_split();
+            let (mut up_r, mut up_w) = up.into_split();
+            let (tx, mut rx) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = down_r.read(&mut buf).await {
+                    if n == 0
+                        || tx
+                            .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((at, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    if up_w.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut up_r, &mut down_w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A request held up on a slow link times out; its reversal goes over the other link and
+/// reaches the acquirer before the request does, so it matches nothing (an 0420 is
+/// acknowledged all the same). The acquirer then approves the request and its reply comes
+/// late: the switch reverses it again, and this time the approval is reversed.
+#[tokio::test]
+async fn a_late_approval_after_its_reversal_overtook_it_is_reversed_again() {
+    let TestDb(url, pool, _schema) = pg_schema("overtaken").await;
+    let acq = acquirer(Rules::default_rules()).await;
+    let slow = slow_link(acq.local_addr(), Duration::from_millis(1_500)).await;
+    let sw = config(&url, slow, 1_000)
+        .links(&[slow.to_string(), acq.local_addr().to_string()])
+        .endpoint(None, "strategy", "round-robin")
+        // A sign-on would time out on the slow link.
+        .endpoint(None, "sign_on", false)
+        .start()
+        .await;
+    eventually(Duration::from_secs(10), "both links ready", || async {
+        sw.pipeline().endpoints()[0]
+            .links()
+            .iter()
+            .all(|l| format!("{:?}", l.state()) == "Ready")
+    })
+    .await;
+    let mut t = Terminal::connect(sw.listener_addrs()[0]).await;
+    // Round robin: one of the first two requests goes over the slow link.
+    let mut timed_out = None;
+    for n in 1..=2u32 {
+        let rrn = format!("{:012}", 60 + n);
+        if rc(&t.exchange(&request(1_000, 60 + n, &rrn)).await) == "91" {
+            timed_out = Some(rrn);
+            break;
+        }
+    }
+    let rrn = timed_out.expect("a request timed out on the slow link");
+    eventually(Duration::from_secs(10), "the approval reversed", || async {
+        acq.ledger()
+            .iter()
+            .any(|e| e.rrn == rrn && e.auth_code.is_some() && e.reversed)
+    })
+    .await;
+    let seen: Vec<_> = acq
+        .reversals()
+        .into_iter()
+        .filter(|r| r.rrn == rrn)
+        .collect();
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(!seen[0].found, "the first overtook its original: {seen:?}");
+    assert!(seen.iter().any(|r| r.found), "{seen:?}");
+    eventually(Duration::from_secs(5), "journaled as reversed", || async {
+        state_of(&pool, &rrn, "0100").await == "reversed"
+    })
+    .await;
+    sw.shutdown().await;
+    acq.stop().await;
+}
+
 #[tokio::test]
 async fn stand_in_approves_under_the_limit_and_advises_later() {
     let TestDb(url, pool, _schema) = pg_schema("stip").await;

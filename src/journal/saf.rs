@@ -116,15 +116,18 @@ impl Journal {
         self.count(&st).await
     }
 
-    /// Whether a reversal for `txn_id` is queued, or was acknowledged by an acquirer that
-    /// found its original (not 25).
+    /// Whether a reversal for `txn_id` covers an approval that comes now (a late reply): one
+    /// queued and not sent yet, which reaches the acquirer after it decided. One sent already
+    /// does not: it may have reached the acquirer before the original did (over another link),
+    /// and an 0420 is acknowledged whether or not it found its original. Another reversal of
+    /// an original reversed already changes nothing.
     ///
     /// # Errors
     /// Database errors.
     pub async fn saf_reversal_covers(&self, txn_id: i64) -> Result<bool, sqlx::Error> {
         let st = Statement::new(
             "SELECT count(*) FROM saf WHERE txn_id = $1 AND kind = 'reversal' \
-             AND (state = 'pending' OR (state = 'delivered' AND last_code <> '25'))",
+             AND state = 'pending' AND attempts = 0",
         )
         .bind(txn_id);
         let n = self.count(&st).await?;
