@@ -328,15 +328,8 @@ fn a_transaction_in_flight_across_a_cutover_counts_once_on_the_old_date() {
                 .unwrap();
         assert_eq!(open, new);
         // The settlement report of each date counts each transaction once.
-        let admin = sw.admin_addr().unwrap();
-        let report = |date: String| async move {
-            let url = format!("http://{admin}/api/settlement?date={date}&endpoint=acq");
-            tokio::task::spawn_blocking(move || get_json(&url))
-                .await
-                .unwrap()
-        };
-        let on_old = report(old.clone()).await;
-        let on_new = report(new.clone()).await;
+        let on_old = settlement_report(&sw, old.clone()).await;
+        let on_new = settlement_report(&sw, new.clone()).await;
         let purchases = |r: &serde_json::Value| -> Vec<(u64, i64)> {
             r["lines"]
                 .as_array()
@@ -373,6 +366,15 @@ fn get_json(url: &str) -> serde_json::Value {
         .call()
         .unwrap();
     serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+}
+
+/// The settlement report of `date` for endpoint `acq`, from the admin API.
+async fn settlement_report(sw: &Switch, date: String) -> serde_json::Value {
+    let admin = sw.admin_addr().unwrap();
+    let url = format!("http://{admin}/api/settlement?date={date}&endpoint=acq");
+    tokio::task::spawn_blocking(move || get_json(&url))
+        .await
+        .unwrap()
 }
 
 fn write_file(records: &[ClearingRecord]) -> std::path::PathBuf {
@@ -701,14 +703,7 @@ fn clearing_files_reconcile_item_by_item_and_a_rerun_changes_nothing() {
         assert!(!table.contains("4761739001010010"));
 
         // The settlement report: the day's purchases and chargebacks, fees in decimal.
-        let date = format_date(today);
-        let report = tokio::task::spawn_blocking(move || {
-            get_json(&format!(
-                "http://{admin}/api/settlement?date={date}&endpoint=acq"
-            ))
-        })
-        .await
-        .unwrap();
+        let report = settlement_report(&sw, format_date(today)).await;
         let line = |kind: &str| {
             report["lines"]
                 .as_array()
@@ -988,15 +983,7 @@ fn a_partial_approval_charges_what_the_acquirer_approved() {
         assert_eq!(rc(&reply), "00", "{:?}", Totals::read(&reply));
 
         // The settlement report, and reconciliation against the acquirer's clearing file.
-        let admin = sw.admin_addr().unwrap();
-        let date = format_date(today);
-        let report = tokio::task::spawn_blocking(move || {
-            get_json(&format!(
-                "http://{admin}/api/settlement?date={date}&endpoint=acq"
-            ))
-        })
-        .await
-        .unwrap();
+        let report = settlement_report(&sw, format_date(today)).await;
         let purchases = report["lines"]
             .as_array()
             .unwrap()
