@@ -211,9 +211,7 @@ async fn faults_on_command() {
     assert_eq!(
         acq.ledger()
             .iter()
-            .filter(|e| e.response_code == "00"
-                || e.response_code == "05"
-                || e.response_code == "51")
+            .filter(|e| matches!(e.response_code.as_str(), "00" | "05" | "10" | "51"))
             .count(),
         23
     );
