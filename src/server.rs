@@ -189,6 +189,7 @@ impl Switch {
         // What an earlier run of this node forwarded without recording the outcome is
         // reversed before any terminal is heard.
         pipeline.recover().await?;
+        take_over_gone_nodes(&pipeline, &run);
         pipeline.warm_duplicates().await;
         let bound = bind_listeners(&config, &pipeline, &run).await?;
         let admin = match &cfg.admin {
@@ -379,6 +380,42 @@ fn purge_duplicate_keys(journal: Journal, run: &Running) {
                         info!(keys = n, "old duplicate keys purged");
                     }
                 }
+            }
+        }
+    });
+}
+
+/// Looks for other nodes that are gone, all along, and takes over their work. Only after this
+/// node has reached the database without a failure for the whole takeover time: a node that was
+/// cut off itself has not seen the others' heartbeats.
+fn take_over_gone_nodes(pipeline: &Arc<Pipeline>, run: &Running) {
+    let Some(after) = pipeline.journal().takeover_after() else {
+        return;
+    };
+    let (p, stop) = (Arc::clone(pipeline), run.stop_links.clone());
+    run.links.spawn(async move {
+        let every = (after / 2).max(Duration::from_millis(500));
+        let mut reachable_since = Some(tokio::time::Instant::now());
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if p.journal().breaker().is_open() {
+                reachable_since = None;
+            }
+            let steady = reachable_since.is_some_and(|t| t.elapsed() >= after);
+            if !steady {
+                if p.journal().reachable().await {
+                    reachable_since.get_or_insert_with(tokio::time::Instant::now);
+                } else {
+                    reachable_since = None;
+                }
+                continue;
+            }
+            if let Err(e) = p.take_over_gone_nodes(after).await {
+                warn!(error = %e, "looking for gone nodes failed");
+                reachable_since = None;
             }
         }
     });

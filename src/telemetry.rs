@@ -20,6 +20,8 @@
 //! | `cardswitch_journal_spool_bytes` | gauge | |
 //! | `cardswitch_journal_dead_letters_total` | counter | |
 //! | `cardswitch_saf_depth` | gauge | endpoint |
+//! | `cardswitch_saf_unopenable_total` | counter | endpoint |
+//! | `cardswitch_node_takeovers_total` | counter | node (the node that was gone) |
 //! | `cardswitch_hsm_connections_up` | gauge | |
 //! | `cardswitch_hsm_failures_total` | counter | |
 //! | `cardswitch_fraud_rule_hits_total` | counter | rule, mode |
@@ -61,6 +63,8 @@ pub const JOURNAL_DEAD_LETTERS: &str = "cardswitch_journal_dead_letters_total";
 pub const SAF_DEPTH: &str = "cardswitch_saf_depth";
 /// Store-and-forward entries that could not be opened (sealed under a key this node lacks).
 pub const SAF_UNOPENABLE: &str = "cardswitch_saf_unopenable_total";
+/// Forwarded requests of a node that was gone, resolved by this one (the takeover).
+pub const NODE_TAKEOVERS: &str = "cardswitch_node_takeovers_total";
 /// HSM connections up.
 pub const HSM_UP: &str = "cardswitch_hsm_connections_up";
 /// HSM commands that failed (no connection, timeout, unreadable reply).
@@ -251,6 +255,10 @@ fn describe() {
     describe_counter!(
         SAF_UNOPENABLE,
         "Store-and-forward entries that could not be opened (left pending)"
+    );
+    describe_counter!(
+        NODE_TAKEOVERS,
+        "Forwarded requests of a gone node whose reversal this node queued"
     );
     describe_gauge!(HSM_UP, "HSM connections up");
     describe_counter!(HSM_FAILURES, "HSM commands failed");

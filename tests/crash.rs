@@ -380,3 +380,75 @@ async fn a_terminal_reversal_of_a_request_still_in_flight_waits_for_it_and_rever
     sw.shutdown().await;
     acq.stop().await;
 }
+
+#[tokio::test]
+async fn a_node_killed_for_good_has_its_forwarded_request_reversed_by_another_node() {
+    let TestDb(url, pool, _schema) = pg_schema("crash_takeover").await;
+    let acq = acquirer_with(Rules::default_rules()).await;
+    // Two nodes on one journal with the same keys; a node silent for 2 s is gone.
+    let node = |name: &str| {
+        config(&url, acq.local_addr())
+            .set("switch", "node", name)
+            .set("journal", "takeover_after_ms", 2_000_i64)
+    };
+    let a = SwitchProcess::start(node("node-a"), "takeover-a").await;
+    let mut b = SwitchProcess::start(node("node-b"), "takeover-b").await;
+    let mut tb = Terminal::connect(b.addr).await;
+    assert_eq!(
+        rc(&tb.exchange(&purchase(1_000, 1, "000000000031")).await),
+        "00"
+    );
+    // A duplicate claim node b made and left in flight without forwarding its request.
+    sqlx::query(
+        "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) \
+         VALUES ('never-forwarded', 'h', 1, 'node-b', 'in_flight', \
+                 (extract(epoch from clock_timestamp()) * 1000000)::bigint)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    acq.set_rules(slow(4_000));
+    let original = purchase(2_600, 2, "000000000032");
+    send_and_wait_for_the_acquirer(&mut tb, &original, &acq).await;
+    let charged = acq.ledger()[1].clone();
+    assert!(charged.auth_code.is_some() && !charged.reversed);
+    b.kill();
+    acq.set_rules(Rules::default_rules());
+
+    // Node b stays down: node a reverses its charge as the acquirer knows it.
+    eventually(Duration::from_secs(20), "the charge reversed", || async {
+        acq.ledger()[1].reversed
+    })
+    .await;
+    let seen = acq.reversals();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].found);
+    let de90 = seen[0].original.clone().unwrap();
+    assert_eq!(&de90[4..10], charged.stan, "the STAN the acquirer saw");
+    eventually(Duration::from_secs(10), "journaled as reversed", || async {
+        state_of(&pool, "000000000032", "0200").await == "reversed"
+    })
+    .await;
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM forwards), \
+                (SELECT COUNT(*) FROM dedup WHERE dkey = 'never-forwarded')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0), "no record left, the orphan claim let go");
+    assert!(!acq.ledger()[0].reversed, "the answered purchase stands");
+
+    // A copy of the request on node a gets the answer node a recorded for it.
+    let mut ta = Terminal::connect(a.addr).await;
+    assert_eq!(rc(&ta.exchange(&original).await), "91");
+    // Node b starts again and finds nothing of its own to do.
+    b.restart().await;
+    let mut tb = Terminal::connect(b.addr).await;
+    assert_eq!(rc(&tb.exchange(&original).await), "91");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(acq.reversals().len(), 1, "reversed once");
+    assert_eq!(acq.ledger().iter().filter(|e| !e.reversed).count(), 1);
+    drop((a, b));
+    acq.stop().await;
+}

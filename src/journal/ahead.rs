@@ -110,23 +110,33 @@ impl WriteAhead {
         rx.await.unwrap_or(false)
     }
 
-    /// This node's forwarded requests with no recorded outcome, oldest first. Records whose
-    /// transaction is journaled after all (an outcome that did not say it resolves them) are
-    /// deleted first.
+    /// This node's forwarded requests with no recorded outcome, oldest first (see
+    /// [`WriteAhead::unresolved_of`]).
     ///
     /// # Errors
     /// The database cannot be read.
     pub async fn unresolved(&self) -> Result<Vec<Forward>, sqlx::Error> {
+        self.unresolved_of(&self.node).await
+    }
+
+    /// The forwarded requests of node `node` with no recorded outcome, oldest first; only for
+    /// a node that is not running (this one before it serves, or one that is gone and whose
+    /// lock this process holds). Records whose transaction is journaled after all (an outcome
+    /// that did not say it resolves them) are deleted first.
+    ///
+    /// # Errors
+    /// The database cannot be read.
+    pub async fn unresolved_of(&self, node: &str) -> Result<Vec<Forward>, sqlx::Error> {
         let st = Statement::new(
             "DELETE FROM forwards WHERE node = $1 AND EXISTS \
              (SELECT 1 FROM transactions t WHERE t.id = forwards.txn_id)",
         )
-        .bind(&*self.node);
+        .bind(node);
         self.backend.execute(&st).await?;
         let st = Statement::new(format!(
             "SELECT {COLUMNS} FROM forwards WHERE node = $1 ORDER BY created_us"
         ))
-        .bind(&*self.node);
+        .bind(node);
         self.backend
             .fetch_all(&st)
             .await?

@@ -120,6 +120,30 @@ impl Claims {
         matches!(done, Ok(1))
     }
 
+    /// Lets go of the keys node `node` claimed between `from_us` and `to_us` and left in flight
+    /// with no write-ahead record: their requests were never written to an acquirer (the
+    /// record is committed before that), so a copy may go ahead as new. Only for a node that
+    /// is not running (gone, or this node before its restart). How many.
+    ///
+    /// # Errors
+    /// The database failing.
+    pub async fn release_orphans(
+        &self,
+        node: &str,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let st = Statement::new(
+            "DELETE FROM dedup WHERE created_us >= $1 AND created_us < $2 AND node = $3 \
+             AND state = 'in_flight' \
+             AND NOT EXISTS (SELECT 1 FROM forwards f WHERE f.txn_id = dedup.txn_id)",
+        )
+        .bind(from_us)
+        .bind(to_us)
+        .bind(node);
+        self.backend.execute(&st).await
+    }
+
     /// Deletes keys older than `retention`, a bounded number at a time; how many.
     pub async fn purge(&self, retention: Duration) -> u64 {
         let before = now_us() - i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);

@@ -43,7 +43,7 @@ pub mod db;
 mod ids;
 mod keys;
 pub mod lookup;
-mod node;
+pub mod node;
 mod row;
 pub mod saf;
 mod secrets;
@@ -110,6 +110,10 @@ pub struct JournalSection {
     pub read_connections: u32,
     /// Longest one statement of the read path may run, in milliseconds.
     pub read_statement_timeout_ms: u64,
+    /// A node whose heartbeat is older than this (and whose lock is free) is gone: another
+    /// node reverses its forwarded requests with no recorded outcome and lets go of its
+    /// duplicate claims left in flight, in milliseconds (see [`node`]); 0: never.
+    pub takeover_after_ms: u64,
 }
 
 impl JournalSection {
@@ -144,6 +148,7 @@ impl Default for JournalSection {
             statement_timeout_ms: 5_000,
             read_connections: 2,
             read_statement_timeout_ms: 30_000,
+            takeover_after_ms: 30_000,
         }
     }
 }
@@ -189,6 +194,10 @@ pub struct Journal {
     ahead: ahead::WriteAhead,
     retention: Duration,
     breaker: Arc<Breaker>,
+    /// When another node counts as gone (`None`: never).
+    takeover_after: Option<Duration>,
+    /// The last heartbeat of this node's previous run and the start of this one, microseconds.
+    previous_run: (i64, i64),
     /// This node's registration (its lock is held while a handle lives).
     _node: Arc<node::Registered>,
 }
@@ -271,7 +280,19 @@ impl Journal {
             config.spool_max_mb.saturating_mul(1 << 20),
         )?;
         let breaker = Arc::new(Breaker::default());
-        let registered = node::register(&backend, node, tracker).await?;
+        let takeover_after = Duration::from_millis(config.takeover_after_ms);
+        let started_us = now_us();
+        let registered = node::register(
+            &backend,
+            node,
+            node::beat_every(if takeover_after.is_zero() {
+                Duration::from_secs(20)
+            } else {
+                takeover_after
+            }),
+            tracker,
+        )
+        .await?;
         let ids = Ids::new(registered.number);
         let (tx, rx) = mpsc::channel(config.batch_max.max(1) * 8);
         let stats = Arc::new(JournalStats::default());
@@ -306,6 +327,8 @@ impl Journal {
             ahead,
             retention: Duration::from_secs(config.duplicate_retention_s),
             breaker: Arc::clone(&breaker),
+            takeover_after: (!takeover_after.is_zero()).then_some(takeover_after),
+            previous_run: (registered.last_beat_us, started_us),
             _node: Arc::new(registered),
         };
         let mut writer = Writer {
@@ -357,6 +380,36 @@ impl Journal {
     #[must_use]
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// When another node counts as gone (`journal.takeover_after_ms`; `None`: never).
+    #[must_use]
+    pub fn takeover_after(&self) -> Option<Duration> {
+        self.takeover_after
+    }
+
+    /// The last heartbeat of this node's previous run (0: none) and the start of this one,
+    /// microseconds since the epoch.
+    #[must_use]
+    pub fn previous_run(&self) -> (i64, i64) {
+        self.previous_run
+    }
+
+    /// Whether the database answers now.
+    pub async fn reachable(&self) -> bool {
+        self.backend
+            .fetch_optional(&db::Statement::new("SELECT 1"))
+            .await
+            .is_ok()
+    }
+
+    /// The other nodes that are gone and left work behind, each locked while this process
+    /// takes it over (see [`node`]).
+    ///
+    /// # Errors
+    /// The database failing.
+    pub async fn gone_nodes(&self, after: Duration) -> Result<Vec<node::GoneNode>> {
+        node::gone(&self.backend, &self.node, after).await
     }
 
     /// Seals card data kept for later (SAF messages, stored replies).

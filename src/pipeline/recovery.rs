@@ -8,9 +8,11 @@
 //! the terminal's own reversal finds the original reversed (or being reversed) and changes
 //! nothing more.
 //!
-//! It runs at start, before the listeners accept, for this node's records only: a record of
-//! this node cannot belong to a request still in flight, since the process that sent it is
-//! gone.
+//! It runs at start, before the listeners accept, for this node's records: a record of this
+//! node cannot belong to a request still in flight, since the process that sent it is gone.
+//! And it runs all along for the records of other nodes that are gone (no heartbeat within
+//! `journal.takeover_after_ms`, their lock free), under that node's lock, so that exactly one
+//! process resolves each record.
 
 use std::sync::atomic::Ordering;
 
@@ -26,24 +28,108 @@ use crate::journal::{DecidedBy, SafKind};
 use crate::settlement;
 use crate::state::TxnState;
 
+/// How far before a node's last heartbeat its duplicate claims left in flight are looked for
+/// (a request takes seconds; older claims in flight belong to an outage of their own and are
+/// left to the copies' wait).
+const CLAIMS_WINDOW_US: i64 = 10 * 60 * 1_000_000;
+
 impl Pipeline {
-    /// Resolves this node's forwarded requests with no recorded outcome; how many.
+    /// Resolves this node's forwarded requests with no recorded outcome, and lets go of the
+    /// duplicate claims its previous run left in flight without forwarding them; how many
+    /// records were resolved.
     ///
     /// # Errors
     /// The records cannot be read. A record that cannot be resolved (its endpoint gone from the
     /// configuration, a key that cannot open it, a failed commit) is logged and left for the
     /// next start.
     pub async fn recover(&self) -> Result<usize> {
+        let node = self.journal.node().to_owned();
+        let (done, _left) = self.resolve_forwards(&node).await?;
+        let (last_beat, started) = self.journal.previous_run();
+        let from = if last_beat > 0 { last_beat } else { started } - CLAIMS_WINDOW_US;
+        match self
+            .journal
+            .claims()
+            .release_orphans(&node, from, started)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(
+                claims = n,
+                "duplicate claims of requests never forwarded let go"
+            ),
+            Err(e) => warn!(error = %e, "duplicate claims left in flight not looked at"),
+        }
+        Ok(done)
+    }
+
+    /// Takes over the work of every other node that is gone (see
+    /// [`crate::journal::node`]): its forwarded requests with no recorded outcome are resolved
+    /// as this node's own are at start, and its duplicate claims left in flight without a
+    /// record are let go. How many records were resolved.
+    ///
+    /// # Errors
+    /// The database failing.
+    pub async fn take_over_gone_nodes(&self, after: std::time::Duration) -> Result<usize> {
+        let mut total = 0;
+        for gone in self.journal.gone_nodes(after).await? {
+            let name = gone.name.clone();
+            let result = self.take_over(&gone).await;
+            let done = match result {
+                Ok((resolved, 0)) => {
+                    total += resolved;
+                    true
+                }
+                Ok((resolved, left)) => {
+                    total += resolved;
+                    error!(node = %name, resolved, left,
+                        "node gone: some of its forwarded requests could not be resolved; tried again");
+                    false
+                }
+                Err(e) => {
+                    error!(node = %name, error = %e, "taking over a gone node failed; tried again");
+                    false
+                }
+            };
+            gone.release(done).await;
+        }
+        Ok(total)
+    }
+
+    async fn take_over(&self, gone: &crate::journal::node::GoneNode) -> Result<(usize, usize)> {
+        let (resolved, left) = self.resolve_forwards(&gone.name).await?;
+        if resolved > 0 {
+            metrics::counter!(crate::telemetry::NODE_TAKEOVERS, "node" => gone.name.clone())
+                .increment(resolved as u64);
+        }
+        let released = self
+            .journal
+            .claims()
+            .release_orphans(
+                &gone.name,
+                gone.heartbeat_us - CLAIMS_WINDOW_US,
+                crate::journal::Journal::now_us(),
+            )
+            .await?;
+        warn!(node = %gone.name, last_heartbeat_us = gone.heartbeat_us, resolved, left,
+            claims_let_go = released, "node gone: its work taken over");
+        Ok((resolved, left))
+    }
+
+    /// Resolves the forwarded requests node `node` left with no recorded outcome (the node is
+    /// not running): how many transactions were resolved, and how many are left.
+    async fn resolve_forwards(&self, node: &str) -> Result<(usize, usize)> {
         let left = self
             .journal
             .write_ahead()
-            .unresolved()
+            .unresolved_of(node)
             .await
             .context("reading write-ahead records")?;
         if left.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         warn!(
+            node,
             records = left.len(),
             "forwarded requests with no recorded outcome: reversing them"
         );
@@ -61,11 +147,16 @@ impl Pipeline {
             match self.recover_one(group).await {
                 Ok(()) => done += 1,
                 Err(e) => error!(txn, error = %e,
-                    "write-ahead record not resolved; tried again at the next start"),
+                    "write-ahead record not resolved; tried again later"),
             }
         }
-        info!(resolved = done, left = by_txn.len() - done, "recovery done");
-        Ok(done)
+        info!(
+            node,
+            resolved = done,
+            left = by_txn.len() - done,
+            "recovery done"
+        );
+        Ok((done, by_txn.len() - done))
     }
 
     /// Resolves the records of one transaction (the last one tried first in `group`).
