@@ -452,3 +452,52 @@ async fn a_node_killed_for_good_has_its_forwarded_request_reversed_by_another_no
     drop((a, b));
     acq.stop().await;
 }
+
+#[tokio::test]
+async fn a_terminal_reversal_of_a_request_only_a_gone_node_recorded_is_named_as_the_acquirer_saw_it(
+) {
+    let TestDb(url, pool, _schema) = pg_schema("crash_translate").await;
+    let acq = acquirer_with(Rules::default_rules()).await;
+    // No takeover during the test: node a learns of the original only by its record.
+    let node = |name: &str| {
+        config(&url, acq.local_addr())
+            .endpoint_toml("request_timeout_ms = 3000")
+            .set("switch", "node", name)
+            .set("journal", "takeover_after_ms", 0_i64)
+    };
+    let a = SwitchProcess::start(node("node-a"), "translate-a").await;
+    let mut b = SwitchProcess::start(node("node-b"), "translate-b").await;
+    acq.set_rules(slow(2_500));
+    let mut tb = Terminal::connect(b.addr).await;
+    let original = purchase(2_700, 5, "000000000041");
+    send_and_wait_for_the_acquirer(&mut tb, &original, &acq).await;
+    let charged = acq.ledger()[0].clone();
+    b.kill();
+    acq.set_rules(Rules::default_rules());
+    let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM forwards")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(records, 1, "the original is known by its record only");
+
+    // The terminal gives up and reverses on node a: acknowledged, and the acquirer's charge is
+    // reversed by a 0420 naming the original by the STAN and DE32 it saw.
+    let mut ta = Terminal::connect(a.addr).await;
+    let reply = ta
+        .exchange(&terminal_reversal(&original, Mti::REVERSAL_ADVICE, 6))
+        .await;
+    assert_eq!(rc(&reply), "00");
+    eventually(Duration::from_secs(10), "the charge reversed", || async {
+        acq.ledger()[0].reversed
+    })
+    .await;
+    let seen = acq.reversals();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].found, "matched by DE90 alone");
+    let de90 = seen[0].original.clone().unwrap();
+    assert_eq!(&de90[4..10], charged.stan, "the STAN the acquirer saw");
+    assert_ne!(&de90[4..10], "000005", "not the terminal's STAN");
+    assert_eq!(&de90[20..31], "00000123456", "DE32 as sent");
+    drop((a, b));
+    acq.stop().await;
+}

@@ -140,32 +140,68 @@ impl WriteAhead {
         self.backend
             .fetch_all(&st)
             .await?
-            .into_iter()
-            .map(|r| {
-                Ok(Forward {
-                    txn_id: r.get(0)?,
-                    endpoint: r.get(1)?,
-                    link: r.get(2)?,
-                    mti: r.get(3)?,
-                    upstream_stan: r.get(4)?,
-                    transmission_time: r.get(5)?,
-                    acquirer_id: r.get(6)?,
-                    forwarding_id: r.get(7)?,
-                    amount_minor: r.get(8)?,
-                    currency: r.get(9)?,
-                    terminal_id: r.get(10)?,
-                    terminal_stan: r.get(11)?,
-                    terminal_time: r.get(12)?,
-                    rrn: r.get(13)?,
-                    dkey: r.get(14)?,
-                    listener: r.get(15)?,
-                    pan_hmac: r.get(16)?,
-                    payload: r.get(17)?,
-                    created_us: r.get(19)?,
-                })
-            })
+            .iter()
+            .map(forward_of)
             .collect()
     }
+
+    /// The latest record of a request the terminal names by DE41 and its DE11 and DE7 (or its
+    /// DE37), if its outcome is not recorded yet.
+    ///
+    /// # Errors
+    /// The database cannot be read.
+    pub async fn find(
+        &self,
+        keys: &super::OriginalKeys<'_>,
+    ) -> Result<Option<Forward>, sqlx::Error> {
+        let mut st = Statement::new(format!(
+            "SELECT {COLUMNS} FROM forwards WHERE terminal_id = "
+        ));
+        st.arg(keys.terminal);
+        match (keys.stan, keys.transmission_time, keys.rrn) {
+            (Some(stan), Some(de7), _) => {
+                st.push(" AND terminal_stan = ")
+                    .arg(stan)
+                    .push(" AND terminal_time = ")
+                    .arg(de7);
+            }
+            (_, _, Some(rrn)) => {
+                st.push(" AND rrn = ").arg(rrn);
+            }
+            _ => return Ok(None),
+        }
+        st.push(" ORDER BY created_us DESC LIMIT 1");
+        self.backend
+            .fetch_optional(&st)
+            .await?
+            .as_ref()
+            .map(forward_of)
+            .transpose()
+    }
+}
+
+fn forward_of(r: &super::db::DbRow) -> Result<Forward, sqlx::Error> {
+    Ok(Forward {
+        txn_id: r.get(0)?,
+        endpoint: r.get(1)?,
+        link: r.get(2)?,
+        mti: r.get(3)?,
+        upstream_stan: r.get(4)?,
+        transmission_time: r.get(5)?,
+        acquirer_id: r.get(6)?,
+        forwarding_id: r.get(7)?,
+        amount_minor: r.get(8)?,
+        currency: r.get(9)?,
+        terminal_id: r.get(10)?,
+        terminal_stan: r.get(11)?,
+        terminal_time: r.get(12)?,
+        rrn: r.get(13)?,
+        dkey: r.get(14)?,
+        listener: r.get(15)?,
+        pan_hmac: r.get(16)?,
+        payload: r.get(17)?,
+        created_us: r.get(19)?,
+    })
 }
 
 /// The batch's records in one statement: on the relaxed session (one round trip, the commit not

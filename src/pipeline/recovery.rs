@@ -159,20 +159,45 @@ impl Pipeline {
         Ok((done, by_txn.len() - done))
     }
 
+    /// The terminal's request a record keeps.
+    pub(super) fn open_record(&self, f: &Forward) -> Result<cardswitch_codec::Message> {
+        self.journal
+            .sealer()
+            .open(&f.payload)
+            .and_then(|b| build::unpack(&b))
+            .context("the request cannot be opened (not sealed under a data key this switch has)")
+    }
+
+    /// The switch's reversal (0420, DE39 68) of the request recorded in `f`, named as its
+    /// acquirer saw it: same MTI and DE7, the STAN and DE32/DE33 as recorded; queued for the
+    /// record's endpoint (`fallback` when that is gone from the configuration).
+    pub(super) fn reversal_of_record(
+        &self,
+        f: &Forward,
+        request: &cardswitch_codec::Message,
+        pan: &cardswitch_codec::Pan,
+        fallback: Option<&std::sync::Arc<crate::upstream::Endpoint>>,
+    ) -> Option<crate::journal::SafEntry> {
+        let stan: u32 = f.upstream_stan.parse().ok()?;
+        let to = self.endpoint(&f.endpoint).or(fallback)?;
+        let sent = (f.acquirer_id.as_deref(), f.forwarding_id.as_deref());
+        let reversal = build::auto_reversal(request, Some(pan), stan, sent);
+        self.saf_entry(
+            to,
+            SafKind::Reversal,
+            &reversal,
+            Some(f.txn_id),
+            f.pan_hmac.clone(),
+        )
+    }
+
     /// Resolves the records of one transaction (the last one tried first in `group`).
     async fn recover_one(&self, group: &[&Forward]) -> Result<()> {
         let f = group.last().context("no record")?;
         let endpoint = self
             .endpoint(&f.endpoint)
             .with_context(|| format!("no endpoint {} in the configuration", f.endpoint))?;
-        let request = self
-            .journal
-            .sealer()
-            .open(&f.payload)
-            .and_then(|b| build::unpack(&b))
-            .context(
-                "the request cannot be opened (not sealed under a data key this switch has)",
-            )?;
+        let request = self.open_record(f)?;
         let stan: u32 = f
             .upstream_stan
             .parse()
@@ -183,18 +208,9 @@ impl Pipeline {
             .context("no reply to the request")?;
         let mut o = Outcome::new(reply, DecidedBy::Timeout, TxnState::ReversalPending);
         for r in group {
-            let stan: u32 = r.upstream_stan.parse().unwrap_or(stan);
-            let to = self.endpoint(&r.endpoint).unwrap_or(endpoint);
-            let sent = (r.acquirer_id.as_deref(), r.forwarding_id.as_deref());
-            // The request as sent: same MTI and DE7, the STAN and DE32/DE33 as recorded.
-            let reversal = build::auto_reversal(&request, Some(&pan), stan, sent);
-            o.change.saf.extend(self.saf_entry(
-                to,
-                SafKind::Reversal,
-                &reversal,
-                Some(f.txn_id),
-                f.pan_hmac.clone(),
-            ));
+            o.change
+                .saf
+                .extend(self.reversal_of_record(r, &request, &pan, Some(endpoint)));
         }
         o.change.resolves.push(f.txn_id);
         o.endpoint = Some(f.endpoint.clone());

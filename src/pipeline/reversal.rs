@@ -4,7 +4,7 @@
 //! amount change in the same database transaction. A reversal of an original the switch never
 //! saw is an orphan.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cardswitch_codec::{Message, Pan, ResponseCode};
 use cardswitch_routing::Failure;
@@ -14,6 +14,7 @@ use super::card::CardMessage;
 use super::outcome::Outcome;
 use super::{build, Pipeline};
 use crate::dedup::Dedup;
+use crate::journal::ahead::Forward;
 use crate::journal::{DecidedBy, Original, OriginalKeys, SafKind, StateChange};
 use crate::state::TxnState;
 use crate::upstream::{Endpoint, Upstream};
@@ -47,6 +48,21 @@ impl Pipeline {
             };
             if in_flight {
                 original = self.journal.find_original(&keys).await;
+            }
+        }
+        // Not journaled, but forwarded (on another node, or by a run that died): its outcome is
+        // waited for as long as its request may take; a record still unresolved then belongs to
+        // a node that is gone, and the reversal is named as the acquirer saw the original.
+        if matches!(original, Ok(None)) {
+            match self.journal.write_ahead().find(&keys).await {
+                Ok(Some(f)) => {
+                    original = self.journal_outcome_of(&f, &keys).await;
+                    if matches!(original, Ok(None)) {
+                        return self.reversal_of_unrecorded(card, &f);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => original = Err(e),
             }
         }
         let original = match original {
@@ -177,6 +193,56 @@ impl Pipeline {
         }
         o.endpoint = Some(endpoint.name().to_owned());
         Some((o, true))
+    }
+
+    /// The journaled original of forwarded request `f`, once its outcome is recorded: waited for
+    /// until its endpoint's request timeout has passed since it was recorded, and 2 s more.
+    async fn journal_outcome_of(
+        &self,
+        f: &Forward,
+        keys: &OriginalKeys<'_>,
+    ) -> Result<Option<Original>, sqlx::Error> {
+        let timeout = self
+            .endpoint(&f.endpoint)
+            .map_or(Duration::from_secs(30), |e| e.config().request_timeout());
+        let age = Duration::from_micros(
+            u64::try_from(crate::journal::Journal::now_us() - f.created_us).unwrap_or(0),
+        );
+        let deadline =
+            tokio::time::Instant::now() + (timeout + Duration::from_secs(2)).saturating_sub(age);
+        loop {
+            let found = self.journal.find_original(keys).await?;
+            if found.is_some() || tokio::time::Instant::now() >= deadline {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A terminal reversal of a request forwarded by a node that is gone before its outcome was
+    /// recorded: acknowledged, and the switch's reversal of it, named as the acquirer saw it,
+    /// queued (never the terminal's as it came). The gone node's record is resolved by the
+    /// takeover (a second reversal of a reversed original changes nothing).
+    fn reversal_of_unrecorded(&self, card: &CardMessage<'_>, f: &Forward) -> Option<Outcome> {
+        let request = card.request;
+        let mut o = Outcome::new(
+            request.response_with(ResponseCode::APPROVED)?,
+            DecidedBy::Switch,
+            TxnState::Reversed,
+        );
+        match self.open_record(f) {
+            Ok(original) => {
+                o.change
+                    .saf
+                    .extend(self.reversal_of_record(f, &original, card.pan, None));
+                o.endpoint = Some(f.endpoint.clone());
+            }
+            Err(e) => {
+                // Left to the takeover, which meets the same record.
+                warn!(txn = f.txn_id, error = %e, "terminal reversal of an unrecorded request not translated");
+            }
+        }
+        Some(o)
     }
 
     /// A reversal of a transaction the switch never saw: 0400 answered 25; 0420 acknowledged
