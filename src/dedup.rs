@@ -161,6 +161,11 @@ impl Guard {
         &self.key
     }
 
+    /// The content hash it was claimed with.
+    pub(crate) fn hash(&self) -> &str {
+        &self.hash
+    }
+
     /// Hands the decision to the copies waiting here, and remembers it.
     pub(crate) fn complete(self, decision: &Decision) {
         if let Ok(mut l) = self.local.lock() {

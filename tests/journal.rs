@@ -557,3 +557,66 @@ async fn heavy_look_ups_during_traffic_cost_no_96() {
     sw.shutdown().await;
     acq.stop().await;
 }
+
+/// A key completed with its claim is written even when the database lost the claim (claims
+/// commit without waiting for the disk; a PostgreSQL crash can lose one while its request goes
+/// on), and a claim still there is completed in place.
+async fn a_completed_key_survives_a_lost_claim(url: &str) {
+    use cardswitch::journal::claims::Claim;
+    use cardswitch::journal::{Change, Journal};
+    let tracker = tokio_util::task::TaskTracker::new();
+    let journal = Journal::start(
+        &cardswitch::journal::JournalSection {
+            url: url.to_owned(),
+            ephemeral_keys: true,
+            ..Default::default()
+        },
+        "n1",
+        &tracker,
+    )
+    .await
+    .unwrap();
+    let done = |key: &str, hash: Option<&str>, reply: &str| Change {
+        dedup_done: Some((key.to_owned(), reply.to_owned())),
+        dedup_claim: hash.map(|h| (h.to_owned(), 7)),
+        ..Change::default()
+    };
+    // Lost: never in the table.
+    assert!(journal.submit(done("lost", Some("h1"), "r1")).await.ok);
+    assert_eq!(
+        journal.claims().look("lost", "h1").await,
+        Claim::Done("r1".into())
+    );
+    // Still there: completed in place, one row.
+    assert_eq!(
+        journal.claims().claim("kept".into(), "h2".into(), 8).await,
+        Claim::New
+    );
+    assert_eq!(journal.claims().look("kept", "h2").await, Claim::InFlight);
+    assert!(journal.submit(done("kept", Some("h2"), "r2")).await.ok);
+    assert_eq!(
+        journal.claims().look("kept", "h2").await,
+        Claim::Done("r2".into())
+    );
+    // Without its claim, a lost key stays lost (what the claim is carried for).
+    assert!(journal.submit(done("bare", None, "r3")).await.ok);
+    assert_eq!(
+        journal.claims().look("bare", "h3").await,
+        Claim::Unavailable
+    );
+    drop(journal);
+    tracker.close();
+}
+
+#[tokio::test]
+async fn postgres_a_completed_key_survives_a_lost_claim() {
+    let TestDb(url, _pool, _schema) = pg_schema("lost_claim").await;
+    a_completed_key_survives_a_lost_claim(&url).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_completed_key_survives_a_lost_claim() {
+    let (url, path) = sqlite_url("lost_claim");
+    a_completed_key_survives_a_lost_claim(&url).await;
+    let _ = std::fs::remove_file(path);
+}

@@ -98,6 +98,15 @@ impl OwnCluster {
         self.pg_ctl(&["stop", "-m", "fast"])
     }
 
+    /// Crashes it (immediate shutdown: no checkpoint; commits made without waiting for the disk
+    /// and not yet written out are lost, as in a crash of the server process).
+    ///
+    /// # Errors
+    /// `pg_ctl` failing.
+    pub(crate) fn crash(&self) -> Result<()> {
+        self.pg_ctl(&["stop", "-m", "immediate"])
+    }
+
     /// Starts it again after [`OwnCluster::stop`].
     ///
     /// # Errors

@@ -85,6 +85,11 @@ pub(crate) struct SoakArgs {
     /// requests meanwhile are answered 96 and nothing is forwarded).
     #[arg(long)]
     pub(crate) db_outage: Option<f64>,
+    /// With `--restart-db` or `--db-outage` (or alone, as `--restart-db`): PostgreSQL is stopped
+    /// by crashing it (immediate shutdown: no checkpoint; what is committed without waiting for
+    /// the disk and not yet written out is lost).
+    #[arg(long)]
+    pub(crate) db_crash: bool,
     /// The switch's `journal.mode`: `durable` (replies after their commit) or `async` (replies
     /// first; a kill then loses what was not committed, which the report counts).
     #[arg(long, default_value = "durable", value_parser = ["durable", "async"])]
@@ -287,7 +292,7 @@ impl Drop for SwitchProcess {
 
 #[allow(clippy::too_many_lines)]
 async fn soak(args: &SoakArgs) -> Result<SoakReport> {
-    let own = if args.restart_db || args.db_outage.is_some() {
+    let own = if args.restart_db || args.db_outage.is_some() || args.db_crash {
         Some(tokio::task::spawn_blocking(OwnCluster::start).await??)
     } else {
         None
@@ -420,7 +425,7 @@ endpoint = "acq"
         let now = started.elapsed().as_secs_f64();
         if let (true, Some(c)) = (is_db, own.as_ref()) {
             db_restarts_at_s.push(now);
-            tokio::task::block_in_place(|| c.stop())?;
+            tokio::task::block_in_place(|| if args.db_crash { c.crash() } else { c.stop() })?;
             DB_DOWN.store(true, std::sync::atomic::Ordering::Relaxed);
             tokio::time::sleep(Duration::from_secs_f64(
                 args.db_outage.unwrap_or(3.0).max(0.0),

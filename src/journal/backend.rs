@@ -355,8 +355,36 @@ async fn apply_rest(tx: &mut DbTx, node: &str, changes: &[Change]) -> Result<(),
     }
     let done: Vec<&(String, String)> = changes
         .iter()
+        .filter(|c| c.dedup_claim.is_none())
         .filter_map(|c| c.dedup_done.as_ref())
         .collect();
+    // Keys completed with their claim: written whether or not the claim is still there (one
+    // row per key and statement: the last change's decision).
+    let mut claimed: Vec<(&String, &String, i64, &String)> = Vec::new();
+    for c in changes {
+        if let (Some((k, r)), Some((h, id))) = (&c.dedup_done, &c.dedup_claim) {
+            claimed.retain(|(key, ..)| *key != k);
+            claimed.push((k, h, *id, r));
+        }
+    }
+    for chunk in claimed.chunks(256) {
+        let mut st = Statement::new(
+            "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, reply, created_us) VALUES ",
+        );
+        st.tuples(chunk, |(k, h, id, r)| {
+            [
+                Arg::from(*k),
+                Arg::from(*h),
+                Arg::from(*id),
+                Arg::from(node),
+                Arg::from("done"),
+                Arg::from(*r),
+                Arg::from(now),
+            ]
+        });
+        st.push(" ON CONFLICT (dkey) DO UPDATE SET state = 'done', reply = EXCLUDED.reply");
+        tx.execute(&st).await?;
+    }
     for chunk in done.chunks(512) {
         let mut st =
             Statement::new("UPDATE dedup SET state = 'done', reply = v.column2 FROM (VALUES ");

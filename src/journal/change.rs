@@ -137,6 +137,11 @@ pub struct Change {
     pub saf_progress: Vec<SafProgress>,
     /// A duplicate key completed: key and sealed reply.
     pub dedup_done: Option<(String, String)>,
+    /// The claim behind `dedup_done`: content hash and transaction id. With it, a key the
+    /// database no longer holds is written completed (a claim commits without waiting for the
+    /// disk, so a crash of PostgreSQL can lose it while its request goes on).
+    #[serde(default)]
+    pub dedup_claim: Option<(String, i64)>,
     /// A duplicate key never claimed (the database could not be asked), written completed:
     /// key, content hash, transaction id, sealed reply. An existing key is left as it is.
     pub dedup_unclaimed: Option<(String, String, i64, String)>,

@@ -71,6 +71,7 @@ impl Pipeline {
         change.rows.push(row);
         if let Some(g) = &outcome.guard {
             change.dedup_done = Some((g.key().to_owned(), decision.seal(&self.journal)));
+            change.dedup_claim = Some((g.hash().to_owned(), txn_id));
         }
         if let Some((key, hash)) = outcome.unclaimed.take() {
             self.dedup.remember(&key, &hash, &decision);
@@ -110,6 +111,7 @@ impl Pipeline {
                         // A copy is answered what this terminal is told.
                         change.dedup_done =
                             Some((g.key().to_owned(), decision.seal(&self.journal)));
+                        change.dedup_claim = Some((g.hash().to_owned(), txn_id));
                     }
                 }
                 self.journal.keep(*change).await;
