@@ -61,7 +61,9 @@ impl Pipeline {
                         return self.reversal_of_unrecorded(card, &f);
                     }
                 }
-                Ok(None) => {}
+                // No record: its outcome may have been committed (row written, record deleted,
+                // in one transaction) since the first look-up. Looked up once more.
+                Ok(None) => original = self.journal.find_original(&keys).await,
                 Err(e) => original = Err(e),
             }
         }
