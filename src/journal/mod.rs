@@ -617,20 +617,10 @@ impl Journal {
     ) -> Result<Option<Original>, sqlx::Error> {
         let mut st = Statement::new(
             "SELECT id, mti, endpoint, state, amount_minor, amount_reversed_minor, upstream_stan, \
-             transmission_time, pan_hmac, response_code FROM transactions WHERE terminal_id = ",
+             transmission_time, pan_hmac, response_code FROM transactions WHERE",
         );
-        st.arg(keys.terminal);
-        match (keys.stan, keys.transmission_time, keys.rrn) {
-            (Some(stan), Some(de7), _) => {
-                st.push(" AND stan = ")
-                    .arg(stan)
-                    .push(" AND transmission_time = ")
-                    .arg(de7);
-            }
-            (_, _, Some(rrn)) => {
-                st.push(" AND rrn = ").arg(rrn);
-            }
-            _ => return Ok(None),
+        if !keys.push_condition(&mut st, "stan", "transmission_time") {
+            return Ok(None);
         }
         st.push(
             " AND mti IN ('0100', '0101', '0200', '0201', '0120', '0121', '0220', '0221') \

@@ -169,6 +169,31 @@ pub struct OriginalKeys<'a> {
     pub rrn: Option<&'a str>,
 }
 
+impl<'a> OriginalKeys<'a> {
+    /// Appends the condition these keys name to `st`, whose text ends in `... WHERE`: the
+    /// terminal and the original's DE11 and DE7 (in columns `stan` and `time`), or without
+    /// them the terminal and DE37. False when the keys name nothing.
+    pub(super) fn push_condition(
+        &self,
+        st: &mut super::db::Statement<'a>,
+        stan: &str,
+        time: &str,
+    ) -> bool {
+        st.push(" terminal_id = ").arg(self.terminal);
+        match (self.stan, self.transmission_time, self.rrn) {
+            (Some(s), Some(de7), _) => {
+                st.push(&format!(" AND {stan} = ")).arg(s);
+                st.push(&format!(" AND {time} = ")).arg(de7);
+            }
+            (_, _, Some(rrn)) => {
+                st.push(" AND rrn = ").arg(rrn);
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
 /// What a reversal needs of its original.
 #[derive(Debug, Clone)]
 pub struct Original {
