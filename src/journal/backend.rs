@@ -361,10 +361,17 @@ async fn apply_rest(tx: &mut DbTx, node: &str, changes: &[Change]) -> Result<(),
     // Keys completed with their claim: written whether or not the claim is still there (one
     // row per key and statement: the last change's decision).
     let mut claimed: Vec<(&String, &String, i64, &String)> = Vec::new();
+    let mut slot: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for c in changes {
         if let (Some((k, r)), Some((h, id))) = (&c.dedup_done, &c.dedup_claim) {
-            claimed.retain(|(key, ..)| *key != k);
-            claimed.push((k, h, *id, r));
+            let entry = (k, h, *id, r);
+            match slot.get(k.as_str()).and_then(|&i| claimed.get_mut(i)) {
+                Some(at) => *at = entry,
+                None => {
+                    slot.insert(k, claimed.len());
+                    claimed.push(entry);
+                }
+            }
         }
     }
     for chunk in claimed.chunks(256) {
