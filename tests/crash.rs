@@ -382,6 +382,67 @@ async fn a_terminal_reversal_of_a_request_still_in_flight_waits_for_it_and_rever
 }
 
 #[tokio::test]
+async fn kill_9_while_the_acquirer_holds_a_terminal_reversal_repeats_it_and_journals_it() {
+    let TestDb(url, pool, _schema) = pg_schema("crash_reversal").await;
+    let acq = acquirer_with(Rules::default_rules()).await;
+    let mut switch = SwitchProcess::start(config(&url, acq.local_addr()), "crash-reversal").await;
+    let mut t = Terminal::connect(switch.addr).await;
+    let original = purchase(3_300, 51, "000000000051");
+    assert_eq!(rc(&t.exchange(&original).await), "00");
+    let charged = acq.ledger()[0].clone();
+    // The acquirer reverses the charge at once but answers after 3 s; the switch dies first.
+    acq.set_rules(slow(3_000));
+    let reversal = terminal_reversal(&original, Mti::REVERSAL_REQUEST, 52);
+    t.send(&reversal).await;
+    eventually(Duration::from_secs(5), "the acquirer reversed", || async {
+        acq.ledger()[0].reversed
+    })
+    .await;
+    switch.kill();
+    acq.set_rules(Rules::default_rules());
+
+    // Restarted with no terminal action: the journal agrees with the acquirer, and the
+    // reversal is repeated as a 0420 naming the original as the acquirer saw it.
+    switch.restart().await;
+    eventually(Duration::from_secs(15), "journaled as reversed", || async {
+        state_of(&pool, "000000000051", "0200").await == "reversed"
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the reversal repeated", || async {
+        acq.reversals().len() == 2
+    })
+    .await;
+    let seen = acq.reversals();
+    assert_eq!(seen[0].mti, "0400");
+    assert_eq!(seen[1].mti, "0420", "{seen:?}");
+    assert!(seen[1].found, "matched by DE90 alone");
+    let de90 = seen[1].original.clone().unwrap();
+    assert_eq!(&de90[..4], "0200");
+    assert_eq!(&de90[4..10], charged.stan, "the STAN the acquirer saw");
+    assert_eq!(&de90[20..31], "00000123456", "DE32 as sent");
+    let forwards: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM forwards")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(forwards, 0, "every write-ahead record resolved");
+
+    // The terminal's repeat is answered what the switch decided, and sends nothing more.
+    let mut repeat = reversal.clone();
+    repeat.set_mti(Mti::new(*b"0401").unwrap());
+    let mut t = Terminal::connect(switch.addr).await;
+    assert_eq!(rc(&t.exchange(&repeat).await), "00");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        acq.reversals().len(),
+        2,
+        "nothing more reached the acquirer"
+    );
+    assert!(acq.ledger()[0].reversed);
+    switch.kill();
+    acq.stop().await;
+}
+
+#[tokio::test]
 async fn a_node_killed_for_good_has_its_forwarded_request_reversed_by_another_node() {
     let TestDb(url, pool, _schema) = pg_schema("crash_takeover").await;
     let acq = acquirer_with(Rules::default_rules()).await;

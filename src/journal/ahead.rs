@@ -154,21 +154,12 @@ impl WriteAhead {
         &self,
         keys: &super::OriginalKeys<'_>,
     ) -> Result<Option<Forward>, sqlx::Error> {
+        // Requests only: a terminal reversal's own record names no original.
         let mut st = Statement::new(format!(
-            "SELECT {COLUMNS} FROM forwards WHERE terminal_id = "
+            "SELECT {COLUMNS} FROM forwards WHERE substr(mti, 1, 2) <> '04' AND"
         ));
-        st.arg(keys.terminal);
-        match (keys.stan, keys.transmission_time, keys.rrn) {
-            (Some(stan), Some(de7), _) => {
-                st.push(" AND terminal_stan = ")
-                    .arg(stan)
-                    .push(" AND terminal_time = ")
-                    .arg(de7);
-            }
-            (_, _, Some(rrn)) => {
-                st.push(" AND rrn = ").arg(rrn);
-            }
-            _ => return Ok(None),
+        if !keys.push_condition(&mut st, "terminal_stan", "terminal_time") {
+            return Ok(None);
         }
         st.push(" ORDER BY created_us DESC LIMIT 1");
         self.backend

@@ -136,9 +136,9 @@ impl Pipeline {
         }
     }
 
-    /// The write-ahead record of a card request, less what the link fixes: the terminal's
-    /// keys and the request, sealed, without its card secrets.
-    fn forward_record(&self, card: &CardMessage<'_>, pan_hmac: &str) -> Forward {
+    /// The write-ahead record of a card request or reversal, less what the link fixes: the
+    /// terminal's keys and the request, sealed, without its card secrets.
+    pub(super) fn forward_record(&self, card: &CardMessage<'_>, pan_hmac: Option<&str>) -> Forward {
         let r = card.request;
         let text = |f: u8| r.get_str(f).map(str::to_owned);
         let kept = build::pack(&build::kept_request(r, card.pan));
@@ -150,7 +150,7 @@ impl Pipeline {
             rrn: text(37),
             dkey: Some(card.dkey.to_owned()),
             listener: card.listener.to_owned(),
-            pan_hmac: Some(pan_hmac.to_owned()),
+            pan_hmac: pan_hmac.map(str::to_owned),
             payload: self.journal.sealer().seal(&kept),
             ..Forward::default()
         }
@@ -174,7 +174,7 @@ impl Pipeline {
         // Written down before the request goes on any link; resolved by the outcome's commit.
         let ahead = Ahead {
             journal: self.journal.write_ahead(),
-            record: self.forward_record(card, pan_hmac),
+            record: self.forward_record(card, Some(pan_hmac)),
         };
         let candidates = std::iter::once(&route.endpoint).chain(route.fallback.iter());
         let mut first: Option<&Arc<Endpoint>> = None;

@@ -6,7 +6,9 @@
 //! store-and-forward, and its duplicate key completed with the 91, all in one database
 //! transaction that also deletes the record. A copy of the request then gets the 91 again, and
 //! the terminal's own reversal finds the original reversed (or being reversed) and changes
-//! nothing more.
+//! nothing more. A record of a terminal's 0400 is resolved as taken: its row answered 00, the
+//! original reversed, and the reversal repeated as a 0420 (an acquirer acknowledges a repeat of
+//! a reversal it has applied).
 //!
 //! It runs at start, before the listeners accept, for this node's records: a record of this
 //! node cannot belong to a request still in flight, since the process that sent it is gone.
@@ -202,16 +204,21 @@ impl Pipeline {
             .upstream_stan
             .parse()
             .context("the upstream STAN is not a number")?;
-        let pan = build::card_pan(&request).context("no card number")?;
-        let reply = request
-            .response_with(Failure::Timeout.response_code())
-            .context("no reply to the request")?;
-        let mut o = Outcome::new(reply, DecidedBy::Timeout, TxnState::ReversalPending);
-        for r in group {
-            o.change
-                .saf
-                .extend(self.reversal_of_record(r, &request, &pan, Some(endpoint)));
-        }
+        let mut o = if f.mti.starts_with("04") {
+            self.recovered_reversal(f, &request, endpoint).await?
+        } else {
+            let pan = build::card_pan(&request).context("no card number")?;
+            let reply = request
+                .response_with(Failure::Timeout.response_code())
+                .context("no reply to the request")?;
+            let mut o = Outcome::new(reply, DecidedBy::Timeout, TxnState::ReversalPending);
+            for r in group {
+                o.change
+                    .saf
+                    .extend(self.reversal_of_record(r, &request, &pan, Some(endpoint)));
+            }
+            o
+        };
         o.change.resolves.push(f.txn_id);
         o.endpoint = Some(f.endpoint.clone());
         o.link = Some(f.link.as_str().into());
@@ -239,9 +246,56 @@ impl Pipeline {
         if let Some(k) = &f.dkey {
             change.dedup_done = Some((k.clone(), Decision::of(&o.reply).seal(&self.journal)));
         }
+        let reversal = f.mti.starts_with("04");
         let committed = self.journal.submit(change).await;
         anyhow::ensure!(committed.ok, "the journal commit failed");
-        self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+        if !reversal {
+            self.counters.auto_reversals.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    /// A terminal's 0400 that went to the acquirer with no recorded outcome: the acquirer may
+    /// or may not have reversed the original, and a reversal can be repeated, so it is taken
+    /// (answered 00, the original reversed in the journal) and repeated as a 0420 naming the
+    /// original as the acquirer saw it. An original that no longer stands changes nothing.
+    async fn recovered_reversal(
+        &self,
+        f: &Forward,
+        request: &cardswitch_codec::Message,
+        endpoint: &crate::upstream::Endpoint,
+    ) -> Result<Outcome> {
+        let reply = request
+            .response_with(cardswitch_codec::ResponseCode::APPROVED)
+            .context("no reply to the reversal")?;
+        let original = self
+            .journal
+            .find_original(&super::reversal::keys_of(request))
+            .await
+            .context("looking up the reversal's original")?;
+        let Some(original) = original else {
+            // Forwarded only once its original was found: gone since (purged). Nothing to undo.
+            warn!(
+                txn = f.txn_id,
+                "recovered reversal: its original is no longer journaled"
+            );
+            return Ok(Outcome::new(reply, DecidedBy::Switch, TxnState::Orphan));
+        };
+        let effect = build::reversal_effect(
+            original.amount_minor.unwrap_or(0),
+            original.amount_reversed_minor.unwrap_or(0),
+            request.get_str(95),
+        );
+        let mut o = Outcome::new(reply, DecidedBy::Switch, TxnState::Duplicate);
+        o.original_id = Some(original.id);
+        let Some((to, total)) = effect.filter(|_| original.state.is_charged()) else {
+            return Ok(o);
+        };
+        o.state = to;
+        let sent = (f.acquirer_id.as_deref(), f.forwarding_id.as_deref());
+        let outgoing = build::outgoing_reversal(request, &original, sent);
+        self.queue_reversal(&mut o, &outgoing, endpoint, f.txn_id, &original);
+        super::reversal::reverses(&mut o, request, f.txn_id, &original, to, total);
+        Ok(o)
     }
 }

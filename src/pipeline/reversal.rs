@@ -17,7 +17,7 @@ use crate::dedup::Dedup;
 use crate::journal::ahead::Forward;
 use crate::journal::{DecidedBy, Original, OriginalKeys, SafKind, StateChange};
 use crate::state::TxnState;
-use crate::upstream::{Endpoint, Upstream};
+use crate::upstream::{Ahead, Endpoint, Upstream};
 
 impl Pipeline {
     /// A terminal's reversal (0400/0420 and repeats), matched to its original.
@@ -27,17 +27,10 @@ impl Pipeline {
             request,
             txn_id,
             pan,
-            began,
             ..
         } = *card;
         let is_advice = request.mti().function() == 2;
-        let de90 = request.get_str(90);
-        let keys = OriginalKeys {
-            terminal: request.terminal_id().unwrap_or(""),
-            stan: de90.and_then(|d| d.get(4..10)),
-            transmission_time: de90.and_then(|d| d.get(10..20)),
-            rrn: request.rrn(),
-        };
+        let keys = keys_of(request);
         let mut original = self.journal.find_original(&keys).await;
         // Not journaled yet: it may still be in flight here (its terminal gave up on it first).
         // Its outcome is waited for, then it is looked up again.
@@ -104,9 +97,7 @@ impl Pipeline {
         let mut outcome = match endpoint {
             None => ok(to)?,
             Some(endpoint) => {
-                let (o, taken) = self
-                    .forward_reversal(request, &original, endpoint, to, txn_id, began)
-                    .await?;
+                let (o, taken) = self.forward_reversal(card, &original, endpoint, to).await?;
                 if !taken {
                     // The acquirer refused it: the original stands.
                     return Some(o);
@@ -114,17 +105,7 @@ impl Pipeline {
                 o
             }
         };
-        outcome.amount_reversed = Some(total);
-        outcome.change.conditional = true;
-        outcome.change.states.push(StateChange {
-            txn_id: original.id,
-            to: Some(to),
-            from: std::borrow::Cow::Borrowed(TxnState::REVERSIBLE),
-            amount_reversed_minor: Some(total),
-            upstream_stan: None,
-            cause: "terminal reversal".into(),
-            detail: Some(format!("{} {txn_id}", request.mti())),
-        });
+        reverses(&mut outcome, request, txn_id, &original, to, total);
         Some(outcome)
     }
 
@@ -134,13 +115,17 @@ impl Pipeline {
     /// (not refused by the acquirer).
     async fn forward_reversal(
         &self,
-        request: &Message,
+        card: &CardMessage<'_>,
         original: &Original,
         endpoint: &Endpoint,
         to: TxnState,
-        txn_id: i64,
-        began: Instant,
     ) -> Option<(Outcome, bool)> {
+        let CardMessage {
+            request,
+            txn_id,
+            began,
+            ..
+        } = *card;
         let acknowledged = || {
             let mut o = Outcome::new(
                 request.response_with(ResponseCode::APPROVED)?,
@@ -156,8 +141,14 @@ impl Pipeline {
             queue = true;
             acknowledged()?
         } else {
+            // Written down before it goes on a link, as a request is: if the switch dies before
+            // the outcome is recorded, recovery repeats it as a 0420.
+            let ahead = Ahead {
+                journal: self.journal.write_ahead(),
+                record: self.forward_record(card, original.pan_hmac.as_deref()),
+            };
             let asked = Instant::now();
-            match endpoint.exchange(&outgoing, txn_id, None).await {
+            match endpoint.exchange(&outgoing, txn_id, Some(&ahead)).await {
                 Upstream::Reply(reply, link, stan) => {
                     let reply = Endpoint::relay(request, &reply)?;
                     let taken = build::reversal_taken(reply.response_code());
@@ -172,11 +163,13 @@ impl Pipeline {
                     o.routing = Some(asked.duration_since(began));
                     o.upstream = Some(asked.elapsed());
                     if !taken {
+                        o.endpoint = Some(endpoint.name().to_owned());
                         return Some((o, false));
                     }
                     o
                 }
-                // Not delivered now: the switch delivers it; the terminal is done.
+                // Not delivered now (or not written down first): the switch delivers it; the
+                // terminal is done.
                 _ => {
                     queue = true;
                     acknowledged()?
@@ -184,17 +177,30 @@ impl Pipeline {
             }
         };
         if queue {
-            let advice = build::as_reversal_advice(&outgoing);
-            o.change.saf.extend(self.saf_entry(
-                endpoint,
-                SafKind::Reversal,
-                &advice,
-                Some(txn_id),
-                original.pan_hmac.clone(),
-            ));
+            self.queue_reversal(&mut o, &outgoing, endpoint, txn_id, original);
         }
         o.endpoint = Some(endpoint.name().to_owned());
         Some((o, true))
+    }
+
+    /// Queues `outgoing`, a reversal of `original`, as a 0420 for store-and-forward to
+    /// `endpoint` with outcome `o`.
+    pub(super) fn queue_reversal(
+        &self,
+        o: &mut Outcome,
+        outgoing: &Message,
+        endpoint: &Endpoint,
+        txn_id: i64,
+        original: &Original,
+    ) {
+        let advice = build::as_reversal_advice(outgoing);
+        o.change.saf.extend(self.saf_entry(
+            endpoint,
+            SafKind::Reversal,
+            &advice,
+            Some(txn_id),
+            original.pan_hmac.clone(),
+        ));
     }
 
     /// The journaled original of forwarded request `f`, once its outcome is recorded: waited for
@@ -285,4 +291,40 @@ impl Pipeline {
         }
         Some(o)
     }
+}
+
+/// How a terminal's reversal names its original: DE41, and the STAN and DE7 from DE90 (or DE37
+/// without DE90).
+pub(super) fn keys_of(request: &Message) -> OriginalKeys<'_> {
+    let de90 = request.get_str(90);
+    OriginalKeys {
+        terminal: request.terminal_id().unwrap_or(""),
+        stan: de90.and_then(|d| d.get(4..10)),
+        transmission_time: de90.and_then(|d| d.get(10..20)),
+        rrn: request.rrn(),
+    }
+}
+
+/// What reversal `request` (transaction `txn_id`) does to `original` in `outcome`'s commit: the
+/// original goes to `to` with `total` reversed, if it still stands; otherwise nothing changes
+/// and the reversal is a duplicate.
+pub(super) fn reverses(
+    outcome: &mut Outcome,
+    request: &Message,
+    txn_id: i64,
+    original: &Original,
+    to: TxnState,
+    total: i64,
+) {
+    outcome.amount_reversed = Some(total);
+    outcome.change.conditional = true;
+    outcome.change.states.push(StateChange {
+        txn_id: original.id,
+        to: Some(to),
+        from: std::borrow::Cow::Borrowed(TxnState::REVERSIBLE),
+        amount_reversed_minor: Some(total),
+        upstream_stan: None,
+        cause: "terminal reversal".into(),
+        detail: Some(format!("{} {txn_id}", request.mti())),
+    });
 }
