@@ -70,6 +70,10 @@ pub struct SwitchSection {
     pub node: String,
     /// How long shutdown waits for in-flight transactions, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// On SIGTERM, how long the node keeps serving, with `/readyz` answering 503, before it
+    /// stops accepting: longer than a balancer needs to see it (health check interval times
+    /// its fall count), in milliseconds.
+    pub drain_delay_ms: u64,
     /// Institution id put in DE32 when an endpoint does not set its own.
     pub acquirer_id: Option<String>,
 }
@@ -79,6 +83,7 @@ impl Default for SwitchSection {
         Self {
             node: "cardswitch".into(),
             shutdown_grace_ms: 5_000,
+            drain_delay_ms: 5_000,
             acquirer_id: None,
         }
     }
@@ -118,6 +123,11 @@ pub struct ListenerConfig {
     /// terminal is declined 51.
     #[serde(default)]
     pub partial_approvals: bool,
+    /// Every connection begins with a PROXY protocol v2 header naming the terminal's address
+    /// (a balancer in front sends it: HAProxy `send-proxy-v2`); a connection without one is
+    /// closed. See [`crate::net::proxy`].
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 const fn default_max_connections() -> usize {

@@ -9,6 +9,7 @@ pub(crate) mod admin;
 pub mod config;
 pub(crate) mod dedup;
 pub mod fraud;
+pub mod health;
 pub mod hsm;
 pub mod journal;
 pub(crate) mod net;

@@ -8,7 +8,8 @@
 //! pressure) rather than queueing without bound.
 //!
 //! Shutdown: stop accepting, stop reading, let in-flight transactions finish (up to the grace
-//! period), then stop the links (which sign off).
+//! period), then stop the links (which sign off). A drain (SIGTERM) first answers `/readyz` 503
+//! and keeps serving for the drain delay, so that a balancer moves new connections away.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,6 +54,7 @@ pub struct Switch {
     writer: TaskTracker,
     journal: Journal,
     grace: Duration,
+    drain_delay: Duration,
 }
 
 struct ListenerCtx {
@@ -62,6 +64,7 @@ struct ListenerCtx {
     framing: Framing,
     idle: Duration,
     per_connection: usize,
+    proxy_protocol: bool,
 }
 
 /// The tasks and tokens a switch runs with, in the order they stop.
@@ -211,6 +214,7 @@ impl Switch {
             writer: run.writer,
             journal,
             grace: Duration::from_millis(cfg.switch.shutdown_grace_ms),
+            drain_delay: Duration::from_millis(cfg.switch.drain_delay_ms),
         })
     }
 
@@ -246,8 +250,25 @@ impl Switch {
         }
     }
 
+    /// Drains: from now on `/readyz` answers 503; everything is served as before (new
+    /// connections too) for the drain delay or until `cut_short` completes, then the switch
+    /// shuts down.
+    pub async fn drain(self, cut_short: impl std::future::Future<Output = ()>) {
+        self.pipeline.drain().start();
+        info!(
+            delay_ms = u64::try_from(self.drain_delay.as_millis()).unwrap_or(u64::MAX),
+            "draining: not ready; serving until the drain delay is over"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(self.drain_delay) => {}
+            () = cut_short => info!("drain delay cut short"),
+        }
+        self.shutdown().await;
+    }
+
     /// Stops accepting, drains in-flight transactions (up to the grace period), signs off.
     pub async fn shutdown(self) {
+        self.pipeline.drain().start();
         self.stop_intake.cancel();
         self.sessions.close();
         if tokio::time::timeout(self.grace, self.sessions.wait())
@@ -463,6 +484,7 @@ fn ctx(
         framing,
         idle: Duration::from_millis(l.idle_timeout_ms.max(1)),
         per_connection: l.max_in_flight_per_connection,
+        proxy_protocol: l.proxy_protocol,
     }
 }
 
@@ -493,31 +515,58 @@ async fn accept_loop(
             stop.clone(),
             sessions.clone(),
         );
-        let span = info_span!("conn", listener = %ctx.name, %peer);
-        sessions.spawn(
-            async move {
-                let gauge =
-                    metrics::gauge!(crate::telemetry::CONNECTIONS, "listener" => ctx.name.clone());
-                gauge.increment(1.0);
-                match &ctx.tls {
-                    None => session(stream, &ctx, pipeline, stop, tracker).await,
-                    Some(acceptor) => match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        acceptor.0.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(tls)) => session(tls, &ctx, pipeline, stop, tracker).await,
-                        Ok(Err(e)) => warn!(error = %e, "TLS handshake failed"),
-                        Err(_) => warn!("TLS handshake timed out"),
-                    },
-                }
-                gauge.decrement(1.0);
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        sessions.spawn(async move {
+            let gauge =
+                metrics::gauge!(crate::telemetry::CONNECTIONS, "listener" => ctx.name.clone());
+            gauge.increment(1.0);
+            connection(stream, peer, &ctx, pipeline, stop, tracker).await;
+            gauge.decrement(1.0);
+            drop(permit);
+        });
     }
+}
+
+/// One accepted connection: its PROXY header when the listener wants one (the terminal's
+/// address then names the connection in logs), its TLS handshake, then its session.
+async fn connection(
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ctx: &ListenerCtx,
+    pipeline: Arc<Pipeline>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let terminal = if ctx.proxy_protocol {
+        match crate::net::proxy::read_header(&mut stream, peer).await {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(listener = %ctx.name, %peer, error = %e, "PROXY header refused; closing");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let span = if ctx.proxy_protocol {
+        info_span!("conn", listener = %ctx.name, peer = %terminal, via = %peer)
+    } else {
+        info_span!("conn", listener = %ctx.name, %peer)
+    };
+    async move {
+        match &ctx.tls {
+            None => session(stream, ctx, pipeline, stop, tracker).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.0.accept(stream)).await
+                {
+                    Ok(Ok(tls)) => session(tls, ctx, pipeline, stop, tracker).await,
+                    Ok(Err(e)) => warn!(error = %e, "TLS handshake failed"),
+                    Err(_) => warn!("TLS handshake timed out"),
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await;
 }
 
 /// One terminal connection: read frames, run each through the pipeline in its own task, write

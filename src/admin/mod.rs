@@ -3,6 +3,9 @@
 //! | route | what | token |
 //! |---|---|---|
 //! | `GET /metrics` | Prometheus text format | no |
+//! | `GET /healthz` | 200 while the process answers | no |
+//! | `GET /readyz` | 200 ready, 503 not ready (draining, journal not writable, links down): see [`crate::health`] | no |
+//! | `GET /api/readiness` | why, per endpoint (JSON) | yes |
 //! | `GET /` | the dashboard (HTML, no external assets) | yes |
 //! | `GET /api/status` | the dashboard's numbers once (JSON) | yes |
 //! | `GET /api/live` | the same every second (server-sent events) | yes |
@@ -46,8 +49,13 @@ use crate::telemetry;
 pub struct AdminSection {
     /// Where to listen.
     pub address: SocketAddr,
-    /// Bearer token for everything but `/metrics` (at least 16 characters).
+    /// Bearer token for everything but `/metrics`, `/healthz` and `/readyz` (at least 16
+    /// characters).
     pub token: String,
+    /// Which acquirer links `/readyz` needs up: `every` endpoint with a ready link (default),
+    /// `any` endpoint, or `ignore`.
+    #[serde(default)]
+    pub readiness_links: crate::health::ReadinessLinks,
 }
 
 const PAGE: &str = include_str!("dashboard.html");
@@ -60,6 +68,7 @@ struct AdminState {
     saf_depth: Arc<Mutex<BTreeMap<String, i64>>>,
     /// Ends the live streams, so that a shutdown does not wait for open dashboards.
     shutdown: CancellationToken,
+    readiness_links: crate::health::ReadinessLinks,
 }
 
 /// Binds the admin address and serves until `shutdown`; also refreshes the SAF depth gauge.
@@ -80,6 +89,7 @@ pub(crate) async fn start(
         prometheus: telemetry::handle(),
         saf_depth: Arc::new(Mutex::new(BTreeMap::new())),
         shutdown: shutdown.clone(),
+        readiness_links: cfg.readiness_links,
     };
     tracker.spawn(refresh(state.clone(), shutdown.clone()));
     let protected = Router::new()
@@ -92,9 +102,12 @@ pub(crate) async fn start(
         .route("/api/batches/{terminal}/{batch}", get(batch))
         .route("/api/fraud", get(fraud_rules))
         .route("/api/fraud/reload", axum::routing::post(fraud_reload))
+        .route("/api/readiness", get(readiness))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let app = Router::new()
         .route("/metrics", get(prometheus))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(protected)
         .with_state(state);
     info!(%addr, "admin listening");
@@ -190,6 +203,43 @@ async fn prometheus(State(state): State<AdminState>) -> Response {
             .into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "metrics are not enabled\n").into_response(),
     }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// 200 or 503, with the reasons by kind only (no endpoint names: the route needs no token).
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let r = state.pipeline.readiness(state.readiness_links);
+    if r.ready {
+        return (StatusCode::OK, "ready\n").into_response();
+    }
+    let mut why = Vec::new();
+    if r.draining {
+        why.push("draining");
+    }
+    if !r.journal_writable {
+        why.push("journal not writable");
+    }
+    if !r.draining && r.journal_writable {
+        why.push("acquirer links down");
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {}\n", why.join(", ")),
+    )
+        .into_response()
+}
+
+async fn readiness(State(state): State<AdminState>) -> Response {
+    let r = state.pipeline.readiness(state.readiness_links);
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(r)).into_response()
 }
 
 async fn page() -> Html<&'static str> {

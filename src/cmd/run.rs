@@ -77,23 +77,38 @@ pub(crate) async fn run(args: RunArgs, out: &mut dyn Write) -> Result<()> {
             });
         }
     }
-    wait_for_stop().await;
-    switch.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_stop() {
     #[cfg(unix)]
     {
+        // SIGTERM (a service manager, an orchestrator) drains; a second signal, or Ctrl-C,
+        // cuts the drain delay short. Ctrl-C alone stops at once.
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        let terminated = async {
+            match term.as_mut() {
+                Some(t) => t.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        let drain = tokio::select! {
+            _ = tokio::signal::ctrl_c() => false,
+            d = terminated => d,
+        };
+        if drain {
+            let again = async {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    () = async { if let Some(t) = term.as_mut() { t.recv().await; } } => {}
+                }
+            };
+            switch.drain(again).await;
+        } else {
+            switch.shutdown().await;
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        switch.shutdown().await;
     }
+    Ok(())
 }

@@ -340,6 +340,7 @@ async fn soak(args: &SoakArgs) -> Result<SoakReport> {
 [switch]
 node = "soak"
 shutdown_grace_ms = 5000
+drain_delay_ms = 0
 [journal]
 url = "{url}"
 mode = "{mode}"

@@ -3,6 +3,7 @@
 //! loop ([`connection`]).
 
 pub(crate) mod connection;
+pub(crate) mod proxy;
 pub(crate) mod write;
 
 use anyhow::{anyhow, Result};

@@ -146,6 +146,8 @@ pub struct Pipeline {
     batch_field: u8,
     /// The listeners whose terminals take partial approvals (DE39 10 with the approved DE4).
     partial_approvals: std::collections::HashSet<String>,
+    /// Set on SIGTERM: the node is no longer ready.
+    drain: crate::health::Drain,
 }
 
 impl Pipeline {
@@ -170,6 +172,7 @@ impl Pipeline {
             fraud: None,
             batch_field: 60,
             partial_approvals: std::collections::HashSet::new(),
+            drain: crate::health::Drain::default(),
         }
     }
 
@@ -241,6 +244,36 @@ impl Pipeline {
     #[must_use]
     pub fn journal(&self) -> &Journal {
         &self.journal
+    }
+
+    /// Whether the node is draining (see [`crate::health`]).
+    #[must_use]
+    pub fn drain(&self) -> &crate::health::Drain {
+        &self.drain
+    }
+
+    /// The node's readiness, with links counted as `links` asks.
+    #[must_use]
+    pub fn readiness(&self, links: crate::health::ReadinessLinks) -> crate::health::Readiness {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| crate::health::EndpointLinks {
+                endpoint: e.name().to_owned(),
+                ready: e
+                    .links()
+                    .iter()
+                    .filter(|l| l.state() == crate::upstream::LinkState::Ready)
+                    .count(),
+                links: e.links().len(),
+            })
+            .collect();
+        crate::health::Readiness::of(
+            self.drain.is_draining(),
+            !self.journal.breaker().is_open(),
+            links,
+            endpoints,
+        )
     }
 
     pub(super) fn endpoint(&self, name: &str) -> Option<&Arc<Endpoint>> {

@@ -303,6 +303,32 @@ impl SwitchProcess {
         }
     }
 
+    /// SIGTERM: the switch drains, then stops.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+
+    /// How the process ended, once it has, within `within`; `None` if it still runs.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `kill -9`: no shutdown, no flush.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -555,5 +581,83 @@ endpoint = "acq"
         let sw = self.launch().await;
         assert!(sw.wait_ready(Duration::from_secs(5)).await);
         sw
+    }
+}
+
+/// An HTTP GET (blocking, run off the runtime): status and body, `None` when nothing answers.
+pub async fn http_get(url: String, token: Option<&str>) -> Option<(u16, String)> {
+    let token = token.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let mut req = ureq::get(&url);
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut r = req
+            .config()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .call()
+            .ok()?;
+        Some((
+            r.status().as_u16(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+        ))
+    })
+    .await
+    .unwrap()
+}
+
+/// HAProxy (from the system, `haproxy` on the PATH) running `specs/haproxy.cfg`, its addresses
+/// set through the environment; killed when dropped.
+pub struct Haproxy {
+    child: std::process::Child,
+    /// Where terminals connect.
+    pub front: SocketAddr,
+    stats: SocketAddr,
+}
+
+impl Haproxy {
+    /// In front of two nodes, each given by its terminal listener and admin addresses.
+    pub fn start(nodes: [(SocketAddr, SocketAddr); 2]) -> Self {
+        let front = free_addr();
+        let stats = free_addr();
+        let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/specs/haproxy.cfg");
+        let [(a, a_admin), (b, b_admin)] = nodes;
+        let child = std::process::Command::new("haproxy")
+            .args(["-db", "-f", spec])
+            .env("CARDSWITCH_FRONT", front.to_string())
+            .env("CARDSWITCH_STATS", stats.to_string())
+            .env("CARDSWITCH_NODE_A", a.to_string())
+            .env("CARDSWITCH_NODE_A_ADMIN", a_admin.port().to_string())
+            .env("CARDSWITCH_NODE_B", b.to_string())
+            .env("CARDSWITCH_NODE_B_ADMIN", b_admin.port().to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            // Fails when HAProxy is not installed (Debian package `haproxy`; .ci/run installs it).
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            front,
+            stats,
+        }
+    }
+
+    /// HAProxy's view of server `name` of the nodes' backend (`UP`, `DOWN`, `MAINT` ...).
+    pub async fn status_of(&self, name: &str) -> Option<String> {
+        let (_, csv) = http_get(format!("http://{}/stats;csv", self.stats), None).await?;
+        csv.lines().find_map(|l| {
+            let mut cols = l.split(',');
+            (cols.next() == Some("switch_nodes") && cols.next() == Some(name))
+                .then(|| l.split(',').nth(17).unwrap_or("").to_owned())
+        })
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
