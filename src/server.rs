@@ -31,6 +31,7 @@ use cardswitch_codec::hsm::{KeyType, WrappedKey};
 
 use crate::config::{ListenerConfig, Validated};
 use crate::hsm::Hsm;
+use crate::journal::notify::Wake;
 use crate::journal::Journal;
 use crate::net::write::write_coalesced;
 use crate::pipeline::Pipeline;
@@ -170,6 +171,15 @@ impl Switch {
             })
             .unzip();
         keep_exchanged_keys(journal.clone(), key_rx, &run);
+        follow_keys(
+            journal.clone(),
+            config
+                .endpoints
+                .iter()
+                .filter_map(|e| e.security.clone().map(|s| (e.config.name.clone(), s)))
+                .collect(),
+            &run,
+        );
         let listener_security: HashMap<String, ListenerSecurity> = config
             .listeners
             .iter()
@@ -335,6 +345,71 @@ async fn open_days(
         run.stop_links.clone(),
     ));
     Ok(days)
+}
+
+/// How often stored keys are compared with the ones in use, for a notification missed while
+/// the listening connection was down (and on SQLite, which has none).
+const KEY_POLL: Duration = Duration::from_secs(30);
+
+/// Follows key exchanges that reached other nodes: a ZPK stored for an endpoint (under the LMK,
+/// with its check value) replaces the one in use when its check value differs. Told at once
+/// through PostgreSQL `LISTEN` ([`crate::journal::notify`]); every [`KEY_POLL`] as well.
+fn follow_keys(
+    journal: Journal,
+    endpoints: Vec<(String, Arc<crate::security::EndpointSecurity>)>,
+    run: &Running,
+) {
+    if endpoints.is_empty() {
+        return;
+    }
+    let stop = run.stop_links.clone();
+    run.links.spawn(async move {
+        let mut follower = crate::journal::notify::Follower::start(
+            journal.backend(),
+            crate::journal::notify::KEYS,
+            KEY_POLL,
+        )
+        .await;
+        loop {
+            let wake = tokio::select! {
+                () = stop.cancelled() => return,
+                w = follower.next() => w,
+            };
+            for (name, sec) in &endpoints {
+                if matches!(&wake, Wake::Told(o) if o != name) {
+                    continue;
+                }
+                follow_key(&journal, name, sec).await;
+            }
+        }
+    });
+}
+
+/// Takes the ZPK stored for endpoint `name` when it is not the one in use.
+async fn follow_key(journal: &Journal, name: &str, sec: &crate::security::EndpointSecurity) {
+    let stored = match journal.load_key(name, "zpk").await {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(endpoint = %name, error = %e, "stored ZPK not read");
+            return;
+        }
+    };
+    let (key, check) = stored;
+    if sec.zpk().is_some_and(|k| k.check == check) {
+        return;
+    }
+    match WrappedKey::parse(&key) {
+        Ok(key) => {
+            info!(endpoint = %name, check_value = %check, "ZPK changed by another node's key exchange: using it");
+            sec.set_zpk(Key {
+                key,
+                check,
+                kind: KeyType::ZPK,
+            });
+        }
+        Err(_) => tracing::error!(endpoint = %name, "stored ZPK unreadable; the one in use stays"),
+    }
 }
 
 /// Keys received in key exchanges are kept (under the LMK) for the next start.

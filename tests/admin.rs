@@ -372,3 +372,42 @@ fn json_logs_carry_the_spans_and_never_a_pan() {
         acq.stop().await;
     });
 }
+
+#[test]
+fn readiness_follows_the_acquirer_links_and_only_its_details_need_the_token() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (acq, sw, _pool) = start("pos").await;
+        let admin = sw.admin_addr().unwrap();
+        assert_eq!(get(format!("http://{admin}/healthz"), None).await.0, 200);
+        common::eventually(Duration::from_secs(5), "ready", || async {
+            get(format!("http://{admin}/readyz"), None).await.0 == 200
+        })
+        .await;
+        let details = format!("http://{admin}/api/readiness");
+        assert_eq!(get(details.clone(), None).await.0, 401);
+        let (code, body) = get(details.clone(), Some(TOKEN)).await;
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["ready"], true);
+        assert_eq!(v["endpoints"][0]["endpoint"], "acq");
+        assert_eq!(v["endpoints"][0]["ready"], 1);
+
+        // The acquirer goes away: not ready, for that reason, with no endpoint named.
+        acq.stop().await;
+        common::eventually(Duration::from_secs(5), "not ready", || async {
+            get(format!("http://{admin}/readyz"), None).await
+                == (503, "not ready: acquirer links down\n".to_owned())
+        })
+        .await;
+        let (code, body) = get(details, Some(TOKEN)).await;
+        assert_eq!(code, 503);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["ready"].clone(), v["draining"].clone()),
+            (false.into(), false.into())
+        );
+        assert_eq!(v["journal_writable"], true);
+        assert_eq!(v["endpoints"][0]["ready"], 0);
+        sw.shutdown().await;
+    });
+}

@@ -410,3 +410,58 @@ fn a_hung_hsm_connection_is_made_again() {
         sim.stop().await;
     });
 }
+
+#[test]
+fn a_key_exchange_on_one_node_changes_the_zpk_of_every_node() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let TestDb(url, _pool, _schema) = pg_schema("hsm_kx_nodes").await;
+        let sim = hsm_sim("127.0.0.1:0".parse().unwrap()).await;
+        let acq = acquirer().await;
+        let hsm = sim.local_addr().to_string();
+        let a = config(&url, &acq.local_addr().to_string(), &hsm)
+            .set("switch", "node", "kx-a")
+            .start()
+            .await;
+        // Node b's link goes through a relay that is not there yet: the acquirer's key change
+        // reaches node a only.
+        let later = common::free_addr();
+        let b = config(&url, &later.to_string(), &hsm)
+            .set("switch", "node", "kx-b")
+            .launch()
+            .await;
+        let mut ta = Terminal::connect(a.listener_addrs()[0], "1234").await;
+        assert_eq!(
+            ta.exchange(request(1_000, 1), false).await.get_str(39),
+            Some("00")
+        );
+        let answer = acq.change_zpk(161, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(answer.as_deref(), Some("00"));
+        common::tcp_relay(later, acq.local_addr()).await;
+
+        // Node b translates PINs under the new ZPK at once (the acquirer verifies under it).
+        let mut tb = Terminal::connect(b.listener_addrs()[0], "1234").await;
+        // (Stored key changes are also polled, every 30 s: within 2 s it is the notification.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut codes = Vec::new();
+        for stan in 10.. {
+            let code = tb.exchange(request(1_000, stan), false).await;
+            codes.push(code.get_str(39).unwrap_or("").to_owned());
+            if codes.last().is_some_and(|c| c == "00") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node b answered {codes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            ta.exchange(request(1_000, 99), false).await.get_str(39),
+            Some("00")
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+        acq.stop().await;
+        sim.stop().await;
+    });
+}

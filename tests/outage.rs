@@ -35,10 +35,14 @@ enum Cut {
     AfterCommit,
 }
 
+/// What the relay cuts: the next COMMIT, or with `on`, the next COMMIT of a transaction in
+/// which those bytes were sent (a statement naming a table).
+type Armed = Arc<Mutex<Option<(Cut, Option<&'static [u8]>)>>>;
+
 /// A TCP relay between the switch and PostgreSQL that cuts a connection at its next COMMIT.
 struct PgRelay {
     addr: SocketAddr,
-    armed: Arc<Mutex<Option<Cut>>>,
+    armed: Armed,
     fired: Arc<Mutex<u32>>,
 }
 
@@ -61,7 +65,12 @@ impl PgRelay {
     }
 
     fn arm(&self, cut: Cut) {
-        *self.armed.lock().unwrap() = Some(cut);
+        *self.armed.lock().unwrap() = Some((cut, None));
+    }
+
+    /// Cuts the next COMMIT of a transaction that sent `on` (other commits pass).
+    fn arm_on(&self, cut: Cut, on: &'static [u8]) {
+        *self.armed.lock().unwrap() = Some((cut, Some(on)));
     }
 
     fn fired(&self) -> u32 {
@@ -76,14 +85,11 @@ impl PgRelay {
     }
 }
 
-async fn relay(
-    mut client: TcpStream,
-    mut server: TcpStream,
-    armed: Arc<Mutex<Option<Cut>>>,
-    fired: Arc<Mutex<u32>>,
-) {
+async fn relay(mut client: TcpStream, mut server: TcpStream, armed: Armed, fired: Arc<Mutex<u32>>) {
     let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
     let mut mute_until: Option<tokio::time::Instant> = None;
+    // What this connection sent since its last COMMIT.
+    let mut sent: Vec<u8> = Vec::new();
     loop {
         let cut_at = mute_until;
         tokio::select! {
@@ -93,9 +99,20 @@ async fn relay(
                     return;
                 }
                 let chunk = &a[..n];
+                if sent.len() > 1 << 20 {
+                    sent.clear();
+                }
+                sent.extend_from_slice(chunk);
                 let commit = chunk.windows(7).any(|w| w == b"COMMIT\0");
                 if commit && mute_until.is_none() {
-                    let cut = armed.lock().unwrap().take();
+                    let cut = {
+                        let mut armed = armed.lock().unwrap();
+                        let wanted = armed.is_some_and(|(_, on)| {
+                            on.is_none_or(|on| sent.windows(on.len()).any(|w| w == on))
+                        });
+                        if wanted { armed.take().map(|(cut, _)| cut) } else { None }
+                    };
+                    sent.clear();
                     if let Some(cut) = cut {
                         *fired.lock().unwrap() += 1;
                         if cut == Cut::BeforeCommit {
@@ -308,7 +325,8 @@ async fn a_stand_in_approval_that_cannot_be_recorded_sends_no_advice() {
     let stood_in = t.exchange(&request(1_000, 1, "000000000031")).await;
     assert_eq!(rc(&stood_in), "00");
 
-    relay.arm(Cut::BeforeCommit);
+    // The journal's commit (a store-and-forward retry may commit first).
+    relay.arm_on(Cut::BeforeCommit, b"transactions");
     let reply = t.exchange(&request(2_000, 2, "000000000032")).await;
     assert_eq!(relay.fired(), 1);
     assert_eq!(rc(&reply), "96");

@@ -1016,3 +1016,54 @@ fn a_partial_approval_charges_what_the_acquirer_approved() {
         let _ = std::fs::remove_file(path);
     });
 }
+
+#[test]
+fn a_cutover_on_one_node_moves_the_business_date_of_every_node() {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let TestDb(url, pool, _schema) = pg_schema("cutover_nodes").await;
+        let acq = acquirer(None).await;
+        let a = config(&url, &acq)
+            .set("switch", "node", "cut-a")
+            .start()
+            .await;
+        // Node b has no link (its acquirer's address has nothing behind it): the acquirer's
+        // 0800 reaches node a only, and node b's rows carry its own open date, not one from a
+        // reply.
+        let nowhere = common::free_addr();
+        let b = SwitchConfig::new(&url, nowhere)
+            .keys()
+            .set("journal", "pan_hmac_key", KEY)
+            .set("switch", "node", "cut-b")
+            .launch()
+            .await;
+        let old = acq.business_date();
+        let (closed, answer) = acq.cutover(Duration::from_secs(3)).await.unwrap();
+        assert_eq!((closed, answer.as_deref()), (old, Some("00")));
+        // Node b dates its next request on the new day at once (its poll is every 30 s).
+        let new = format_date(old.next_day().unwrap());
+        let mut t = Terminal::connect(b.listener_addrs()[0]).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        for stan in 1.. {
+            let rrn = format!("00000000{:04}", 400 + stan);
+            let reply = t.exchange(&sale(1_000, stan, &rrn, "000001", false)).await;
+            assert_eq!(rc(&reply), "91", "no link");
+            let date: String =
+                sqlx::query_scalar("SELECT business_date FROM transactions WHERE rrn = $1")
+                    .bind(&rrn)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if date == new {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node b still dates {date}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+        acq.stop().await;
+    });
+}

@@ -1,7 +1,10 @@
-//! Keys received in key exchanges, kept under the LMK (table `security_keys`).
+//! Keys received in key exchanges, kept under the LMK (table `security_keys`). On PostgreSQL
+//! the write also notifies channel [`super::notify::KEYS`] with the owner's name, in the same
+//! statement, so that every node follows a key exchange that reached one of them at once.
 
 use super::db::Statement;
-use super::{now_us, Journal};
+use super::notify::KEYS;
+use super::{now_us, Backend, Journal};
 
 impl Journal {
     /// Keeps a key received for `owner` (an endpoint), replacing the one before.
@@ -20,7 +23,15 @@ impl Journal {
             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (owner, kind) DO UPDATE SET \
             key_lmk = excluded.key_lmk, check_value = excluded.check_value, \
             changed_at_us = excluded.changed_at_us, node = excluded.node";
-        let st = Statement::new(SQL)
+        let sql = match self.backend() {
+            // The notification is delivered when the write commits, never without it.
+            Backend::Postgres(_) => format!(
+                "WITH kept AS ({SQL} RETURNING owner) \
+                 SELECT pg_notify('{KEYS}', owner) FROM kept"
+            ),
+            Backend::Sqlite(_) => SQL.to_owned(),
+        };
+        let st = Statement::new(sql)
             .bind(owner)
             .bind(kind)
             .bind(key_lmk)

@@ -44,6 +44,7 @@ mod ids;
 mod keys;
 pub mod lookup;
 pub mod node;
+pub mod notify;
 mod row;
 pub mod saf;
 mod secrets;

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cardswitch_codec::{Mti, ResponseCode};
 use time::{Date, Duration as Days, OffsetDateTime, Time};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::journal::db::Statement;
 use crate::journal::Backend;
@@ -274,19 +274,26 @@ pub async fn stored_day(backend: &Backend, endpoint: &str) -> Result<Option<Date
     stored.as_deref().map(parse_date).transpose()
 }
 
-/// Follows cutovers recorded by other switch nodes on the same database: every few seconds the
-/// stored date of each endpoint is read and the open date moved forward to it.
+/// Follows cutovers recorded by other switch nodes on the same database: told at once through
+/// PostgreSQL `LISTEN` ([`crate::journal::notify::CUTOVERS`]), and every 30 s, the stored date of
+/// each endpoint is read and the open date moved forward to it.
 pub async fn follow_days(
     backend: Backend,
     days: Vec<(String, Arc<BusinessDay>)>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    use crate::journal::notify::{Follower, Wake, CUTOVERS};
+    let mut follower =
+        Follower::start(&backend, CUTOVERS, std::time::Duration::from_secs(30)).await;
     loop {
-        tokio::select! {
+        let wake = tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-        }
+            w = follower.next() => w,
+        };
         for (endpoint, day) in &days {
+            if matches!(&wake, Wake::Told(e) if e != endpoint) {
+                continue;
+            }
             if let Ok(Some(stored)) = stored_day(&backend, endpoint).await {
                 if let Some((closed, opened)) = day.advance(Some(stored)) {
                     info!(endpoint = %endpoint, closed = %format_date(closed), opened = %format_date(opened), "business date moved on by another node");
@@ -314,6 +321,12 @@ pub async fn record_cutover(backend: &Backend, node: &str, c: &Cutover) -> Resul
     .bind(node)
     .bind(now);
     backend.execute(&st).await?;
+    // The other nodes move on at once (and within their 30 s poll if this is lost).
+    if let Err(e) =
+        crate::journal::notify::notify(backend, crate::journal::notify::CUTOVERS, &c.endpoint).await
+    {
+        warn!(endpoint = %c.endpoint, error = %e, "cutover not notified; other nodes follow by their poll");
+    }
     Ok(())
 }
 

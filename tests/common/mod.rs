@@ -661,3 +661,17 @@ impl Drop for Haproxy {
         let _ = self.child.wait();
     }
 }
+
+/// Relays every connection made to `listen` to `to`, from now on (a link that comes up later).
+pub async fn tcp_relay(listen: SocketAddr, to: SocketAddr) {
+    let l = tokio::net::TcpListener::bind(listen).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut out) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+}
