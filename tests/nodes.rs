@@ -212,3 +212,71 @@ async fn a_proxy_protocol_listener_serves_after_the_header_and_closes_a_connecti
     sw.shutdown().await;
     acq.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_and_its_copy_on_two_nodes_behind_haproxy_are_charged_once() {
+    let TestDb(url, pool, _schema) = pg_schema("nodes_dup").await;
+    // The acquirer answers after 300 ms: the copy arrives at the other node while the first is
+    // in flight.
+    let acq = acquirer_with(Rules {
+        latency: cardswitch_simulators::acquirer::Latency {
+            min_ms: 300,
+            max_ms: 300,
+        },
+        ..Rules::default_rules()
+    })
+    .await;
+    let (admin_a, admin_b) = (free_addr(), free_addr());
+    let a = SwitchProcess::start(node(&url, acq.local_addr(), "node-a", admin_a), "dup-a").await;
+    let b = SwitchProcess::start(node(&url, acq.local_addr(), "node-b", admin_b), "dup-b").await;
+    let proxy = Haproxy::start([(a.addr, admin_a), (b.addr, admin_b)]);
+    for name in ["node-a", "node-b"] {
+        eventually(
+            Duration::from_secs(10),
+            "HAProxy sees the node up",
+            || async { proxy.status_of(name).await.as_deref() == Some("UP") },
+        )
+        .await;
+    }
+    // Two connections through HAProxy, one on each node (leastconn).
+    let mut t1 = Terminal::connect(proxy.front).await;
+    assert_eq!(
+        rc(&t1.exchange(&request(1_000, 1, "U00000000001")).await),
+        "00"
+    );
+    let mut t2 = Terminal::connect(proxy.front).await;
+    assert_eq!(
+        rc(&t2.exchange(&request(1_000, 2, "U00000000002")).await),
+        "00"
+    );
+    assert_eq!(
+        rows_by_node(&pool, "U").await,
+        (1, 1),
+        "one connection per node"
+    );
+
+    let original = request(2_500, 3, "U00000000003");
+    t1.send(&original).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t2.send(&original).await;
+    let (first, copy) = (t1.recv().await, t2.recv().await);
+    assert_eq!(rc(&first), "00");
+    assert_eq!(
+        (rc(&copy), copy.auth_code()),
+        ("00".to_owned(), first.auth_code())
+    );
+    let charged = acq
+        .ledger()
+        .iter()
+        .filter(|e| e.rrn == "U00000000003")
+        .count();
+    assert_eq!(charged, 1, "the acquirer saw it once");
+    // The same keys with other content, on either node: 94.
+    let mut other = original.clone();
+    other.set_amount(9_999);
+    assert_eq!(rc(&t1.exchange(&other).await), "94");
+    assert_eq!(rc(&t2.exchange(&other).await), "94");
+    assert_eq!(acq.ledger().len(), 3);
+    drop((proxy, a, b));
+    acq.stop().await;
+}
