@@ -34,22 +34,10 @@ async fn start(listener: &str) -> (Acquirer, Switch, TestDb) {
 
 /// GET with an optional token: status and body.
 async fn get(url: String, token: Option<&str>) -> (u16, String) {
-    let token = token.map(str::to_owned);
-    tokio::task::spawn_blocking(move || {
-        let mut req = ureq::get(&url);
-        if let Some(t) = token {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        match req.config().http_status_as_error(false).build().call() {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                r.body_mut().read_to_string().unwrap_or_default(),
-            ),
-            Err(e) => panic!("GET {url}: {e}"),
-        }
-    })
-    .await
-    .unwrap()
+    match common::http_get(url.clone(), token).await {
+        Some(r) => r,
+        None => panic!("GET {url}: no answer"),
+    }
 }
 
 /// The value of one Prometheus sample line, by metric name and labels.

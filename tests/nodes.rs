@@ -60,14 +60,7 @@ async fn a_sigterm_takes_a_node_out_of_haproxy_at_once_and_loses_no_request() {
         .await;
     }
     let proxy = Haproxy::start([(a.addr, admin_a), (b.addr, admin_b)]);
-    for name in ["node-a", "node-b"] {
-        eventually(
-            Duration::from_secs(10),
-            "HAProxy sees the node up",
-            || async { proxy.status_of(name).await.as_deref() == Some("UP") },
-        )
-        .await;
-    }
+    proxy.wait_up().await;
 
     // Four terminals through HAProxy: leastconn spreads them over both nodes.
     let mut terminals = Vec::new();
@@ -230,14 +223,7 @@ async fn a_request_and_its_copy_on_two_nodes_behind_haproxy_are_charged_once() {
     let a = SwitchProcess::start(node(&url, acq.local_addr(), "node-a", admin_a), "dup-a").await;
     let b = SwitchProcess::start(node(&url, acq.local_addr(), "node-b", admin_b), "dup-b").await;
     let proxy = Haproxy::start([(a.addr, admin_a), (b.addr, admin_b)]);
-    for name in ["node-a", "node-b"] {
-        eventually(
-            Duration::from_secs(10),
-            "HAProxy sees the node up",
-            || async { proxy.status_of(name).await.as_deref() == Some("UP") },
-        )
-        .await;
-    }
+    proxy.wait_up().await;
     // Two connections through HAProxy, one on each node (leastconn).
     let mut t1 = Terminal::connect(proxy.front).await;
     assert_eq!(

@@ -204,7 +204,8 @@ impl Pipeline {
             .upstream_stan
             .parse()
             .context("the upstream STAN is not a number")?;
-        let mut o = if f.mti.starts_with("04") {
+        let reversal = f.mti.starts_with("04");
+        let mut o = if reversal {
             self.recovered_reversal(f, &request, endpoint).await?
         } else {
             let pan = build::card_pan(&request).context("no card number")?;
@@ -246,7 +247,6 @@ impl Pipeline {
         if let Some(k) = &f.dkey {
             change.dedup_done = Some((k.clone(), Decision::of(&o.reply).seal(&self.journal)));
         }
-        let reversal = f.mti.starts_with("04");
         let committed = self.journal.submit(change).await;
         anyhow::ensure!(committed.ok, "the journal commit failed");
         if !reversal {
@@ -265,9 +265,6 @@ impl Pipeline {
         request: &cardswitch_codec::Message,
         endpoint: &crate::upstream::Endpoint,
     ) -> Result<Outcome> {
-        let reply = request
-            .response_with(cardswitch_codec::ResponseCode::APPROVED)
-            .context("no reply to the reversal")?;
         let original = self
             .journal
             .find_original(&super::reversal::keys_of(request))
@@ -279,19 +276,19 @@ impl Pipeline {
                 txn = f.txn_id,
                 "recovered reversal: its original is no longer journaled"
             );
+            let reply = request
+                .response_with(cardswitch_codec::ResponseCode::APPROVED)
+                .context("no reply to the reversal")?;
             return Ok(Outcome::new(reply, DecidedBy::Switch, TxnState::Orphan));
         };
-        let effect = build::reversal_effect(
-            original.amount_minor.unwrap_or(0),
-            original.amount_reversed_minor.unwrap_or(0),
-            request.get_str(95),
-        );
-        let mut o = Outcome::new(reply, DecidedBy::Switch, TxnState::Duplicate);
-        o.original_id = Some(original.id);
-        let Some((to, total)) = effect.filter(|_| original.state.is_charged()) else {
-            return Ok(o);
+        let ack = |state| {
+            super::reversal::acknowledged(request, &original, state)
+                .context("no reply to the reversal")
         };
-        o.state = to;
+        let Some((to, total)) = super::reversal::effect_on(&original, request) else {
+            return ack(TxnState::Duplicate);
+        };
+        let mut o = ack(to)?;
         let sent = (f.acquirer_id.as_deref(), f.forwarding_id.as_deref());
         let outgoing = build::outgoing_reversal(request, &original, sent);
         self.queue_reversal(&mut o, &outgoing, endpoint, f.txn_id, &original);

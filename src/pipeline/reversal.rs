@@ -72,30 +72,12 @@ impl Pipeline {
         let Some(original) = original else {
             return self.orphan(request, txn_id, pan, is_advice);
         };
-        let ok = |state: TxnState| {
-            let mut o = Outcome::new(
-                request.response_with(ResponseCode::APPROVED)?,
-                DecidedBy::Switch,
-                state,
-            );
-            o.original_id = Some(original.id);
-            Some(o)
-        };
-        // Only money that stands can be reversed.
-        if !original.state.is_charged() {
-            // Reversed already, declined, or its reversal is queued: nothing changes.
-            return ok(TxnState::Duplicate);
-        }
-        let Some((to, total)) = build::reversal_effect(
-            original.amount_minor.unwrap_or(0),
-            original.amount_reversed_minor.unwrap_or(0),
-            request.get_str(95),
-        ) else {
-            return ok(TxnState::Duplicate);
+        let Some((to, total)) = effect_on(&original, request) else {
+            return acknowledged(request, &original, TxnState::Duplicate);
         };
         let endpoint = original.endpoint.as_deref().and_then(|n| self.endpoint(n));
         let mut outcome = match endpoint {
-            None => ok(to)?,
+            None => acknowledged(request, &original, to)?,
             Some(endpoint) => {
                 let (o, taken) = self.forward_reversal(card, &original, endpoint, to).await?;
                 if !taken {
@@ -126,20 +108,11 @@ impl Pipeline {
             began,
             ..
         } = *card;
-        let acknowledged = || {
-            let mut o = Outcome::new(
-                request.response_with(ResponseCode::APPROVED)?,
-                DecidedBy::Switch,
-                to,
-            );
-            o.original_id = Some(original.id);
-            Some(o)
-        };
         let outgoing = build::outgoing_reversal(request, original, endpoint.sent_ids(request));
         let mut queue = false;
         let mut o = if request.mti().function() == 2 {
             queue = true;
-            acknowledged()?
+            acknowledged(request, original, to)?
         } else {
             // Written down before it goes on a link, as a request is: if the switch dies before
             // the outcome is recorded, recovery repeats it as a 0420.
@@ -172,7 +145,7 @@ impl Pipeline {
                 // terminal is done.
                 _ => {
                     queue = true;
-                    acknowledged()?
+                    acknowledged(request, original, to)?
                 }
             }
         };
@@ -291,6 +264,35 @@ impl Pipeline {
         }
         Some(o)
     }
+}
+
+/// What reversal `request` does to `original`: its new state and the total reversed; `None`
+/// when nothing changes (only money that stands can be reversed: reversed already, declined,
+/// or its reversal queued, or no amount left to reverse).
+pub(super) fn effect_on(original: &Original, request: &Message) -> Option<(TxnState, i64)> {
+    if !original.state.is_charged() {
+        return None;
+    }
+    build::reversal_effect(
+        original.amount_minor.unwrap_or(0),
+        original.amount_reversed_minor.unwrap_or(0),
+        request.get_str(95),
+    )
+}
+
+/// The switch's 00 to reversal `request` of `original`, with the reversal in `state`.
+pub(super) fn acknowledged(
+    request: &Message,
+    original: &Original,
+    state: TxnState,
+) -> Option<Outcome> {
+    let mut o = Outcome::new(
+        request.response_with(ResponseCode::APPROVED)?,
+        DecidedBy::Switch,
+        state,
+    );
+    o.original_id = Some(original.id);
+    Some(o)
 }
 
 /// How a terminal's reversal names its original: DE41, and the STAN and DE7 from DE90 (or DE37

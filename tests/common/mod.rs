@@ -644,6 +644,18 @@ impl Haproxy {
         }
     }
 
+    /// Waits until HAProxy's health checks see both nodes up.
+    pub async fn wait_up(&self) {
+        for name in ["node-a", "node-b"] {
+            eventually(
+                Duration::from_secs(10),
+                "HAProxy sees the node up",
+                || async { self.status_of(name).await.as_deref() == Some("UP") },
+            )
+            .await;
+        }
+    }
+
     /// HAProxy's view of server `name` of the nodes' backend (`UP`, `DOWN`, `MAINT` ...).
     pub async fn status_of(&self, name: &str) -> Option<String> {
         let (_, csv) = http_get(format!("http://{}/stats;csv", self.stats), None).await?;
