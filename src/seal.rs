@@ -84,7 +84,7 @@ impl Sealer {
     /// The sealed form of `clear`.
     #[must_use]
     pub fn seal(&self, clear: &[u8]) -> String {
-        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let nonce = Aes256Gcm::generate_nonce(&mut rand::thread_rng());
         // Encryption with a 12-byte nonce into a Vec cannot fail.
         let sealed = self.cipher.encrypt(&nonce, clear).unwrap_or_default();
         let mut out = String::with_capacity(self.id.len() + 1 + 2 * (NONCE + sealed.len()));

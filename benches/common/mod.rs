@@ -181,3 +181,73 @@ pub fn switch_config(
         .route("541333")
         .write(&format!("bench-{tag}"))
 }
+
+/// What the database did over a run: commits of the whole server, WAL written, and the CPU time
+/// of its processes (only those alive at both ends: backends of long-lived pools).
+pub struct DbMeter {
+    commits: f64,
+    wal: f64,
+    cpu: std::collections::HashMap<u32, f64>,
+}
+
+/// A [`DbMeter`] reading's differences: commits, WAL bytes, PostgreSQL CPU seconds.
+pub struct DbWork {
+    pub commits: f64,
+    pub wal_bytes: f64,
+    pub cpu_s: f64,
+}
+
+fn postgres_cpu() -> std::collections::HashMap<u32, f64> {
+    let mut cpu = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "postgres" {
+            cpu.insert(pid, cpu_seconds(pid));
+        }
+    }
+    cpu
+}
+
+impl DbMeter {
+    pub fn start(rt: &tokio::runtime::Runtime) -> Self {
+        // Backends report their commits at most once a second.
+        std::thread::sleep(Duration::from_millis(1500));
+        let (commits, wal) = db_counters(rt);
+        Self {
+            commits,
+            wal,
+            cpu: postgres_cpu(),
+        }
+    }
+
+    /// The work since [`DbMeter::start`] (after the statistics collector caught up).
+    pub fn stop(self, rt: &tokio::runtime::Runtime) -> DbWork {
+        let after = postgres_cpu();
+        std::thread::sleep(Duration::from_millis(1500));
+        let (commits, wal) = db_counters(rt);
+        let cpu_s = after
+            .iter()
+            .filter_map(|(pid, s)| self.cpu.get(pid).map(|b| s - b))
+            .sum();
+        DbWork {
+            commits: commits - self.commits,
+            wal_bytes: wal - self.wal,
+            cpu_s,
+        }
+    }
+}
+
+fn db_counters(rt: &tokio::runtime::Runtime) -> (f64, f64) {
+    let row = query_text(
+        rt,
+        &pg_url(),
+        "SELECT (SELECT sum(xact_commit) FROM pg_stat_database)::text || ' ' || \
+         pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::text",
+    );
+    let text = row.first().cloned().unwrap_or_default();
+    let mut it = text.split(' ').map(|v| v.parse::<f64>().unwrap_or(0.0));
+    (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0))
+}

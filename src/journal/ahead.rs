@@ -204,6 +204,9 @@ async fn insert(
     sync: bool,
     batch: &[Job],
 ) -> Result<(), sqlx::Error> {
+    if backend.is_postgres() {
+        return insert_pg(backend, relaxed, node, sync, batch).await;
+    }
     let mut st = Statement::new(format!("INSERT INTO forwards ({COLUMNS}) VALUES "));
     st.tuples(batch, |j| {
         let f = &j.forward;
@@ -230,6 +233,79 @@ async fn insert(
             Arg::from(f.created_us),
         ]
     });
+    if sync {
+        backend.execute(&st).await?;
+    } else {
+        relaxed.execute(&st).await?;
+    }
+    Ok(())
+}
+
+/// [`insert`] on PostgreSQL: one array per column, so that the statement's text (and its
+/// prepared plan) is the same whatever the batch size.
+async fn insert_pg(
+    backend: &Backend,
+    relaxed: &mut Relaxed,
+    node: &str,
+    sync: bool,
+    batch: &[Job],
+) -> Result<(), sqlx::Error> {
+    fn texts<'a>(
+        batch: &'a [Job],
+        f: impl Fn(&'a Forward) -> Option<&'a str>,
+    ) -> Vec<Option<&'a str>> {
+        batch.iter().map(|j| f(&j.forward)).collect()
+    }
+    fn ints(batch: &[Job], f: impl Fn(&Forward) -> Option<i64>) -> Vec<Option<i64>> {
+        batch.iter().map(|j| f(&j.forward)).collect()
+    }
+    let txn_id = ints(batch, |f| Some(f.txn_id));
+    let endpoint = texts(batch, |f| Some(&f.endpoint));
+    let link = texts(batch, |f| Some(&f.link));
+    let mti = texts(batch, |f| Some(&f.mti));
+    let upstream_stan = texts(batch, |f| Some(&f.upstream_stan));
+    let transmission_time = texts(batch, |f| f.transmission_time.as_deref());
+    let acquirer_id = texts(batch, |f| f.acquirer_id.as_deref());
+    let forwarding_id = texts(batch, |f| f.forwarding_id.as_deref());
+    let amount_minor = ints(batch, |f| f.amount_minor);
+    let currency = texts(batch, |f| f.currency.as_deref());
+    let terminal_id = texts(batch, |f| f.terminal_id.as_deref());
+    let terminal_stan = texts(batch, |f| f.terminal_stan.as_deref());
+    let terminal_time = texts(batch, |f| f.terminal_time.as_deref());
+    let rrn = texts(batch, |f| f.rrn.as_deref());
+    let dkey = texts(batch, |f| f.dkey.as_deref());
+    let listener = texts(batch, |f| Some(&f.listener));
+    let pan_hmac = texts(batch, |f| f.pan_hmac.as_deref());
+    let payload = texts(batch, |f| Some(&f.payload));
+    let created_us = ints(batch, |f| Some(f.created_us));
+    let st = Statement::new(format!(
+        "INSERT INTO forwards ({COLUMNS}) \
+         SELECT c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, $19, c20 \
+         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::text[], $9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], \
+         $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $20::bigint[]) \
+         AS u(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c20)"
+    ))
+    .bind(Arg::Ints(&txn_id))
+    .bind(Arg::Texts(&endpoint))
+    .bind(Arg::Texts(&link))
+    .bind(Arg::Texts(&mti))
+    .bind(Arg::Texts(&upstream_stan))
+    .bind(Arg::Texts(&transmission_time))
+    .bind(Arg::Texts(&acquirer_id))
+    .bind(Arg::Texts(&forwarding_id))
+    .bind(Arg::Ints(&amount_minor))
+    .bind(Arg::Texts(&currency))
+    .bind(Arg::Texts(&terminal_id))
+    .bind(Arg::Texts(&terminal_stan))
+    .bind(Arg::Texts(&terminal_time))
+    .bind(Arg::Texts(&rrn))
+    .bind(Arg::Texts(&dkey))
+    .bind(Arg::Texts(&listener))
+    .bind(Arg::Texts(&pan_hmac))
+    .bind(Arg::Texts(&payload))
+    .bind(node)
+    .bind(Arg::Ints(&created_us));
     if sync {
         backend.execute(&st).await?;
     } else {

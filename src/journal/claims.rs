@@ -204,22 +204,39 @@ async fn insert(
     batch: &[Request],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let now = now_us();
-    let mut st = Statement::new(
-        "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) VALUES ",
-    );
     // Each key once (a statement may not touch a row twice); the first request carrying it.
     let mut seen = HashSet::new();
     let unique: Vec<&Request> = batch.iter().filter(|r| seen.insert(&r.key)).collect();
-    st.tuples(unique, |r| {
-        [
-            Arg::from(&r.key),
-            Arg::from(&r.hash),
-            Arg::from(r.txn_id),
-            Arg::from(node),
-            Arg::from("in_flight"),
-            Arg::from(now),
-        ]
-    });
+    let keys: Vec<Option<&str>> = unique.iter().map(|r| Some(r.key.as_str())).collect();
+    let hashes: Vec<Option<&str>> = unique.iter().map(|r| Some(r.hash.as_str())).collect();
+    let ids: Vec<Option<i64>> = unique.iter().map(|r| Some(r.txn_id)).collect();
+    let mut st = if relaxed.is_postgres() {
+        // One statement text whatever the batch size: prepared and planned once per session.
+        Statement::new(
+            "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) \
+             SELECT k, h, i, $4, 'in_flight', $5 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(k, h, i)",
+        )
+        .bind(Arg::Texts(&keys))
+        .bind(Arg::Texts(&hashes))
+        .bind(Arg::Ints(&ids))
+        .bind(node)
+        .bind(now)
+    } else {
+        let mut st = Statement::new(
+            "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, created_us) VALUES ",
+        );
+        st.tuples(&unique, |r| {
+            [
+                Arg::from(&r.key),
+                Arg::from(&r.hash),
+                Arg::from(r.txn_id),
+                Arg::from(node),
+                Arg::from("in_flight"),
+                Arg::from(now),
+            ]
+        });
+        st
+    };
     // A key already claimed by this same transaction counts as new: the statement sent again
     // after a lost connection (whose first attempt may have committed) claims nothing twice.
     st.push(

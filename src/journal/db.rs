@@ -23,6 +23,11 @@ pub enum Arg<'a> {
     Text(Option<&'a str>),
     /// An integer, or NULL.
     Int(Option<i64>),
+    /// A PostgreSQL `text[]` (a whole batch in one placeholder: the statement's text, and so
+    /// its prepared plan, is the same whatever the batch size). PostgreSQL only.
+    Texts(&'a [Option<&'a str>]),
+    /// A PostgreSQL `bigint[]`. PostgreSQL only.
+    Ints(&'a [Option<i64>]),
 }
 
 impl<'a> From<&'a str> for Arg<'a> {
@@ -147,6 +152,8 @@ impl<'a> Statement<'a> {
             .fold(sqlx::query(&self.sql), |q, a| match *a {
                 Arg::Text(v) => q.bind(v),
                 Arg::Int(v) => q.bind(v),
+                Arg::Texts(v) => q.bind(v),
+                Arg::Ints(v) => q.bind(v),
             })
     }
 
@@ -157,6 +164,9 @@ impl<'a> Statement<'a> {
             .fold(sqlx::query(&self.sql), |q, a| match *a {
                 Arg::Text(v) => q.bind(v),
                 Arg::Int(v) => q.bind(v),
+                // SQLite has no arrays; statements with them are written for PostgreSQL only
+                // (and would not prepare on SQLite anyway).
+                Arg::Texts(_) | Arg::Ints(_) => q.bind(None::<&str>),
             })
     }
 }
@@ -212,6 +222,12 @@ pub enum DbTx {
 }
 
 impl DbTx {
+    /// Whether this is PostgreSQL (whose statements may bind arrays).
+    #[must_use]
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Pg(_))
+    }
+
     /// Runs `st`; the rows it changed.
     pub async fn execute(&mut self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
         Ok(match self {
@@ -250,6 +266,12 @@ impl DbTx {
 }
 
 impl Backend {
+    /// Whether this is PostgreSQL (whose statements may bind arrays).
+    #[must_use]
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+
     /// Runs `st`; the rows it changed.
     pub async fn execute(&self, st: &Statement<'_>) -> Result<u64, sqlx::Error> {
         Ok(match self {
@@ -364,6 +386,12 @@ impl Relaxed {
             Backend::Postgres(p) => Self::Pg(p.clone(), None),
             Backend::Sqlite(p) => Self::Lite(p.clone()),
         }
+    }
+
+    /// Whether the session is on PostgreSQL (whose statements may bind arrays).
+    #[must_use]
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Pg(..))
     }
 
     /// The session's connection, opened when there is none.
