@@ -233,10 +233,20 @@ async fn insert(
             Arg::from(f.created_us),
         ]
     });
+    send(backend, relaxed, sync, &st).await
+}
+
+/// Runs the batch's statement: on the relaxed session, or with `sync` as an ordinary commit.
+async fn send(
+    backend: &Backend,
+    relaxed: &mut Relaxed,
+    sync: bool,
+    st: &Statement<'_>,
+) -> Result<(), sqlx::Error> {
     if sync {
-        backend.execute(&st).await?;
+        backend.execute(st).await?;
     } else {
-        relaxed.execute(&st).await?;
+        relaxed.execute(st).await?;
     }
     Ok(())
 }
@@ -306,12 +316,7 @@ async fn insert_pg(
     .bind(Arg::Texts(&payload))
     .bind(node)
     .bind(Arg::Ints(&created_us));
-    if sync {
-        backend.execute(&st).await?;
-    } else {
-        relaxed.execute(&st).await?;
-    }
-    Ok(())
+    send(backend, relaxed, sync, &st).await
 }
 
 async fn run(

@@ -478,24 +478,18 @@ async fn apply_rest_pg(
     done: &[&(String, String)],
     changes: &[Change],
 ) -> Result<(), sqlx::Error> {
-    if !claimed.is_empty() {
-        let keys: Vec<Option<&str>> = claimed.iter().map(|c| Some(c.0.as_str())).collect();
-        let hashes: Vec<Option<&str>> = claimed.iter().map(|c| Some(c.1.as_str())).collect();
-        let ids: Vec<Option<i64>> = claimed.iter().map(|c| Some(c.2)).collect();
-        let replies: Vec<Option<&str>> = claimed.iter().map(|c| Some(c.3.as_str())).collect();
-        let st = Statement::new(
-            "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, reply, created_us) \
-             SELECT k, h, i, $5, 'done', r, $6 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(k, h, i, r) \
-             ON CONFLICT (dkey) DO UPDATE SET state = 'done', reply = EXCLUDED.reply",
-        )
-        .bind(Arg::Texts(&keys))
-        .bind(Arg::Texts(&hashes))
-        .bind(Arg::Ints(&ids))
-        .bind(Arg::Texts(&replies))
-        .bind(node)
-        .bind(now);
-        tx.execute(&st).await?;
-    }
+    let claimed: Vec<(&str, &str, i64, &str)> = claimed
+        .iter()
+        .map(|c| (c.0.as_str(), c.1.as_str(), c.2, c.3.as_str()))
+        .collect();
+    insert_done_pg(
+        tx,
+        node,
+        now,
+        &claimed,
+        "DO UPDATE SET state = 'done', reply = EXCLUDED.reply",
+    )
+    .await?;
     if !done.is_empty() {
         let keys: Vec<Option<&str>> = done.iter().map(|d| Some(d.0.as_str())).collect();
         let replies: Vec<Option<&str>> = done.iter().map(|d| Some(d.1.as_str())).collect();
@@ -507,28 +501,12 @@ async fn apply_rest_pg(
         .bind(Arg::Texts(&replies));
         tx.execute(&st).await?;
     }
-    let unclaimed: Vec<&(String, String, i64, String)> = changes
+    let unclaimed: Vec<(&str, &str, i64, &str)> = changes
         .iter()
         .filter_map(|c| c.dedup_unclaimed.as_ref())
+        .map(|c| (c.0.as_str(), c.1.as_str(), c.2, c.3.as_str()))
         .collect();
-    if !unclaimed.is_empty() {
-        let keys: Vec<Option<&str>> = unclaimed.iter().map(|c| Some(c.0.as_str())).collect();
-        let hashes: Vec<Option<&str>> = unclaimed.iter().map(|c| Some(c.1.as_str())).collect();
-        let ids: Vec<Option<i64>> = unclaimed.iter().map(|c| Some(c.2)).collect();
-        let replies: Vec<Option<&str>> = unclaimed.iter().map(|c| Some(c.3.as_str())).collect();
-        let st = Statement::new(
-            "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, reply, created_us) \
-             SELECT k, h, i, $5, 'done', r, $6 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(k, h, i, r) \
-             ON CONFLICT (dkey) DO NOTHING",
-        )
-        .bind(Arg::Texts(&keys))
-        .bind(Arg::Texts(&hashes))
-        .bind(Arg::Ints(&ids))
-        .bind(Arg::Texts(&replies))
-        .bind(node)
-        .bind(now);
-        tx.execute(&st).await?;
-    }
+    insert_done_pg(tx, node, now, &unclaimed, "DO NOTHING").await?;
     // Outcomes recorded: their write-ahead records go in the same transaction.
     let resolved: Vec<Option<i64>> = changes
         .iter()
@@ -540,6 +518,37 @@ async fn apply_rest_pg(
         tx.execute(&st).await?;
     }
     Ok(())
+}
+
+/// Completed duplicate keys (key, content hash, transaction, sealed reply) inserted in one
+/// statement; `on_conflict` says what becomes of a key already there.
+async fn insert_done_pg(
+    tx: &mut DbTx,
+    node: &str,
+    now: i64,
+    keys: &[(&str, &str, i64, &str)],
+    on_conflict: &'static str,
+) -> Result<(), sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let dkeys: Vec<Option<&str>> = keys.iter().map(|k| Some(k.0)).collect();
+    let hashes: Vec<Option<&str>> = keys.iter().map(|k| Some(k.1)).collect();
+    let ids: Vec<Option<i64>> = keys.iter().map(|k| Some(k.2)).collect();
+    let replies: Vec<Option<&str>> = keys.iter().map(|k| Some(k.3)).collect();
+    let mut st = Statement::new(
+        "INSERT INTO dedup (dkey, content_hash, txn_id, node, state, reply, created_us) \
+         SELECT k, h, i, $5, 'done', r, $6 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(k, h, i, r) \
+         ON CONFLICT (dkey) ",
+    )
+    .bind(Arg::Texts(&dkeys))
+    .bind(Arg::Texts(&hashes))
+    .bind(Arg::Ints(&ids))
+    .bind(Arg::Texts(&replies))
+    .bind(node)
+    .bind(now);
+    st.push(on_conflict);
+    tx.execute(&st).await.map(|_| ())
 }
 
 /// A transaction's state change, with its cause (`$N` placeholders serve both backends).
